@@ -1,0 +1,362 @@
+"""The params.yaml schema.
+
+One pydantic v2 model validates the whole file before any stage does work.
+Unknown keys are refused, numbers are range-checked and cross-field rules are
+enforced, so a typo fails in milliseconds instead of after an hour of training.
+Stages receive the typed sub-objects they need; nothing re-reads YAML later.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from bigmodel_ops.errors import ConfigError
+
+DEFAULT_PARAMS_PATH = Path("params.yaml")
+
+PositiveInt = Annotated[int, Field(gt=0)]
+Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ProjectParams(_Strict):
+    # Names the MLflow experiment and the registered models (`<name>-base`, `<name>-classifier`).
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    # One seed for splits, sampling, init and Optuna, so reruns are reproducible.
+    seed: int = Field(default=1337, ge=0)
+
+
+class TrackingParams(_Strict):
+    # MLFLOW_TRACKING_URI in the environment wins over this value.
+    uri: str = "sqlite:///mlflow.db"
+    # Where a fresh experiment stores artifacts (a local folder unless a URI is given).
+    artifact_location: str = "mlartifacts"
+    # Defaults to project.name.
+    experiment: str | None = None
+    # Training metrics are logged every N optimizer steps, buffered and sent in batches.
+    log_every_n_steps: PositiveInt = 10
+    # Record CPU/memory/GPU utilisation of training stages through MLflow system metrics.
+    system_metrics: bool = True
+    # Metrics that cannot reach the tracking server are spooled here and replayed later.
+    spool_dir: str = ".bigmodel_ops/spool"
+
+
+class SourceParams(_Strict):
+    """Where the raw data comes from."""
+
+    # csv/jsonl/parquet/text: local files (a path or glob); aclimdb: a folder in the
+    # aclImdb layout; hf_hub: a Hugging Face hub id (needs a network); hf_disk: a
+    # dataset saved with `save_to_disk`.
+    kind: Literal["csv", "jsonl", "parquet", "text", "aclimdb", "hf_hub", "hf_disk"]
+    path: str
+    text_column: str = "text"
+    # None means the source is unlabeled (it then only feeds the pretraining pool).
+    label_column: str | None = "label"
+    # Extra unlabeled text (one document per line, or a glob of .txt files) for pretraining.
+    unlabeled_path: str | None = None
+    encoding: str = "utf-8"
+    # For hf sources: which splits to read (None = all); a split called "unsup" is unlabeled.
+    hf_splits: list[str] | None = None
+    # For hf_hub: an optional dataset config name.
+    hf_config: str | None = None
+
+    @model_validator(mode="after")
+    def _text_sources_have_no_labels(self) -> SourceParams:
+        if self.kind == "text" and self.label_column is not None:
+            raise ValueError("source.kind 'text' has no label column: set source.label_column: null")
+        return self
+
+
+class SplitParams(_Strict):
+    train: Fraction = 0.8
+    val: Fraction = 0.1
+    test: Fraction = 0.1
+
+    @model_validator(mode="after")
+    def _sums_to_one(self) -> SplitParams:
+        total = self.train + self.val + self.test
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"split fractions must sum to 1.0, got {total:g}")
+        if self.train == 0 or self.val == 0 or self.test == 0:
+            raise ValueError("every split (train, val, test) needs a fraction > 0")
+        return self
+
+
+class PrepareParams(_Strict):
+    source: SourceParams
+    # The label set the data must have, in class-index order. Values are compared as strings.
+    labels: list[str] = Field(min_length=2)
+    lowercase: bool = False
+    strip_markup: bool = True
+    # Rows whose normalised text is shorter than this are dropped.
+    min_chars: PositiveInt = 1
+    split: SplitParams = SplitParams()
+    # all: every text (labeled + unlabeled) feeds pretraining; unlabeled: only the unlabeled pool.
+    pretrain_pool: Literal["all", "unlabeled"] = "all"
+    # Rows per streamed chunk: memory stays flat whatever the corpus size.
+    chunk_rows: PositiveInt = 5000
+
+    @field_validator("labels")
+    @classmethod
+    def _unique_labels(cls, labels: list[str]) -> list[str]:
+        if len(set(labels)) != len(labels):
+            raise ValueError(f"labels must be unique, got {labels}")
+        return labels
+
+
+class SpecialTokens(_Strict):
+    pad: str = "[PAD]"
+    unk: str = "[UNK]"
+    cls: str = "[CLS]"
+    # Also separates documents in the packed pretraining stream.
+    sep: str = "[SEP]"
+    mask: str = "[MASK]"
+
+    def as_list(self) -> list[str]:
+        """Special tokens in id order: pad=0, unk=1, cls=2, sep=3, mask=4."""
+        return [self.pad, self.unk, self.cls, self.sep, self.mask]
+
+
+class TokenizerParams(_Strict):
+    kind: Literal["wordpiece", "bpe"] = "wordpiece"
+    vocab_size: int = Field(default=8000, ge=64, le=1_000_000)
+    min_frequency: PositiveInt = 2
+    lowercase: bool = True
+    strip_accents: bool = False
+    special_tokens: SpecialTokens = SpecialTokens()
+    # Documents per encode_batch call when packing shards.
+    encode_batch_size: PositiveInt = 1000
+    # Fraction of pretraining documents held out for validation perplexity.
+    val_fraction: float = Field(default=0.05, gt=0.0, lt=0.5)
+    # Tokens per shard file (a new file is started when one fills up).
+    shard_tokens: int = Field(default=50_000_000, ge=1024)
+
+
+ModelPreset = Literal["tiny", "small", "gpt2-124m", "bert-base"]
+
+
+class ModelParams(_Strict):
+    # causal: decoder LM (next token); masked: bidirectional encoder (BERT-style MLM).
+    objective: Literal["causal", "masked"] = "masked"
+    # Overrides of the preset named by the active profile; None keeps the preset's value.
+    n_layer: PositiveInt | None = None
+    n_head: PositiveInt | None = None
+    n_embd: PositiveInt | None = None
+    block_size: PositiveInt | None = None
+    dropout: Fraction | None = None
+    bias: bool | None = None
+
+
+class SizingProfile(_Strict):
+    """Everything that differs between a CPU demo run and a GPU run."""
+
+    model_preset: ModelPreset
+    accelerator: Literal["auto", "cpu", "gpu"] = "auto"
+    devices: PositiveInt | Literal["auto"] = 1
+    num_nodes: PositiveInt = 1
+    strategy: Literal["auto", "ddp", "fsdp"] = "auto"
+    # auto: bf16-mixed on CUDA, 32-true elsewhere.
+    precision: Literal["auto", "32-true", "bf16-mixed", "16-mixed"] = "auto"
+    compile: bool = False
+    batch_size: PositiveInt = 16
+    # Token budget of pretraining: stop after max_steps optimizer steps or max_tokens tokens.
+    max_steps: PositiveInt | None = 200
+    max_tokens: PositiveInt | None = None
+    num_workers: int = Field(default=0, ge=0)
+
+    @model_validator(mode="after")
+    def _has_budget(self) -> SizingProfile:
+        if self.max_steps is None and self.max_tokens is None:
+            raise ValueError("set max_steps or max_tokens (the pretraining budget)")
+        return self
+
+
+class PretrainParams(_Strict):
+    lr: float = Field(default=1e-3, gt=0.0, le=1.0)
+    min_lr: float = Field(default=1e-4, ge=0.0)
+    warmup_steps: int = Field(default=20, ge=0)
+    weight_decay: float = Field(default=0.1, ge=0.0)
+    beta1: float = Field(default=0.9, gt=0.0, lt=1.0)
+    beta2: float = Field(default=0.95, gt=0.0, lt=1.0)
+    grad_clip: float = Field(default=1.0, ge=0.0)
+    grad_accum: PositiveInt = 1
+    # BERT-style masking: this fraction of tokens is selected, then 80/10/10 mask/random/keep.
+    mask_rate: float = Field(default=0.15, gt=0.0, lt=1.0)
+    # random: windows at random offsets; sequential: contiguous packing, epoch after epoch.
+    sampling: Literal["random", "sequential"] = "random"
+    val_every_n_steps: PositiveInt = 50
+    val_batches: PositiveInt = 10
+    checkpoint_every_n_steps: PositiveInt = 50
+    register_model: bool = True
+
+    @model_validator(mode="after")
+    def _lr_order(self) -> PretrainParams:
+        if self.min_lr > self.lr:
+            raise ValueError(f"min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
+        return self
+
+
+class FloatRange(_Strict):
+    low: float
+    high: float
+    log: bool = False
+
+    @model_validator(mode="after")
+    def _ordered(self) -> FloatRange:
+        if not self.low < self.high:
+            raise ValueError(f"low ({self.low}) must be < high ({self.high})")
+        if self.log and self.low <= 0:
+            raise ValueError("a log-scaled range needs low > 0")
+        return self
+
+
+class SearchSpace(_Strict):
+    lr: FloatRange = FloatRange(low=1e-4, high=3e-3, log=True)
+    dropout: FloatRange = FloatRange(low=0.0, high=0.3)
+    weight_decay: FloatRange = FloatRange(low=0.0, high=0.1)
+    batch_size: list[PositiveInt] = Field(default=[16, 32], min_length=1)
+
+
+class TuneParams(_Strict):
+    n_trials: PositiveInt = 4
+    timeout_s: PositiveInt | None = None
+    sampler: Literal["tpe", "random"] = "tpe"
+    pruner: Literal["median", "hyperband", "none"] = "median"
+    # Optuna storage URL; None = a journal file in the stage's output folder.
+    storage: str | None = None
+    # Epochs of fine-tuning per trial (pruning happens at each epoch's validation).
+    max_epochs: PositiveInt = 2
+    search_space: SearchSpace = SearchSpace()
+
+
+class FinetuneParams(_Strict):
+    max_epochs: PositiveInt = 3
+    batch_size: PositiveInt = 32
+    lr: float = Field(default=5e-4, gt=0.0, le=1.0)
+    weight_decay: float = Field(default=0.01, ge=0.0)
+    dropout: Fraction = 0.1
+    warmup_ratio: float = Field(default=0.1, ge=0.0, lt=1.0)
+    # Texts are truncated to this many tokens (at most the model's block_size).
+    max_length: PositiveInt = 128
+    # Use the tune stage's best hyperparameters instead of the values above.
+    use_tuned: bool = True
+    # Freeze the pretrained backbone and train only the classification head.
+    freeze_backbone: bool = False
+
+
+class EvaluateParams(_Strict):
+    batch_size: PositiveInt = 64
+    # The promotion gate: the new classifier gets `promote_alias` only if its test
+    # accuracy reaches this and is not worse than the current holder of the alias.
+    min_accuracy: Fraction = 0.6
+    promote_alias: str = "champion"
+
+
+class Params(_Strict):
+    project: ProjectParams
+    tracking: TrackingParams = TrackingParams()
+    prepare: PrepareParams
+    tokenizer: TokenizerParams = TokenizerParams()
+    # Names the active entry of `profiles`: `dvc exp run -S profile=gpu` switches sizes.
+    profile: str = "cpu"
+    profiles: dict[str, SizingProfile]
+    model: ModelParams = ModelParams()
+    pretrain: PretrainParams = PretrainParams()
+    tune: TuneParams = TuneParams()
+    finetune: FinetuneParams = FinetuneParams()
+    evaluate: EvaluateParams = EvaluateParams()
+
+    @model_validator(mode="after")
+    def _cross_field_rules(self) -> Params:
+        if self.profile not in self.profiles:
+            raise ValueError(
+                f"profile {self.profile!r} is not defined; defined profiles: {sorted(self.profiles)}"
+            )
+        if len(set(self.tokenizer.special_tokens.as_list())) != 5:
+            raise ValueError("tokenizer.special_tokens must be five distinct strings")
+        return self
+
+    @property
+    def sizing(self) -> SizingProfile:
+        """The active sizing profile."""
+        return self.profiles[self.profile]
+
+    @property
+    def experiment_name(self) -> str:
+        return self.tracking.experiment or self.project.name
+
+    def section_hash(self, *sections: str) -> str:
+        """A short, stable hash of the named top-level sections (all when none are named)."""
+        data = self.model_dump(mode="json")
+        picked = {k: data[k] for k in (sections or sorted(data))}
+        blob = json.dumps(picked, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def _format_validation_error(path: Path, error: ValidationError, raw: dict[str, Any]) -> str:
+    lines = [f"{path}: invalid parameters ({error.error_count()} problem(s)):"]
+    for item in error.errors():
+        loc = ".".join(str(part) for part in item["loc"]) or "<root>"
+        message = item["msg"]
+        if item["type"] == "extra_forbidden":
+            message = "unknown key (not in the schema; check the spelling)"
+        if item["type"] == "missing":
+            lines.append(f"  - {loc}: required field is missing")
+            continue
+        value = item.get("input")
+        shown = json.dumps(value, default=str)
+        if len(shown) > 80:
+            shown = shown[:77] + "..."
+        lines.append(f"  - {loc} = {shown}: {message}")
+    return "\n".join(lines)
+
+
+def parse_params(raw: dict[str, Any], *, source: Path | str = "<params>") -> Params:
+    """Validate an already-parsed mapping; raise ConfigError naming each bad field."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping, got {type(raw).__name__}")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as error:
+        raise ConfigError(_format_validation_error(Path(str(source)), error, raw)) from None
+
+
+def load_params(path: Path | str = DEFAULT_PARAMS_PATH) -> Params:
+    """Read and validate a params file.
+
+    Raises ConfigError when the file is missing, is not YAML, or breaks the schema;
+    the message names the file, the dotted field path, the bad value and the rule.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: params file not found")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        raise ConfigError(f"{path}: not valid YAML: {error}") from None
+    return parse_params(raw if raw is not None else {}, source=path)
+
+
+def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    """Flatten nested mappings to dotted keys: {'a': {'b': 1}} -> {'a.b': 1}."""
+    if isinstance(data, BaseModel):
+        data = data.model_dump(mode="json")
+    if not isinstance(data, dict):
+        return {prefix: data}
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        dotted = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, dict):
+            flat.update(flatten(value, dotted))
+        else:
+            flat[dotted] = value
+    return flat

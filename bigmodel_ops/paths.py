@@ -1,0 +1,96 @@
+"""Where each stage reads and writes, relative to the project root.
+
+dvc.yaml names the same paths; keeping them in one place in code means a stage
+and its DVC declaration cannot drift apart silently (tests/test_dvc_yaml.py checks).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class ProjectPaths:
+    root: Path = Path(".")
+
+    @property
+    def outputs(self) -> Path:
+        return self.root / "outputs"
+
+    # prepare
+    @property
+    def prepared(self) -> Path:
+        """train/val/test/pretrain Parquet files."""
+        return self.outputs / "prepared"
+
+    @property
+    def prepare_report(self) -> Path:
+        return self.outputs / "metrics" / "prepare.json"
+
+    # tokenize
+    @property
+    def tokenizer_dir(self) -> Path:
+        """tokenizer.json."""
+        return self.outputs / "tokenizer"
+
+    @property
+    def tokenizer_file(self) -> Path:
+        return self.tokenizer_dir / "tokenizer.json"
+
+    @property
+    def shards(self) -> Path:
+        """Packed token shards + index.json."""
+        return self.outputs / "shards"
+
+    @property
+    def tokenize_report(self) -> Path:
+        return self.outputs / "metrics" / "tokenize.json"
+
+    # pretrain
+    @property
+    def pretrain_checkpoints(self) -> Path:
+        """Lightning checkpoints (persisted across `dvc repro` so a killed run resumes)."""
+        return self.outputs / "pretrain" / "checkpoints"
+
+    @property
+    def pretrained_model(self) -> Path:
+        """model.safetensors + config.json + tokenizer.json."""
+        return self.outputs / "pretrain" / "model"
+
+    @property
+    def pretrain_report(self) -> Path:
+        return self.outputs / "metrics" / "pretrain.json"
+
+    # tune
+    @property
+    def tune_dir(self) -> Path:
+        return self.outputs / "tune"
+
+    @property
+    def best_params(self) -> Path:
+        return self.tune_dir / "best_params.json"
+
+    @property
+    def tune_report(self) -> Path:
+        return self.outputs / "metrics" / "tune.json"
+
+    # finetune
+    @property
+    def classifier(self) -> Path:
+        """model.safetensors + config.json + tokenizer.json + labels."""
+        return self.outputs / "finetune" / "model"
+
+    @property
+    def finetune_report(self) -> Path:
+        return self.outputs / "metrics" / "finetune.json"
+
+    # evaluate
+    @property
+    def evaluate_report(self) -> Path:
+        return self.outputs / "metrics" / "evaluate.json"
+
+    @property
+    def evaluate_dir(self) -> Path:
+        """Confusion matrix plot and per-example predictions."""
+        return self.outputs / "evaluate"

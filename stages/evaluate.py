@@ -1,0 +1,8 @@
+"""DVC stage 'evaluate': validate params.yaml, run the stage, exit non-zero on failure."""
+
+import sys
+
+from bigmodel_ops.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["evaluate", *sys.argv[1:]]))

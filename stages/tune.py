@@ -1,0 +1,8 @@
+"""DVC stage 'tune': validate params.yaml, run the stage, exit non-zero on failure."""
+
+import sys
+
+from bigmodel_ops.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["tune", *sys.argv[1:]]))
