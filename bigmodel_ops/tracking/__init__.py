@@ -11,6 +11,19 @@ Everything else (parent pipeline run, lineage tags, status on crash/signal,
 buffering and the offline spool) happens behind it.
 """
 
-from bigmodel_ops.tracking.runs import StageRun, stage_run
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from bigmodel_ops.tracking.runs import StageRun, stage_run
 
 __all__ = ["StageRun", "stage_run"]
+
+
+def __getattr__(name: str):
+    # Lazy: MLflow imports our run context provider (tracking.lineage) while it is itself
+    # importing, so this package must not import mlflow at import time.
+    if name in __all__:
+        from bigmodel_ops.tracking import runs
+
+        return getattr(runs, name)
+    raise AttributeError(name)

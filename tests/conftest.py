@@ -1,0 +1,52 @@
+"""Shared fixtures: every test gets its own real sqlite MLflow store.
+
+A fresh sqlite store runs its Alembic migrations on first use (seconds), so one
+migrated store is made per session and copied for each test.
+"""
+
+from __future__ import annotations
+
+import copy
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def _migrated_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from mlflow.tracking import MlflowClient
+
+    path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    MlflowClient(f"sqlite:///{path}").search_experiments()
+    return path
+
+
+@pytest.fixture(autouse=True)
+def mlflow_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, _migrated_store: Path) -> str:
+    """A real, empty, migrated sqlite MLflow store for this test; MLFLOW_TRACKING_URI points at it."""
+    db = tmp_path / "mlflow-store" / "mlflow.db"
+    db.parent.mkdir()
+    shutil.copy(_migrated_store, db)
+    uri = f"sqlite:///{db}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    monkeypatch.setenv("GIT_PYTHON_REFRESH", "quiet")
+    return uri
+
+
+@pytest.fixture
+def repo_params() -> dict[str, Any]:
+    """The repo's params.yaml as a fresh, mutable dict."""
+    return copy.deepcopy(yaml.safe_load((REPO_ROOT / "params.yaml").read_text()))
+
+
+def write_params(directory: Path, params: dict[str, Any], name: str = "params.yaml") -> Path:
+    path = directory / name
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    return path

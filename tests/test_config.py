@@ -1,0 +1,89 @@
+"""params.yaml validation: every bad value is named with its dotted path and the rule."""
+
+from __future__ import annotations
+
+import pytest
+
+from bigmodel_ops.cli import main
+from bigmodel_ops.config import Params, flatten, load_params, parse_params
+from bigmodel_ops.errors import ConfigError
+from tests.conftest import REPO_ROOT, write_params
+
+
+def test_repo_params_are_valid():
+    params = load_params(REPO_ROOT / "params.yaml")
+    assert isinstance(params, Params)
+    assert params.sizing.model_preset == params.profiles[params.profile].model_preset
+    assert params.experiment_name == params.project.name
+
+
+def test_gpu_profile_switch(repo_params):
+    repo_params["profile"] = "gpu"
+    params = parse_params(repo_params)
+    assert params.sizing.accelerator == "gpu"
+    assert params.sizing.precision == "bf16-mixed"
+
+
+@pytest.mark.parametrize(
+    ("mutate", "expected"),
+    [
+        (lambda p: p["pretrain"].update(lr=-1), "pretrain.lr = -1: Input should be greater than 0"),
+        (lambda p: p["pretrain"].update(learning_rate=0.1), "pretrain.learning_rate = 0.1: unknown key"),
+        (lambda p: p["tokenizer"].update(kind="sentencepiece"), "tokenizer.kind = \"sentencepiece\""),
+        (lambda p: p["prepare"]["split"].update(train=0.5), "split fractions must sum to 1.0, got 0.7"),
+        (lambda p: p.update(profile="tpu"), "profile 'tpu' is not defined; defined profiles: ['cpu', 'gpu']"),
+        (lambda p: p["pretrain"].update(min_lr=1.0, lr=0.1), "min_lr (1.0) must not exceed lr (0.1)"),
+        (lambda p: p["prepare"].update(labels=["a", "a"]), "labels must be unique"),
+        (lambda p: p.pop("project"), "project: required field is missing"),
+        (lambda p: p["profiles"]["cpu"].update(max_steps=None), "set max_steps or max_tokens"),
+        (lambda p: p["tune"]["search_space"]["lr"].update(low=0.0), "a log-scaled range needs low > 0"),
+    ],
+)
+def test_bad_params_name_the_field(repo_params, mutate, expected):
+    mutate(repo_params)
+    with pytest.raises(ConfigError) as info:
+        parse_params(repo_params, source="params.yaml")
+    assert expected in str(info.value)
+
+
+def test_cli_refuses_bad_params_before_any_work(tmp_path, repo_params, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    repo_params["model"]["objective"] = "denoising"
+    path = write_params(tmp_path, repo_params)
+    for stage in ("prepare", "tokenize", "pretrain", "tune", "finetune", "evaluate"):
+        assert main([stage, "--params", str(path), "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert f"bigmodel-ops {stage}: error: {path}: invalid parameters" in err
+        assert "model.objective = \"denoising\"" in err
+    assert not (tmp_path / "outputs").exists()
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_missing_and_non_yaml_params(tmp_path, capsys):
+    assert main(["validate", "--params", str(tmp_path / "nope.yaml")]) == 2
+    assert "nope.yaml: params file not found" in capsys.readouterr().err
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("project: [unclosed\n")
+    assert main(["validate", "--params", str(bad)]) == 2
+    assert "bad.yaml: not valid YAML" in capsys.readouterr().err
+
+
+def test_flatten_uses_dotted_names():
+    assert flatten({"a": {"b": 1, "c": {"d": [1, 2]}}, "e": None}) == {"a.b": 1, "a.c.d": [1, 2], "e": None}
+
+
+def test_section_hash_changes_only_with_its_section(repo_params):
+    base = parse_params(repo_params)
+    repo_params["pretrain"]["lr"] = 0.002
+    changed = parse_params(repo_params)
+    assert base.section_hash("prepare") == changed.section_hash("prepare")
+    assert base.section_hash("pretrain") != changed.section_hash("pretrain")
+
+
+def test_help_lists_every_stage(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    for stage in ("prepare", "tokenize", "pretrain", "tune", "finetune", "evaluate", "ui", "validate"):
+        assert stage in out
