@@ -48,6 +48,16 @@ class TrackingParams(_Strict):
     system_metrics: bool = True
     # Metrics that cannot reach the tracking server are spooled here and replayed later.
     spool_dir: str = ".bigmodel_ops/spool"
+    # Seconds between system-metrics samples (CPU, memory, GPU) of training stages.
+    system_metrics_interval_s: float = Field(default=10.0, gt=0.0)
+    # The background sender writes queued metrics at least this often.
+    flush_interval_s: float = Field(default=2.0, gt=0.0)
+    # While the server is unreachable, the spool is retried this often.
+    retry_interval_s: float = Field(default=5.0, gt=0.0)
+    # HTTP retries/timeout while a stage runs (MLflow's defaults can stall ~4 minutes on an outage);
+    # MLFLOW_HTTP_REQUEST_MAX_RETRIES / MLFLOW_HTTP_REQUEST_TIMEOUT in the environment win.
+    http_max_retries: int = Field(default=1, ge=0, le=10)
+    http_timeout_s: PositiveInt = 20
 
 
 class SourceParams(_Strict):
@@ -130,6 +140,9 @@ class TokenizerParams(_Strict):
     kind: Literal["wordpiece", "bpe"] = "wordpiece"
     vocab_size: int = Field(default=8000, ge=64, le=1_000_000)
     min_frequency: PositiveInt = 2
+    # WordPiece only: keep at most this many distinct characters in the initial alphabet
+    # (rarer ones become [UNK]), so a few exotic characters cannot eat the vocabulary.
+    limit_alphabet: PositiveInt = 1000
     lowercase: bool = True
     strip_accents: bool = False
     special_tokens: SpecialTokens = SpecialTokens()
@@ -230,12 +243,27 @@ class TuneParams(_Strict):
     n_trials: PositiveInt = 4
     timeout_s: PositiveInt | None = None
     sampler: Literal["tpe", "random"] = "tpe"
-    pruner: Literal["median", "hyperband", "none"] = "median"
+    # threshold: prune a trial as soon as its metric is worse than `prune_threshold`
+    # (below it for val_acc, above it for val_loss), e.g. accuracy no better than chance.
+    pruner: Literal["median", "hyperband", "threshold", "none"] = "median"
     # Optuna storage URL; None = a journal file in the stage's output folder.
     storage: str | None = None
     # Epochs of fine-tuning per trial (pruning happens at each epoch's validation).
     max_epochs: PositiveInt = 2
     search_space: SearchSpace = SearchSpace()
+    # The objective and the value the pruner watches: val_acc is maximised, val_loss minimised.
+    metric: Literal["val_acc", "val_loss"] = "val_acc"
+    # For pruner: threshold.
+    prune_threshold: float | None = None
+    # Trials the median pruner lets finish before it prunes any (Optuna's default of 5 would
+    # never prune a study of a few trials).
+    pruner_startup_trials: int = Field(default=2, ge=0)
+
+    @model_validator(mode="after")
+    def _threshold_is_set(self) -> TuneParams:
+        if self.pruner == "threshold" and self.prune_threshold is None:
+            raise ValueError("pruner 'threshold' needs prune_threshold")
+        return self
 
 
 class FinetuneParams(_Strict):
@@ -251,6 +279,8 @@ class FinetuneParams(_Strict):
     use_tuned: bool = True
     # Freeze the pretrained backbone and train only the classification head.
     freeze_backbone: bool = False
+    # Gradient-norm clipping; 0 turns it off.
+    grad_clip: float = Field(default=1.0, ge=0.0)
 
 
 class EvaluateParams(_Strict):
@@ -258,7 +288,15 @@ class EvaluateParams(_Strict):
     # The promotion gate: the new classifier gets `promote_alias` only if its test
     # accuracy reaches this and is not worse than the current holder of the alias.
     min_accuracy: Fraction = 0.6
-    promote_alias: str = "champion"
+    promote_alias: str = Field(default="champion", pattern=r"^[A-Za-z][A-Za-z0-9_-]{0,254}$")
+    # The alias a registered classifier gets when it does not pass the gate.
+    challenger_alias: str = Field(default="challenger", pattern=r"^[A-Za-z][A-Za-z0-9_-]{0,254}$")
+
+    @model_validator(mode="after")
+    def _distinct_aliases(self) -> EvaluateParams:
+        if self.promote_alias == self.challenger_alias:
+            raise ValueError("promote_alias and challenger_alias must differ")
+        return self
 
 
 class Params(_Strict):

@@ -1,0 +1,184 @@
+"""SequenceClassifier, metrics, input checks and the safetensors export (bigmodel_ops.classification)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from bigmodel_ops.classification import (
+    SequenceClassifier,
+    build_classifier,
+    check_pretrained_dir,
+    collate,
+    confusion_matrix,
+    load_classifier,
+    load_splits,
+    load_tokenizer,
+    metrics_from_confusion,
+    read_labeled_split,
+    save_classifier,
+    tokenize_texts,
+)
+from bigmodel_ops.config import parse_params
+from bigmodel_ops.errors import CheckpointError, DataError
+from bigmodel_ops.model import TransformerLM, config_from_preset
+from tests.helpers_finetune import LABELS, make_pretrained, make_project, make_texts, tiny_params, write_split
+
+
+def _classifier(objective: str, *, num_labels: int = 3) -> SequenceClassifier:
+    torch.manual_seed(0)
+    backbone = TransformerLM(config_from_preset("tiny", vocab_size=100, objective=objective, block_size=32))
+    return SequenceClassifier(backbone, num_labels=num_labels, dropout=0.1).eval()
+
+
+@pytest.mark.parametrize("objective,pooling", [("masked", "cls"), ("causal", "last")])
+def test_forward_shapes_and_pooling(objective: str, pooling: str):
+    model = _classifier(objective)
+    assert model.pooling == pooling
+    idx = torch.randint(5, 100, (4, 9))
+    lengths = torch.tensor([9, 5, 1, 7])
+    idx[1, 5:] = 0
+    idx[2, 1:] = 0
+    idx[3, 7:] = 0
+    logits = model(idx, lengths)
+    assert logits.shape == (4, 3)
+    pooled = model.pool(idx, lengths)
+    assert pooled.shape == (4, model.backbone.config.n_embd)
+    if objective == "causal":
+        # the last real token's state; causal attention needs no padding mask
+        hidden = model.backbone.hidden(idx)
+        expected = hidden[torch.arange(4), lengths - 1]
+    else:
+        mask = torch.arange(9)[None, :] < lengths[:, None]
+        expected = model.backbone.hidden(idx, key_padding_mask=mask)[:, 0]
+    torch.testing.assert_close(pooled, expected)
+
+
+@pytest.mark.parametrize("objective", ["masked", "causal"])
+def test_padding_does_not_change_logits(objective: str):
+    model = _classifier(objective)
+    short = [2, 17, 45, 9, 3]
+    long = [2] + list(range(10, 30)) + [3]
+    alone = collate([(short, 0)])
+    padded = collate([(long, 0), (short, 1)])
+    assert padded["idx"].shape[1] > alone["idx"].shape[1]
+    with torch.no_grad():
+        single = model(alone["idx"], alone["lengths"])[0]
+        in_batch = model(padded["idx"], padded["lengths"])[1]
+    assert torch.allclose(single, in_batch, atol=1e-5), (single, in_batch)
+
+
+def test_masked_padding_would_matter_without_the_mask():
+    # The check above is meaningful: without the key padding mask the CLS state does change.
+    model = _classifier("masked")
+    batch = collate([([2] + list(range(10, 30)) + [3], 0), ([2, 17, 45, 9, 3], 1)])
+    alone = collate([([2, 17, 45, 9, 3], 1)])
+    with torch.no_grad():
+        unmasked = model.backbone.hidden(batch["idx"])[1, 0]
+        reference = model.backbone.hidden(alone["idx"])[0, 0]
+    assert not torch.allclose(unmasked, reference, atol=1e-5)
+
+
+def test_metrics_by_hand():
+    preds = torch.tensor([0, 0, 1, 1, 2, 0])
+    targets = torch.tensor([0, 1, 1, 1, 2, 2])
+    cm = confusion_matrix(preds, targets, 3)
+    assert cm.tolist() == [[1, 0, 0], [1, 2, 0], [1, 0, 1]]
+    m = metrics_from_confusion(cm)
+    assert m["accuracy"] == pytest.approx(4 / 6)
+    assert m["precision"] == pytest.approx([1 / 3, 1.0, 1.0])
+    assert m["recall"] == pytest.approx([1.0, 2 / 3, 0.5])
+    f1 = [2 * p * r / (p + r) for p, r in zip(m["precision"], m["recall"], strict=True)]
+    assert m["macro_f1"] == pytest.approx(sum(f1) / 3)
+
+
+def test_metrics_agree_with_sklearn():
+    sk = pytest.importorskip("sklearn.metrics")
+    generator = torch.Generator().manual_seed(3)
+    targets = torch.randint(0, 4, (200,), generator=generator)
+    preds = torch.randint(0, 3, (200,), generator=generator)  # class 3 is never predicted
+    m = metrics_from_confusion(confusion_matrix(preds, targets, 4))
+    assert m["accuracy"] == pytest.approx(sk.accuracy_score(targets, preds))
+    assert m["macro_f1"] == pytest.approx(sk.f1_score(targets, preds, average="macro", labels=range(4), zero_division=0))
+    assert m["precision"] == pytest.approx(list(sk.precision_score(targets, preds, average=None, labels=range(4), zero_division=0)))
+    assert m["recall"] == pytest.approx(list(sk.recall_score(targets, preds, average=None, labels=range(4), zero_division=0)))
+
+
+def test_tokenizer_truncates_including_specials(tmp_path: Path):
+    make_pretrained(tmp_path / "model", [t for t, _ in make_texts(20, seed=0)], objective="masked")
+    tokenizer = load_tokenizer(tmp_path / "model" / "tokenizer.json", max_length=6)
+    ids = tokenize_texts(tokenizer, ["the film was great and the plot was lovely", ""], objective="masked")
+    assert len(ids[0]) == 6 and ids[0][0] == 2 and ids[0][-1] == 3
+    assert ids[1] == [2, 3]
+
+
+def test_missing_pretrained_model_names_the_path(tmp_path: Path):
+    with pytest.raises(CheckpointError, match=str(tmp_path / "nowhere")):
+        check_pretrained_dir(tmp_path / "nowhere")
+    make_pretrained(tmp_path / "model", ["a b c"], objective="masked")
+    (tmp_path / "model" / "tokenizer.json").unlink()
+    with pytest.raises(CheckpointError, match="tokenizer.json"):
+        check_pretrained_dir(tmp_path / "model")
+
+
+def test_label_checks_name_file_and_row(tmp_path: Path):
+    path = tmp_path / "train.parquet"
+    write_split(path, [("good film", "positive"), ("odd", "neutral")], labels=LABELS)
+    with pytest.raises(DataError, match=r"train\.parquet: row 1: label 'neutral' is not in prepare\.labels"):
+        read_labeled_split(path, LABELS)
+    write_split(path, [("good film", "positive"), ("bad film", "negative")], labels=["positive", "negative"])
+    with pytest.raises(DataError, match=r"row 0: label_id 0 does not match label 'positive'"):
+        read_labeled_split(path, LABELS)
+    with pytest.raises(DataError, match="missing.parquet: labeled split not found"):
+        read_labeled_split(tmp_path / "missing.parquet", LABELS)
+    texts, ids = read_labeled_split(path, ["positive", "negative"])
+    assert texts == ["good film", "bad film"] and ids.tolist() == [0, 1]
+
+
+def test_tokenizer_without_cls_is_refused_for_masked(tmp_path: Path):
+    make_pretrained(tmp_path / "model", ["a b c d"], objective="masked")
+    tok_path = tmp_path / "model" / "tokenizer.json"
+    data = json.loads(tok_path.read_text())
+    data["post_processor"] = None
+    tok_path.write_text(json.dumps(data))
+    tokenizer = load_tokenizer(tok_path, max_length=8)
+    with pytest.raises(CheckpointError, match=r"\[CLS\]"):
+        tokenize_texts(tokenizer, ["a b"], objective="masked", source=str(tok_path))
+    assert tokenize_texts(tokenizer, ["a b"], objective="causal")  # pooling the last token needs no CLS
+
+
+@pytest.mark.parametrize("objective", ["masked", "causal"])
+def test_export_roundtrip_gives_the_same_logits(tmp_path: Path, objective: str):
+    params, paths, _ = make_project(tmp_path, objective=objective, n_train=8, n_eval=4)
+    model = build_classifier(paths.pretrained_model, num_labels=2, dropout=0.1).eval()
+    save_classifier(model, tmp_path / "clf", labels=LABELS, max_length=24,
+                    tokenizer_file=paths.pretrained_model / "tokenizer.json", extra={"mlflow_run_id": "x"})
+    loaded = load_classifier(tmp_path / "clf")
+    assert loaded.labels == LABELS and loaded.config["mlflow_run_id"] == "x"
+    splits = load_splits(params, prepared=paths.prepared, model_dir=paths.pretrained_model, splits=("val",))
+    batch = collate([(ids, 0) for ids in splits["val"].ids])
+    with torch.no_grad():
+        expected = model(batch["idx"], batch["lengths"])
+    texts = read_labeled_split(paths.prepared / "val.parquet", LABELS)[0]
+    torch.testing.assert_close(loaded.logits(texts, batch_size=3), expected, atol=1e-5, rtol=1e-5)
+    labels, scores = loaded.predict(texts)
+    assert set(labels) <= set(LABELS) and all(0.5 <= s <= 1.0 for s in scores)
+
+
+def test_load_classifier_refuses_a_backbone_export(tmp_path: Path):
+    make_pretrained(tmp_path / "model", ["a b c"], objective="masked")
+    with pytest.raises(CheckpointError, match="not a classifier export"):
+        load_classifier(tmp_path / "model")
+    with pytest.raises(CheckpointError, match="classifier not found"):
+        load_classifier(tmp_path / "absent")
+
+
+def test_params_accept_threshold_pruner_only_with_a_threshold():
+    raw = tiny_params(tune={"pruner": "threshold"})
+    with pytest.raises(Exception, match="prune_threshold"):
+        parse_params(raw)
+    raw = tiny_params(tune={"pruner": "threshold", "prune_threshold": 0.5})
+    assert parse_params(raw).tune.prune_threshold == 0.5

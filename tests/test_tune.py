@@ -1,0 +1,148 @@
+"""The tune stage: a real Optuna journal study of real tiny fine-tuning trials, nested MLflow runs."""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from pathlib import Path
+
+import optuna
+import pytest
+from mlflow.tracking import MlflowClient
+
+from bigmodel_ops.cli import main
+from bigmodel_ops.config import parse_params
+from bigmodel_ops.tuning import JOURNAL_FILE, fail_stale_trials, run_tune, study_name, study_summary
+from tests.helpers_finetune import make_project, tiny_params
+
+
+def _journal_study(params, paths) -> optuna.Study:
+    from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+    storage = JournalStorage(JournalFileBackend(str(paths.tune_dir / JOURNAL_FILE)))
+    return optuna.load_study(study_name=study_name(params, paths), storage=storage)
+
+
+def _runs(uri: str) -> list:
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("ft-test")
+    return client.search_runs([experiment.experiment_id], max_results=200)
+
+
+def test_tune_study_nested_runs_resume_and_pruning(tmp_path: Path, monkeypatch, mlflow_store: str):
+    monkeypatch.chdir(tmp_path)
+    params, paths, _ = make_project(tmp_path, n_train=32, n_eval=16)
+
+    report = run_tune(params, paths=paths, quiet=True)
+
+    # the study: two complete trials in the journal file
+    study = _journal_study(params, paths)
+    states = [t.state for t in study.trials]
+    assert states == [optuna.trial.TrialState.COMPLETE] * 2
+    assert (paths.tune_dir / JOURNAL_FILE).is_file()
+    best = json.loads(paths.best_params.read_text())
+    assert set(best) == {"lr", "dropout", "weight_decay", "batch_size", "value", "trial"}
+    assert best["trial"] == study.best_trial.number and best["value"] == study.best_value
+    assert best["lr"] == study.best_trial.params["lr"] and best["batch_size"] == 16
+    assert report == {"best_value": study.best_value, "best_trial": study.best_trial.number, "n_trials": 2,
+                      "n_complete": 2, "n_pruned": 0, "n_failed": 0}
+    assert json.loads(paths.tune_report.read_text()) == report
+    assert (paths.tune_dir / "optimization_history.png").stat().st_size > 1000
+
+    # MLflow: tune run with two nested trial runs carrying params and per-epoch metrics
+    runs = _runs(mlflow_store)
+    tune_runs = [r for r in runs if r.info.run_name == "tune"]
+    assert len(tune_runs) == 1
+    tune_run = tune_runs[0]
+    trials = {r.info.run_name: r for r in runs if r.info.run_name.startswith("tune/trial-")}
+    assert set(trials) == {"tune/trial-0", "tune/trial-1"}
+    client = MlflowClient(mlflow_store)
+    for number, run in ((0, trials["tune/trial-0"]), (1, trials["tune/trial-1"])):
+        assert run.data.tags["mlflow.parentRunId"] == tune_run.info.run_id
+        assert run.info.status == "FINISHED"
+        assert run.data.tags["optuna.state"] == "COMPLETE"
+        assert float(run.data.params["lr"]) == pytest.approx(study.trials[number].params["lr"])
+        history = client.get_metric_history(run.info.run_id, "val_acc")
+        assert [m.step for m in history] == [0]  # one epoch, logged at the epoch number
+        assert history[0].value == pytest.approx(study.trials[number].value)
+    assert tune_run.data.metrics["n_complete"] == 2
+    artifacts = [a.path for a in client.list_artifacts(tune_run.info.run_id, "plots")]
+    assert artifacts == ["plots/optimization_history.png"]
+
+    # resume with one more trial and a pruner that prunes everything: only trial 2 runs
+    raw = tiny_params(tune={"n_trials": 3, "pruner": "threshold", "prune_threshold": 1.01})
+    raw["model"] = {"objective": "masked"}
+    more = parse_params(raw)
+    assert study_name(more, paths) == study_name(params, paths)  # n_trials / pruner do not change the study
+    report = run_tune(more, paths=paths, quiet=True)
+    study = _journal_study(params, paths)
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE", "PRUNED"]
+    assert report["n_pruned"] == 1 and report["n_complete"] == 2 and report["n_trials"] == 3
+    assert json.loads(paths.best_params.read_text()) == best  # a pruned trial is never the best
+    runs = _runs(mlflow_store)
+    names = sorted(r.info.run_name for r in runs if r.info.run_name.startswith("tune/trial-"))
+    assert names == ["tune/trial-0", "tune/trial-1", "tune/trial-2"]  # 0 and 1 were not re-run
+    pruned = next(r for r in runs if r.info.run_name == "tune/trial-2")
+    assert pruned.data.tags["optuna.state"] == "PRUNED"
+    second_tune = [r for r in runs if r.info.run_name == "tune" and r.info.run_id != tune_run.info.run_id]
+    assert pruned.data.tags["mlflow.parentRunId"] == second_tune[0].info.run_id
+
+    # a rerun of a finished study trains nothing and rewrites the same outputs
+    assert run_tune(more, paths=paths, quiet=True) == report
+    assert len([r for r in _runs(mlflow_store) if r.info.run_name.startswith("tune/trial-")]) == 3
+
+
+def test_tune_with_no_completed_trial_fails_and_writes_nothing(tmp_path: Path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    _, paths, params_file = make_project(
+        tmp_path, n_train=16, n_eval=8, tune={"n_trials": 1, "pruner": "threshold", "prune_threshold": 1.01}
+    )
+    code = main(["tune", "--params", str(params_file), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "no trial of study" in err and "1 pruned" in err and "best_params.json was not written" in err
+    assert not paths.best_params.exists() and not paths.tune_report.exists()
+    assert (paths.tune_dir / JOURNAL_FILE).is_file()  # finished (pruned) trials are kept for the next run
+    assert not [p for p in paths.tune_dir.iterdir() if p.name.startswith(".")]
+
+
+def test_tune_missing_pretrained_model(tmp_path: Path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    import shutil
+
+    _, paths, params_file = make_project(tmp_path, n_train=8, n_eval=4)
+    shutil.rmtree(paths.pretrained_model)
+    assert main(["tune", "--params", str(params_file), "--quiet"]) == 2
+    assert "outputs/pretrain/model: pretrained model not found" in capsys.readouterr().err
+    assert not paths.tune_dir.exists() and not paths.tune_report.exists()
+
+
+def test_summary_counts_nan_and_failed_trials(tmp_path: Path):
+    from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+    storage = JournalStorage(JournalFileBackend(str(tmp_path / "s.journal")))
+    study = optuna.create_study(storage=storage, study_name="s", direction="maximize")
+
+    def objective(trial: optuna.Trial) -> float:
+        x = trial.suggest_float("x", 0, 1)
+        if trial.number == 1:
+            trial.set_user_attr("fail_reason", "diverged: val_loss=nan")
+            return math.nan
+        if trial.number == 2:
+            raise optuna.TrialPruned()
+        return x
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        study.optimize(objective, n_trials=3)
+    summary = study_summary(study)
+    assert (summary["n_complete"], summary["n_pruned"], summary["n_failed"]) == (1, 1, 1)
+    assert summary["failures"] == {1: "diverged: val_loss=nan"}
+    assert summary["best"]["trial"] == 0 and summary["best"]["x"] == study.trials[0].params["x"]
+
+    # a trial left RUNNING by a killed process is failed at the next start and not counted as done
+    study.ask()
+    assert fail_stale_trials(study) == [3]
+    assert study.trials[3].state == optuna.trial.TrialState.FAIL
+    assert study_summary(study)["n_failed"] == 2
