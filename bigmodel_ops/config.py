@@ -209,6 +209,9 @@ class PretrainParams(_Strict):
     val_every_n_steps: PositiveInt = 50
     val_batches: PositiveInt = 10
     checkpoint_every_n_steps: PositiveInt = 50
+    # Resume from this checkpoint file instead of the latest one of the current configuration
+    # (checkpoints live in one folder per configuration). It must match the model config.
+    resume_from: str | None = None
     register_model: bool = True
 
     @model_validator(mode="after")

@@ -188,7 +188,11 @@ class TransformerLM(nn.Module):
         return self.ln_f(x)
 
     def forward(
-        self, idx: torch.Tensor, targets: torch.Tensor | None = None
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        *,
+        positions: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits and mean cross-entropy loss.
 
@@ -196,10 +200,29 @@ class TransformerLM(nn.Module):
         masked: targets (B, T) hold the original id at masked positions and IGNORE_INDEX
         elsewhere; with targets given, the LM head runs only at masked positions and
         logits are (M, V). If no position is masked, the loss is 0 (not NaN).
+        masked with positions (B, M): a fixed number of predicted positions per row and
+        targets (B, M) their original ids (IGNORE_INDEX for unused slots). The gather has a
+        static shape, so unlike boolean indexing it needs no host sync (matters on GPU and
+        under torch.compile); logits are (B, M, V). All slots ignored gives loss NaN-free 0.
         """
         h = self.hidden(idx)  # (B, T, C)
         if targets is None:
             return self.lm_head(h), None
+        if positions is not None:
+            if self.config.objective != "masked":
+                raise ValueError("positions are only meaningful for the masked objective")
+            picked = h.gather(1, positions.unsqueeze(-1).expand(-1, -1, h.size(-1)))  # (B, M, C)
+            logits = self.lm_head(picked)  # (B, M, V)
+            flat_targets = targets.reshape(-1)
+            losses = F.cross_entropy(
+                logits.float().view(-1, logits.size(-1)),
+                flat_targets,
+                ignore_index=IGNORE_INDEX,
+                reduction="sum",
+            )
+            # A mean that stays 0 (not NaN) when every slot is ignored.
+            count = (flat_targets != IGNORE_INDEX).sum().clamp(min=1)
+            return logits, losses / count
         if self.config.objective == "masked":
             selected = targets != IGNORE_INDEX  # (B, T)
             h = h[selected]  # (M, C): the head's matmul is ~15% of the full-sequence cost

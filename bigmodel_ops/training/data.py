@@ -1,0 +1,403 @@
+"""Pretraining batches cut straight from memory-mapped token shards.
+
+Every batch is a pure function of (seed, epoch, batch index, rank): random windows and
+masks come from a NumPy generator seeded with that tuple, never from a global RNG. So the
+data position is just two integers, and a resumed run continues with exactly the batches
+an uninterrupted run would have seen, whatever happened in between (worker processes,
+prefetching, a SIGKILL).
+
+The train loader counts the batches it has handed to the training loop (not those its
+workers have prefetched) and exposes ``state_dict``/``load_state_dict``; Lightning finds
+it stateful (``_Stateful``) and stores its position in every checkpoint. The loader has a
+length (one pass over the split), which also stops Lightning from prefetching a batch
+ahead of the one being trained on.
+
+Nothing here imports pydantic or MLflow: the GPU benchmark uses this module bare.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from bigmodel_ops.errors import CheckpointError, DataError
+from bigmodel_ops.model import IGNORE_INDEX
+from bigmodel_ops.shards import ShardIndex
+
+Objective = Literal["causal", "masked"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Token windows over one split
+# ---------------------------------------------------------------------------------------------
+
+
+class TokenStream:
+    """One split of a shards folder as a single virtual token array (zero-copy memmaps).
+
+    Windows may straddle a shard boundary; they are gathered piecewise. The memmaps are
+    opened lazily and dropped when pickled, so worker processes never copy the data.
+    """
+
+    def __init__(self, files: list[Path], sizes: list[int], dtype: str) -> None:
+        self.files = [Path(f) for f in files]
+        self.sizes = [int(s) for s in sizes]
+        self.dtype = dtype
+        self.starts = np.concatenate([[0], np.cumsum(self.sizes)]).astype(np.int64)
+        self._maps: list[np.memmap] | None = None
+
+    @classmethod
+    def from_index(cls, index: ShardIndex, split: str) -> TokenStream:
+        if split not in index.splits:
+            raise DataError(
+                f"{index.directory / 'index.json'}: no split {split!r}; has {sorted(index.splits)}"
+            )
+        infos = index.splits[split]
+        return cls([index.directory / i.file for i in infos], [i.tokens for i in infos], index.dtype)
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_maps"] = None
+        return state
+
+    @property
+    def maps(self) -> list[np.memmap]:
+        if self._maps is None:
+            self._maps = [
+                np.memmap(f, dtype=self.dtype, mode="r", shape=(n,))
+                for f, n in zip(self.files, self.sizes, strict=True)
+            ]
+        return self._maps
+
+    def windows(self, offsets: np.ndarray, length: int) -> np.ndarray:
+        """Token windows [offset, offset + length) as an int64 array (len(offsets), length)."""
+        idx = offsets.astype(np.int64)[:, None] + np.arange(length, dtype=np.int64)[None, :]
+        if len(self.maps) == 1:
+            return self.maps[0][idx].astype(np.int64)
+        out = np.empty(idx.shape, dtype=np.int64)
+        shard_of = np.searchsorted(self.starts, idx, side="right") - 1
+        for s in np.unique(shard_of):
+            where = shard_of == s
+            out[where] = self.maps[s][idx[where] - self.starts[s]]
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# BERT masking
+# ---------------------------------------------------------------------------------------------
+
+
+def masked_count(block_size: int, mask_rate: float) -> int:
+    """Positions predicted per row: round(rate * T), at least 1 (as in the original BERT)."""
+    return max(1, min(block_size, round(mask_rate * block_size)))
+
+
+def mask_tokens(
+    tokens: np.ndarray,
+    *,
+    rng: np.random.Generator,
+    mask_rate: float,
+    mask_id: int,
+    protected_ids: np.ndarray,
+    random_ids: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """BERT 80/10/10 masking with a fixed number of predicted positions per row.
+
+    Picks M = round(mask_rate * T) positions per row uniformly among the non-protected
+    tokens (protected = special tokens such as the document separator, which are never
+    predicted nor altered). Of those, 80% become `mask_id`, 10% a uniformly random id from
+    `random_ids` and 10% stay unchanged. Returns (inputs (B, T), positions (B, M), labels
+    (B, M)); labels are the original ids, or IGNORE_INDEX for slots that a row with fewer
+    than M unprotected tokens could not fill.
+    """
+    B, T = tokens.shape
+    M = masked_count(T, mask_rate)
+    protected = np.isin(tokens, protected_ids)
+    scores = rng.random((B, T))
+    scores[protected] = 2.0  # never among the M smallest unless the row runs out of tokens
+    positions = np.argpartition(scores, M - 1, axis=1)[:, :M] if M < T else np.argsort(scores, axis=1)
+    positions = np.sort(positions, axis=1)
+    valid = np.take_along_axis(scores, positions, axis=1) < 1.0
+    labels = np.where(valid, np.take_along_axis(tokens, positions, axis=1), IGNORE_INDEX)
+    action = rng.random((B, M))
+    replacement = np.take_along_axis(tokens, positions, axis=1).copy()
+    replacement[action < 0.8] = mask_id
+    random_slot = (action >= 0.8) & (action < 0.9)
+    replacement[random_slot] = random_ids[rng.integers(0, len(random_ids), size=int(random_slot.sum()))]
+    replacement = np.where(valid, replacement, np.take_along_axis(tokens, positions, axis=1))
+    inputs = tokens.copy()
+    np.put_along_axis(inputs, positions, replacement, axis=1)
+    return inputs, positions.astype(np.int64), labels.astype(np.int64)
+
+
+# ---------------------------------------------------------------------------------------------
+# Batches
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """Everything that decides which tokens form which batch."""
+
+    objective: Objective
+    block_size: int
+    batch_size: int  # per rank and micro-batch
+    seed: int
+    sampling: Literal["random", "sequential"] = "random"
+    mask_rate: float = 0.15
+    mask_id: int = 4
+    vocab_size: int = 0
+    special_ids: tuple[int, ...] = ()  # never masked nor used as random replacements
+    protected_ids: tuple[int, ...] = ()  # never predicted (in packed pretraining: the separator)
+
+    @property
+    def span(self) -> int:
+        """Tokens read per window: causal needs one more for the shifted targets."""
+        return self.block_size + 1
+
+
+class BatchMaker:
+    """Builds a batch dict of CPU tensors for a batch key; shared by train and val."""
+
+    def __init__(self, stream: TokenStream, spec: DataSpec) -> None:
+        self.stream = stream
+        self.spec = spec
+        specials = np.asarray(sorted(set(spec.special_ids)), dtype=np.int64)
+        self.random_ids = np.setdiff1d(np.arange(spec.vocab_size, dtype=np.int64), specials)
+        self.protected_ids = np.asarray(sorted(set(spec.protected_ids)), dtype=np.int64)
+
+    def build(self, offsets: np.ndarray, rng: np.random.Generator) -> dict[str, torch.Tensor]:
+        spec = self.spec
+        tokens = self.stream.windows(offsets, spec.span)
+        if spec.objective == "causal":
+            return {"tokens": torch.from_numpy(tokens)}
+        inputs, positions, labels = mask_tokens(
+            tokens[:, : spec.block_size],
+            rng=rng,
+            mask_rate=spec.mask_rate,
+            mask_id=spec.mask_id,
+            protected_ids=self.protected_ids,
+            random_ids=self.random_ids,
+        )
+        return {
+            "input_ids": torch.from_numpy(inputs),
+            "positions": torch.from_numpy(positions),
+            "labels": torch.from_numpy(labels),
+        }
+
+
+def check_split_length(stream: TokenStream, spec: DataSpec, *, split: str, where: Path | str) -> None:
+    """DataError when a split cannot hold one window of block_size + 1 tokens."""
+    if len(stream) < spec.span:
+        raise DataError(
+            f"{where}: split {split!r} has {len(stream)} tokens, fewer than block_size + 1 = {spec.span} "
+            f"(model.block_size is {spec.block_size}); lower model.block_size or add data"
+        )
+
+
+class TrainBatches(Dataset):
+    """Train batches addressed by (epoch, index); see the module docstring for determinism."""
+
+    def __init__(self, stream: TokenStream, spec: DataSpec, *, rank: int = 0, world_size: int = 1) -> None:
+        self.maker = BatchMaker(stream, spec)
+        self.stream = stream
+        self.spec = spec
+        self.rank = rank
+        self.world_size = world_size
+        self.n_windows = (len(stream) - 1) // spec.block_size  # contiguous windows (sequential)
+        if spec.sampling == "sequential":
+            self.batches_per_epoch = self.n_windows // (spec.batch_size * world_size)
+        else:
+            self.batches_per_epoch = max(1, self.n_windows // (spec.batch_size * world_size))
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch
+
+    def __getitem__(self, key: tuple[int, int]) -> dict[str, torch.Tensor]:
+        epoch, index = key
+        spec = self.spec
+        # The global batch number on this rank: ranks interleave so no two share a batch.
+        g = index * self.world_size + self.rank
+        rng = np.random.default_rng([spec.seed, epoch, g])
+        if spec.sampling == "sequential":
+            first = g * spec.batch_size
+            offsets = (np.arange(first, first + spec.batch_size) * spec.block_size).astype(np.int64)
+        else:
+            offsets = rng.integers(0, len(self.stream) - spec.span + 1, size=spec.batch_size)
+        return self.maker.build(offsets, rng)
+
+
+class ValBatches(Dataset):
+    """A fixed set of val batches: windows spread evenly over the split, fixed masks."""
+
+    def __init__(self, stream: TokenStream, spec: DataSpec, *, n_batches: int) -> None:
+        self.maker = BatchMaker(stream, spec)
+        self.spec = spec
+        n = n_batches * spec.batch_size
+        last = len(stream) - spec.span
+        # Evenly spaced (overlapping only when the split is small) and identical every time.
+        self.offsets = (
+            np.linspace(0, last, num=n).round().astype(np.int64).reshape(n_batches, spec.batch_size)
+        )
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        rng = np.random.default_rng([self.spec.seed, 2**31 - 1, i])
+        return self.maker.build(self.offsets[i], rng)
+
+
+class _PositionSampler(Sampler):
+    """Yields batch keys (epoch, index) from the loader's current position to the epoch's end."""
+
+    def __init__(self, loader: ResumableBatchLoader) -> None:
+        self.loader = loader
+
+    def __len__(self) -> int:
+        return self.loader.batches_per_epoch
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        epoch, start = self.loader.epoch, self.loader.position
+        return iter([(epoch, i) for i in range(start, self.loader.batches_per_epoch)])
+
+
+class ResumableBatchLoader(DataLoader):
+    """A DataLoader over TrainBatches whose position is saved in Lightning checkpoints.
+
+    State is (epoch, position): the batches already handed to the training loop. It is
+    advanced when a batch is returned to the consumer, so worker prefetching does not
+    move it. `fetch_seconds` accumulates the time the consumer waited for batches (the
+    data-wait figure of the benchmark).
+    """
+
+    def __init__(
+        self, dataset: TrainBatches, *, num_workers: int = 0, pin_memory: bool = False, seed: int = 0
+    ) -> None:
+        self.batches_per_epoch = len(dataset)
+        self.epoch = 0
+        self.position = 0
+        self.fetch_seconds = 0.0
+        super().__init__(
+            dataset,
+            batch_size=None,
+            sampler=_PositionSampler(self),
+            num_workers=num_workers,
+            pin_memory=pin_memory,
+            persistent_workers=num_workers > 0,
+            # Own generator: creating an iterator must not draw from the global torch RNG,
+            # or a resumed run's dropout stream would differ from an uninterrupted one.
+            generator=torch.Generator().manual_seed(seed),
+        )
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        inner = super().__iter__()
+        clock = time.perf_counter
+        while True:
+            t0 = clock()
+            try:
+                batch = next(inner)
+            except StopIteration:
+                return
+            self.fetch_seconds += clock() - t0
+            self.position += 1
+            if self.position >= self.batches_per_epoch:
+                self.epoch, self.position = self.epoch + 1, 0
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position, "batches_per_epoch": self.batches_per_epoch}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if int(state["batches_per_epoch"]) != self.batches_per_epoch:
+            raise CheckpointError(
+                f"the checkpoint's data position is for {state['batches_per_epoch']} batches per epoch, "
+                f"the current data and sizing give {self.batches_per_epoch} (shards, batch size or device "
+                "count changed); restore them or delete the pretrain checkpoints to start over"
+            )
+        self.epoch = int(state["epoch"])
+        self.position = int(state["position"])
+
+
+# ---------------------------------------------------------------------------------------------
+# The LightningDataModule
+# ---------------------------------------------------------------------------------------------
+
+
+class PretrainDataModule(pl.LightningDataModule):
+    """Train/val loaders over a shards folder for one DataSpec.
+
+    The rank and world size come from the trainer at `setup`, so the same module works
+    for one process, DDP and multi-node runs (each rank reads its own batches).
+    """
+
+    def __init__(
+        self,
+        shards: ShardIndex,
+        spec: DataSpec,
+        *,
+        val_batches: int,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+    ) -> None:
+        super().__init__()
+        self.index = shards
+        self.spec = spec
+        self.val_batches = val_batches
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self.train_stream = TokenStream.from_index(shards, "train")
+        self.val_stream = TokenStream.from_index(shards, "val")
+        where = shards.directory
+        check_split_length(self.train_stream, spec, split="train", where=where)
+        check_split_length(self.val_stream, spec, split="val", where=where)
+        self._train_loader: ResumableBatchLoader | None = None
+
+    def batches_per_epoch(self, world_size: int) -> int:
+        return len(TrainBatches(self.train_stream, self.spec, world_size=world_size))
+
+    def check_enough_for_one_batch(self, world_size: int) -> None:
+        """Sequential sampling needs at least one full batch per rank per epoch."""
+        if self.batches_per_epoch(world_size) == 0:
+            need = self.spec.batch_size * world_size * self.spec.block_size + 1
+            raise DataError(
+                f"{self.index.directory}: split 'train' has {len(self.train_stream)} tokens, fewer than one "
+                f"sequential batch needs ({need} = batch_size {self.spec.batch_size} x {world_size} rank(s) x "
+                f"block_size {self.spec.block_size} + 1); lower the batch size or use sampling: random"
+            )
+
+    def train_dataloader(self) -> ResumableBatchLoader:
+        if self._train_loader is None:
+            trainer = self.trainer
+            rank = trainer.global_rank if trainer is not None else 0
+            world = trainer.world_size if trainer is not None else 1
+            self.check_enough_for_one_batch(world)
+            dataset = TrainBatches(self.train_stream, self.spec, rank=rank, world_size=world)
+            self._train_loader = ResumableBatchLoader(
+                dataset, num_workers=self.num_workers, pin_memory=self.pin_memory, seed=self.spec.seed
+            )
+        return self._train_loader
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(
+            ValBatches(self.val_stream, self.spec, n_batches=self.val_batches),
+            batch_size=None,
+            shuffle=False,
+            num_workers=0,
+            pin_memory=self.pin_memory,
+            generator=torch.Generator().manual_seed(self.spec.seed),
+        )

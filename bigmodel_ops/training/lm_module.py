@@ -1,0 +1,252 @@
+"""The LightningModule that pretrains a TransformerLM (causal or masked).
+
+Design points:
+
+- No host sync per step. The training loss is accumulated on the device (for logging)
+  and a sticky non-finite flag is kept on the device; both are read only at logging and
+  checkpoint steps (see callbacks.py).
+- Checkpoints hold only weights_only-safe data: tensors, numbers, strings, lists and
+  dicts. No `save_hyperparameters` (it would pickle arbitrary objects); our own metadata
+  (model config, run id, data fingerprint) goes under ``checkpoint["bigmodel_ops"]``.
+- The RNG states (torch CPU and CUDA, plus NumPy and Python for good measure) are saved
+  and restored, because Lightning does not; dropout then continues bit-identically
+  after a resume.
+
+Nothing here imports pydantic or MLflow (the GPU benchmark runs this module bare).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+from dataclasses import dataclass
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+
+from bigmodel_ops.errors import TrainingDiverged
+from bigmodel_ops.model import ModelConfig, TransformerLM, parameter_groups
+
+CHECKPOINT_KEY = "bigmodel_ops"
+CHECKPOINT_FORMAT = "bigmodel_ops.pretrain-ckpt/1"
+# Test-only hook: multiply the training loss by NaN at this global step (exercises the
+# divergence path end to end). Never set it outside tests.
+NAN_AT_STEP_ENV = "BIGMODEL_OPS_TEST_NAN_AT_STEP"
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float
+    min_lr: float
+    warmup_steps: int
+    weight_decay: float
+    beta1: float = 0.9
+    beta2: float = 0.95
+    # None: fused on CUDA (one kernel for all parameters), the for-each path elsewhere.
+    fused: bool | None = None
+
+
+def lr_factor(step: int, *, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
+    """Multiplier of the peak lr at optimizer step `step` (0-based).
+
+    Linear warmup from lr/warmup to lr over `warmup_steps` steps, then cosine decay to
+    `min_ratio * lr` at `total_steps`; constant at the minimum afterwards (a budget that
+    was extended on resume keeps training at min_lr rather than rising again).
+    """
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if total_steps <= warmup_steps:
+        return 1.0 if step < total_steps else min_ratio
+    progress = min(1.0, (step - warmup_steps) / (total_steps - warmup_steps))
+    return min_ratio + 0.5 * (1.0 - min_ratio) * (1.0 + math.cos(math.pi * progress))
+
+
+class _LRLambda:
+    """The schedule as an object: LambdaLR saves its __dict__ (plain numbers) in checkpoints,
+    so a resumed run keeps the schedule it started with even if the budget was extended."""
+
+    def __init__(self, *, warmup_steps: int, total_steps: int, min_ratio: float) -> None:
+        self.warmup_steps = warmup_steps
+        self.total_steps = total_steps
+        self.min_ratio = min_ratio
+
+    def __call__(self, step: int) -> float:
+        return lr_factor(
+            step, warmup_steps=self.warmup_steps, total_steps=self.total_steps, min_ratio=self.min_ratio
+        )
+
+
+def _rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        # NumPy and Python states as plain lists/ints: weights_only loading accepts them.
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "python": _to_lists(random.getstate()),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _to_lists(obj: Any) -> Any:
+    return [_to_lists(x) for x in obj] if isinstance(obj, tuple | list) else obj
+
+
+def _to_tuples(obj: Any) -> Any:
+    return tuple(_to_tuples(x) for x in obj) if isinstance(obj, list) else obj
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    random.setstate(_to_tuples(state["python"]))
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class LMModule(pl.LightningModule):
+    """Pretraining of one TransformerLM.
+
+    `meta` is a plain dict stored in every checkpoint (run id, data fingerprint, ...);
+    `total_steps` sizes the LR schedule; `compile` wraps the model's forward with
+    torch.compile in place (state-dict keys stay unprefixed).
+    """
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        optim: OptimConfig,
+        *,
+        total_steps: int,
+        compile: bool = False,
+        meta: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.optim = optim
+        self.total_steps = total_steps
+        self.meta: dict[str, Any] = dict(meta or {})
+        self.model = TransformerLM(config)
+        if compile:
+            self.model.compile()
+        self.train_loss_sum: torch.Tensor | None = None  # since the last log, on device
+        self.train_loss_count = 0
+        self._nonfinite: torch.Tensor | None = None  # sticky: any non-finite train loss so far
+        self._val_sum: torch.Tensor | None = None
+        self._val_count = 0
+        self.last_val_loss: float | None = None
+        nan_at = os.environ.get(NAN_AT_STEP_ENV)
+        self._nan_at_step = int(nan_at) if nan_at else None
+
+    # -- steps -----------------------------------------------------------------------------
+
+    def _loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if "tokens" in batch:
+            tokens = batch["tokens"]
+            _, loss = self.model(tokens[:, :-1], tokens[:, 1:])
+        else:
+            _, loss = self.model(batch["input_ids"], batch["labels"], positions=batch["positions"])
+        return loss
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = self._loss(batch)
+        if self._nan_at_step is not None and self.global_step == self._nan_at_step:
+            loss = loss * float("nan")
+        detached = loss.detach()
+        if self.train_loss_sum is None:
+            self.train_loss_sum = torch.zeros((), device=detached.device, dtype=torch.float32)
+            self._nonfinite = torch.zeros((), device=detached.device, dtype=torch.bool)
+        elif self.train_loss_sum.device != detached.device:  # restored from a checkpoint on CPU
+            self.train_loss_sum = self.train_loss_sum.to(detached.device)
+            self._nonfinite = self._nonfinite.to(detached.device)
+        # Device-side bookkeeping only: no .item() here.
+        self.train_loss_sum += detached.float()
+        self.train_loss_count += 1
+        torch.logical_or(self._nonfinite, ~torch.isfinite(detached), out=self._nonfinite)
+        return loss
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        loss = self._loss(batch).detach().float()
+        self._val_sum = loss if self._val_sum is None else self._val_sum + loss
+        self._val_count += 1
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_sum, self._val_count = None, 0
+
+    def on_validation_epoch_end(self) -> None:
+        if self._val_sum is None:
+            return
+        # One sync per validation: cheap next to the validation itself.
+        mean = self.trainer.strategy.reduce(self._val_sum / self._val_count, reduce_op="mean")
+        self.last_val_loss = float(mean.item())
+        if not math.isfinite(self.last_val_loss):
+            raise TrainingDiverged(
+                f"validation loss is {self.last_val_loss} at step {self.global_step}; the last good "
+                "checkpoint is kept (lower pretrain.lr or raise pretrain.warmup_steps)"
+            )
+
+    # -- divergence ------------------------------------------------------------------------
+
+    def take_train_loss(self) -> float | None:
+        """Mean train loss since the last call (syncs with the device), or None without steps."""
+        if self.train_loss_sum is None or self.train_loss_count == 0:
+            return None
+        value = float(self.train_loss_sum.item()) / self.train_loss_count
+        self.train_loss_sum.zero_()
+        self.train_loss_count = 0
+        return value
+
+    def assert_finite(self) -> None:
+        """Raise TrainingDiverged if any rank saw a non-finite train loss (a sync point)."""
+        flag = bool(self._nonfinite.item()) if self._nonfinite is not None else False
+        if self.trainer is not None and self.trainer.world_size > 1:
+            flag = self.trainer.strategy.reduce_boolean_decision(flag, all=False)
+        if flag:
+            raise TrainingDiverged(
+                f"the training loss became NaN/inf (detected at step {self.global_step}); training "
+                "stopped and the last good checkpoint is kept (no checkpoint of the diverged state "
+                "was written). Lower pretrain.lr, raise pretrain.warmup_steps or check the data."
+            )
+
+    # -- optimizer -------------------------------------------------------------------------
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        o = self.optim
+        fused = o.fused if o.fused is not None else self.device.type == "cuda"
+        optimizer = torch.optim.AdamW(
+            parameter_groups(self.model, weight_decay=o.weight_decay),
+            lr=o.lr,
+            betas=(o.beta1, o.beta2),
+            fused=fused,
+        )
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer,
+            _LRLambda(warmup_steps=o.warmup_steps, total_steps=self.total_steps, min_ratio=o.min_lr / o.lr),
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    # -- checkpoints -----------------------------------------------------------------------
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[CHECKPOINT_KEY] = {
+            "format": CHECKPOINT_FORMAT,
+            "model_config": self.config.to_dict(),
+            "meta": dict(self.meta),
+            "rng": _rng_state(),
+            "train_loss_sum": float(self.train_loss_sum.item()) if self.train_loss_sum is not None else 0.0,
+            "train_loss_count": self.train_loss_count,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        ours = checkpoint.get(CHECKPOINT_KEY, {})
+        if "rng" in ours:
+            _set_rng_state(ours["rng"])
+        # The partial logging window, so the next logged mean equals an uninterrupted run's.
+        self.train_loss_sum = torch.tensor(float(ours.get("train_loss_sum", 0.0)), dtype=torch.float32)
+        self.train_loss_count = int(ours.get("train_loss_count", 0))
+        self._nonfinite = torch.zeros((), dtype=torch.bool)
