@@ -9,9 +9,15 @@ Stages use exactly one entry point::
 
 Everything else (parent pipeline run, lineage tags, status on crash/signal,
 buffering and the offline spool) happens behind it.
+
+Names are imported lazily: MLflow imports ``bigmodel_ops.tracking.lineage`` (our run context
+provider) while ``mlflow.tracking`` itself is still initialising, so this package must not
+import MLflow at import time.
 """
 
-from typing import TYPE_CHECKING
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from bigmodel_ops.tracking.runs import StageRun, stage_run
@@ -19,11 +25,9 @@ if TYPE_CHECKING:
 __all__ = ["StageRun", "stage_run"]
 
 
-def __getattr__(name: str):
-    # Lazy: MLflow imports our run context provider (tracking.lineage) while it is itself
-    # importing, so this package must not import mlflow at import time.
+def __getattr__(name: str) -> Any:
     if name in __all__:
         from bigmodel_ops.tracking import runs
 
         return getattr(runs, name)
-    raise AttributeError(name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

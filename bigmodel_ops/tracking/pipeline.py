@@ -1,0 +1,129 @@
+"""The pipeline run tree: one parent run per pipeline version, one child run per stage.
+
+A *pipeline id* (lineage.pipeline_id: git commit + dirty flag + hash of the whole params file)
+names one version of the pipeline. Its parent run is called ``pipeline-<id>`` and carries the
+tags ``bigmodel_ops.pipeline_id = <id>`` and ``bigmodel_ops.role = pipeline``; every stage run is
+a child (``mlflow.parentRunId``) of the parent of the pipeline version it ran in.
+
+Which run produced the current outputs? DVC skips a stage whose deps and params are unchanged,
+so such a stage creates no run at all in a new pipeline version. To still show the producer:
+
+- at the end of a successful stage, the parent gets ``bigmodel_ops.stage_run.<stage> = <run id>``
+  and the local registry ``.bigmodel_ops/stage_runs.json`` (next to dvc.yaml; not a DVC output,
+  so DVC neither deletes nor caches it) records ``{stage: {run_id, pipeline_id, finished}}``;
+- a newly created parent copies every registry entry as its ``bigmodel_ops.stage_run.<stage>``
+  tag, so stages skipped in this version point at the earlier run whose outputs are still in
+  place (``bigmodel_ops.stage_from.<stage>`` names that run's pipeline id).
+
+Concurrency: find-or-create holds an exclusive ``flock`` on ``.bigmodel_ops/pipeline.lock``,
+which serialises processes of one working copy. Processes on other machines sharing a server
+can still race; after creating a parent we search again and, if an older parent of the same id
+exists, delete ours and use that one (oldest start time, then run id, wins).
+
+Parent status: RUNNING while a stage runs, then FINISHED, FAILED or KILLED like the stage that
+ended last.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import fcntl
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from mlflow.tracking import MlflowClient
+
+PIPELINE_TAG = "bigmodel_ops.pipeline_id"
+ROLE_TAG = "bigmodel_ops.role"
+STAGE_RUN_TAG = "bigmodel_ops.stage_run."
+STAGE_FROM_TAG = "bigmodel_ops.stage_from."
+REGISTRY_FILE = Path(".bigmodel_ops") / "stage_runs.json"
+
+
+@contextlib.contextmanager
+def _locked(root: Path) -> Iterator[None]:
+    lock_path = root / ".bigmodel_ops" / "pipeline.lock"
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with lock_path.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def read_registry(root: Path) -> dict[str, dict[str, Any]]:
+    """The local stage-run registry ({stage: {run_id, pipeline_id, finished}}); {} if absent/corrupt."""
+    try:
+        data = json.loads((root / REGISTRY_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    stages = data.get("stages") if isinstance(data, dict) else None
+    return stages if isinstance(stages, dict) else {}
+
+
+def record_stage(root: Path, *, stage: str, run_id: str, pipeline_id: str | None) -> None:
+    """Atomically record the run that produced a stage's current outputs."""
+    with _locked(root):
+        stages = read_registry(root)
+        stages[stage] = {
+            "run_id": run_id,
+            "pipeline_id": pipeline_id,
+            "finished": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        }
+        target = root / REGISTRY_FILE
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"stages": stages}, indent=2, sort_keys=True))
+        os.replace(tmp, target)
+
+
+def _search(client: MlflowClient, experiment_id: str, pipeline_id: str) -> list[Any]:
+    runs = client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.`{PIPELINE_TAG}` = '{pipeline_id}' and tags.`{ROLE_TAG}` = 'pipeline'",
+        max_results=50,
+    )
+    return sorted(runs, key=lambda r: (r.info.start_time or 0, r.info.run_id))
+
+
+def find_or_create_parent(
+    client: MlflowClient,
+    *,
+    experiment_id: str,
+    pipeline_id: str,
+    root: Path,
+    tags: dict[str, str],
+) -> tuple[str, bool]:
+    """(parent run id, created) for a pipeline id; new parents inherit the registry's stage runs."""
+    with _locked(root):
+        found = _search(client, experiment_id, pipeline_id)
+        if found:
+            return found[0].info.run_id, False
+        parent_tags = {k: v for k, v in tags.items() if not k.startswith("bigmodel_ops.dep.")}
+        parent_tags.pop("bigmodel_ops.stage", None)
+        parent_tags.pop("bigmodel_ops.params_hash", None)
+        parent_tags.update({PIPELINE_TAG: pipeline_id, ROLE_TAG: "pipeline"})
+        for stage, entry in read_registry(root).items():
+            if isinstance(entry, dict) and entry.get("run_id"):
+                parent_tags[STAGE_RUN_TAG + stage] = str(entry["run_id"])
+                parent_tags[STAGE_FROM_TAG + stage] = str(entry.get("pipeline_id"))
+        run = client.create_run(experiment_id, tags=parent_tags, run_name=f"pipeline-{pipeline_id}")
+        ours = run.info.run_id
+        found = _search(client, experiment_id, pipeline_id)
+        winner = found[0].info.run_id if found else ours
+        if winner != ours:
+            client.delete_run(ours)  # another machine won the race
+            return winner, False
+        return ours, True
+
+
+def mark_stage_done(
+    client: MlflowClient, *, parent_id: str, stage: str, run_id: str, pipeline_id: str | None
+) -> None:
+    """Point the parent at the run that produced this stage's outputs."""
+    client.set_tag(parent_id, STAGE_RUN_TAG + stage, run_id)
+    client.set_tag(parent_id, STAGE_FROM_TAG + stage, str(pipeline_id))

@@ -1,0 +1,82 @@
+"""`bigmodel-ops ui`: the MLflow UI on the project's tracking store.
+
+Starts ``mlflow server`` with the project's backend store (the tracking URI; an http URI means a
+server already exists, so we only print where to look), serving artifacts from the project's
+artifact location, bound to 127.0.0.1 by default. It prints the URL of the experiment's
+training-runs table (``/#/experiments/<id>/runs``; the 3.x UI otherwise opens a GenAI overview)
+and blocks until the server exits or Ctrl-C. Returns the server's exit code (0 after Ctrl-C).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from bigmodel_ops.config import Params
+from bigmodel_ops.errors import ConfigError
+
+
+def experiment_url(base: str, experiment_id: str | None) -> str:
+    return f"{base}/#/experiments/{experiment_id}/runs" if experiment_id else f"{base}/"
+
+
+def server_command(params: Params, *, host: str, port: int, uri: str) -> list[str]:
+    location = params.tracking.artifact_location
+    artifacts = location if "://" in location else Path(location).resolve().as_uri()
+    return [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--backend-store-uri",
+        uri,
+        "--artifacts-destination",
+        artifacts,
+        "--serve-artifacts",
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]
+
+
+def run_ui(params: Params, *, host: str = "127.0.0.1", port: int = 5000) -> int:
+    """Serve the MLflow UI for this project; see the module docstring."""
+    from mlflow.tracking import MlflowClient
+
+    from bigmodel_ops.tracking.runs import tracking_uri
+
+    uri = tracking_uri(params)
+    if uri.startswith(("http://", "https://")):
+        experiment = _experiment_id(MlflowClient(uri), params.experiment_name)
+        print(f"tracking server already at {uri}: open {experiment_url(uri.rstrip('/'), experiment)}")
+        return 0
+    if not 0 < port < 65536:
+        raise ConfigError(f"--port {port}: not a TCP port (1-65535)")
+    experiment = _experiment_id(MlflowClient(uri), params.experiment_name)
+    base = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
+    if experiment is None:
+        print(f"no experiment {params.experiment_name!r} yet in {uri}; run a stage first", flush=True)
+    print(f"MLflow UI for {params.experiment_name!r}: {experiment_url(base, experiment)}", flush=True)
+    process = subprocess.Popen(server_command(params, host=host, port=port, uri=uri), env=os.environ.copy())
+    try:
+        return process.wait()
+    except KeyboardInterrupt:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        return 0
+
+
+def _experiment_id(client: object, name: str) -> str | None:
+    try:
+        experiment = client.get_experiment_by_name(name)  # type: ignore[attr-defined]
+    except Exception:  # noqa: BLE001 - an empty or missing store still gets a UI
+        return None
+    return experiment.experiment_id if experiment is not None else None

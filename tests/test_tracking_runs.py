@@ -1,0 +1,346 @@
+"""Stage runs: pipeline tree, resume, crash/signal status, ranks, params, child runs, batching."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from bigmodel_ops.config import parse_params
+from bigmodel_ops.tracking import stage_run
+from bigmodel_ops.tracking.logger import LogSender, chunk_batch
+from bigmodel_ops.tracking.pipeline import read_registry
+from bigmodel_ops.tracking.runs import NoOpStageRun
+from bigmodel_ops.tracking.spool import Spool
+from tests.helpers_tracking import clear_run_env, make_params, make_project, raw_params
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    clear_run_env(monkeypatch)
+
+
+@pytest.fixture
+def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    root = make_project(tmp_path / "repo")
+    monkeypatch.chdir(root)
+    return root
+
+
+def _runs(client: MlflowClient) -> dict[str, object]:
+    exp = client.get_experiment_by_name("trk-test")
+    return {r.info.run_name: r for r in client.search_runs([exp.experiment_id])}
+
+
+def test_stage_runs_are_children_of_one_pipeline_run_and_record_their_outputs(
+    tmp_path: Path, project: Path, mlflow_store: str
+) -> None:
+    client = MlflowClient(mlflow_store)
+    params = make_params(tmp_path)
+    with stage_run(params, stage="prepare") as prep:
+        prep.log_metrics({"rows": 10}, step=0)
+    with stage_run(params, stage="tokenize") as tok:
+        pass
+    runs = _runs(client)
+    parents = [name for name in runs if name.startswith("pipeline-")]
+    assert len(parents) == 1  # one pipeline version -> one parent, found again by tag search
+    parent = runs[parents[0]]
+    assert parent.data.tags["bigmodel_ops.role"] == "pipeline"
+    assert runs["prepare"].data.tags["mlflow.parentRunId"] == parent.info.run_id
+    assert runs["tokenize"].data.tags["mlflow.parentRunId"] == parent.info.run_id
+    assert parent.data.tags["bigmodel_ops.stage_run.prepare"] == prep.run_id
+    assert parent.data.params["prepare.split.train"] == "0.8"  # the whole params file, flattened
+    # the stage run gets the sections its dvc.yaml entry lists (prepare: project, tracking, prepare)
+    assert runs["prepare"].data.params["prepare.split.train"] == "0.8"
+    assert "tokenizer.vocab_size" not in runs["prepare"].data.params
+    assert read_registry(project)["tokenize"]["run_id"] == tok.run_id
+
+    # New params -> new pipeline id -> new parent, which points at the earlier runs of the
+    # stages that DVC would skip (here: all of them, until they run again).
+    raw = raw_params(tmp_path)
+    raw["tokenizer"]["vocab_size"] = 500
+    (project / "params.yaml").write_text(json.dumps(raw))
+    with stage_run(parse_params(raw), stage="tokenize") as tok2:
+        pass
+    runs = _runs(client)
+    parents = sorted(
+        (r for n, r in runs.items() if n.startswith("pipeline-")), key=lambda r: r.info.start_time
+    )
+    assert len(parents) == 2
+    new = client.get_run(parents[1].info.run_id)
+    assert new.data.tags["bigmodel_ops.stage_run.prepare"] == prep.run_id  # skipped stage: earlier run
+    assert new.data.tags["bigmodel_ops.stage_run.tokenize"] == tok2.run_id
+    assert new.info.status == "FINISHED"
+
+
+def test_resume_reattaches_to_the_same_run(tmp_path: Path, project: Path, mlflow_store: str) -> None:
+    client = MlflowClient(mlflow_store)
+    params = make_params(tmp_path)
+    with pytest.raises(RuntimeError), stage_run(params, stage="pretrain") as first:
+        for step in range(5):
+            first.log_metrics({"train/loss": 5.0 - step}, step=step)
+        raise RuntimeError("preempted")
+    assert client.get_run(first.run_id).info.status == "FAILED"
+    with stage_run(params, stage="pretrain", resume_run_id=first.run_id) as second:
+        assert second.run_id == first.run_id
+        assert client.get_run(first.run_id).info.status == "RUNNING"
+        for step in range(5, 8):
+            second.log_metrics({"train/loss": 5.0 - step}, step=step)
+    history = client.get_metric_history(first.run_id, "train/loss")
+    assert sorted(m.step for m in history) == list(range(8))
+    assert client.get_run(first.run_id).info.status == "FINISHED"
+    assert len([n for n in _runs(client) if n == "pretrain"]) == 1
+
+
+def test_unknown_resume_id_starts_a_new_run_with_a_warning(
+    tmp_path: Path, project: Path, mlflow_store: str
+) -> None:
+    with pytest.warns(RuntimeWarning, match="cannot resume"):
+        with stage_run(make_params(tmp_path), stage="pretrain", resume_run_id="0" * 32) as run:
+            pass
+    assert MlflowClient(mlflow_store).get_run(run.run_id).info.status == "FINISHED"
+
+
+def test_exception_marks_failed_and_logs_the_traceback(
+    tmp_path: Path, project: Path, mlflow_store: str
+) -> None:
+    client = MlflowClient(mlflow_store)
+    with pytest.raises(ValueError, match="boom"), stage_run(make_params(tmp_path), stage="finetune") as run:
+        run.log_metrics({"loss": 1.0}, step=3)
+        raise ValueError("boom")
+    info = client.get_run(run.run_id)
+    assert info.info.status == "FAILED"
+    assert info.data.metrics["loss"] == 1.0  # flushed on the crash
+    local = client.download_artifacts(run.run_id, "error/traceback.txt", str(tmp_path))
+    assert "ValueError: boom" in Path(local).read_text()
+    parent = client.get_run(info.data.tags["mlflow.parentRunId"])
+    assert parent.info.status == "FAILED"
+    assert "bigmodel_ops.stage_run.finetune" not in parent.data.tags  # failed runs produced nothing
+
+
+SIGTERM_SCRIPT = textwrap.dedent(
+    """
+    import json, signal, sys, time
+    from pathlib import Path
+    from bigmodel_ops.config import parse_params
+    from bigmodel_ops.tracking import stage_run
+
+    before = signal.getsignal(signal.SIGTERM)
+    raw = json.loads(Path(sys.argv[1]).read_text())
+    with stage_run(parse_params(raw), stage="pretrain") as run:
+        step = 0
+        while True:
+            run.log_metrics({"train/loss": 1.0}, step=step)
+            if step == 3:
+                Path("run_id.txt").write_text(run.run_id)
+            step += 1
+            time.sleep(0.05)
+    """
+)
+
+
+@pytest.mark.slow
+def test_sigterm_marks_the_run_killed(tmp_path: Path, project: Path, mlflow_store: str) -> None:
+    (project / "params.json").write_text(json.dumps(raw_params(tmp_path)))
+    (project / "train.py").write_text(SIGTERM_SCRIPT)
+    proc = subprocess.Popen([sys.executable, "train.py", "params.json"], cwd=project)
+    deadline = time.monotonic() + 120
+    while not (project / "run_id.txt").exists():
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+    client = MlflowClient(mlflow_store)
+    run = client.get_run((project / "run_id.txt").read_text())
+    assert run.info.status == "KILLED"
+    assert run.info.end_time is not None
+    assert len(client.get_metric_history(run.info.run_id, "train/loss")) >= 4
+    local = client.download_artifacts(run.info.run_id, "error/traceback.txt", str(tmp_path))
+    assert "TerminatedBySignal" in Path(local).read_text()
+
+
+def test_signal_handlers_are_restored(tmp_path: Path, project: Path) -> None:
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    with stage_run(make_params(tmp_path), stage="prepare"):
+        assert signal.getsignal(signal.SIGTERM) is not before[0]
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
+
+
+def test_keyboard_interrupt_marks_killed(tmp_path: Path, project: Path, mlflow_store: str) -> None:
+    with pytest.raises(KeyboardInterrupt), stage_run(make_params(tmp_path), stage="pretrain") as run:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(5)
+    assert MlflowClient(mlflow_store).get_run(run.run_id).info.status == "KILLED"
+
+
+def test_non_zero_ranks_log_nothing_and_share_the_run_id(
+    tmp_path: Path, project: Path, mlflow_store: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    params = make_params(tmp_path)
+    client = MlflowClient(mlflow_store)
+    with stage_run(params, stage="pretrain") as rank0:
+        exported = os.environ["BIGMODEL_OPS_RUN_ID"]
+        assert exported == rank0.run_id
+        # What a process started by Lightning's launcher sees: LOCAL_RANK=1, the inherited id.
+        monkeypatch.setenv("LOCAL_RANK", "1")
+        with stage_run(params, stage="pretrain") as rank1:
+            assert isinstance(rank1, NoOpStageRun)
+            assert rank1.run_id == rank0.run_id
+            rank1.log_metrics({"loss": 1.0}, step=1)
+            rank1.log_params({"a": 1})
+            with rank1.child_run("trial-0") as child:
+                child.log_metrics({"x": 1.0}, step=0)
+        monkeypatch.delenv("LOCAL_RANK")
+        monkeypatch.setenv("RANK", "3")
+        with stage_run(params, stage="pretrain") as rank3:
+            assert isinstance(rank3, NoOpStageRun)
+        monkeypatch.delenv("RANK")
+    assert "BIGMODEL_OPS_RUN_ID" not in os.environ
+    names = sorted(
+        r.info.run_name for r in client.search_runs([client.get_run(rank0.run_id).info.experiment_id])
+    )
+    assert names.count("pretrain") == 1 and not [n for n in names if "trial" in n]
+    assert "loss" not in client.get_run(rank0.run_id).data.metrics
+
+
+def test_params_are_flattened_and_long_values_become_artifacts(
+    tmp_path: Path, project: Path, mlflow_store: str
+) -> None:
+    client = MlflowClient(mlflow_store)
+    with stage_run(make_params(tmp_path), stage="tune", log_stage_params=False) as run:
+        run.log_params({"optim": {"lr": 0.001, "betas": [0.9, 0.95]}, "prompt": "x" * 7000})
+    data = client.get_run(run.run_id).data.params
+    assert data["optim.lr"] == "0.001"
+    assert data["optim.betas"] == "[0.9, 0.95]"
+    assert "params/prompt.txt" in data["prompt"]
+    local = client.download_artifacts(run.run_id, "params/prompt.txt", str(tmp_path))
+    assert Path(local).read_text() == "x" * 7000
+
+
+def test_child_runs_for_trials(tmp_path: Path, project: Path, mlflow_store: str) -> None:
+    import optuna
+
+    client = MlflowClient(mlflow_store)
+    with stage_run(make_params(tmp_path), stage="tune") as run:
+        with run.child_run("trial-0", tags={"optuna.trial": 0}) as t0:
+            t0.log_metrics({"val/acc": 0.7}, step=10, epoch=1)
+        with pytest.raises(optuna.TrialPruned), run.child_run("trial-1") as t1:
+            raise optuna.TrialPruned()
+        with pytest.raises(ZeroDivisionError), run.child_run("trial-2") as t2:
+            1 / 0  # noqa: B018
+    r0, r1, r2 = (client.get_run(t.run_id) for t in (t0, t1, t2))
+    assert r0.info.run_name == "tune/trial-0"
+    assert r0.data.tags["mlflow.parentRunId"] == run.run_id
+    assert r0.data.tags["optuna.trial"] == "0"
+    assert r0.data.metrics == {"val/acc": 0.7, "epoch": 1.0}
+    assert client.get_metric_history(t0.run_id, "val/acc")[0].step == 10
+    assert (r0.info.status, r1.info.status, r2.info.status) == ("FINISHED", "FINISHED", "FAILED")
+    assert r1.data.tags["bigmodel_ops.outcome"] == "TrialPruned"
+    assert (
+        r0.data.tags["bigmodel_ops.git_commit"]
+        == client.get_run(run.run_id).data.tags["bigmodel_ops.git_commit"]
+    )
+
+
+def test_system_metrics_are_recorded(tmp_path: Path, project: Path, mlflow_store: str) -> None:
+    params = make_params(tmp_path, system_metrics_interval_s=0.2)
+    with stage_run(params, stage="pretrain", system_metrics=True) as run:
+        time.sleep(1.5)
+    metrics = MlflowClient(mlflow_store).get_run(run.run_id).data.metrics
+    assert "system/cpu_utilization_percentage" in metrics
+    off = make_params(tmp_path, system_metrics=False, system_metrics_interval_s=0.2)
+    with stage_run(off, stage="pretrain", run_name="pretrain-off", system_metrics=True) as quiet:
+        time.sleep(0.6)
+    assert not [
+        k for k in MlflowClient(mlflow_store).get_run(quiet.run_id).data.metrics if k.startswith("system/")
+    ]
+
+
+def test_batches_respect_server_limits() -> None:
+    from mlflow.entities import Metric, Param, RunTag
+
+    metrics = [Metric(f"m{i}", 1.0, 0, i) for i in range(2500)]
+    params = [Param(f"p{i}", "v") for i in range(250)]
+    tags = [RunTag(f"t{i}", "v") for i in range(120)]
+    chunks = chunk_batch(metrics, params, tags)
+    assert all(
+        len(m) <= 1000 and len(p) <= 100 and len(t) <= 100 and len(m) + len(p) + len(t) <= 1000
+        for m, p, t in chunks
+    )
+    assert sum(len(m) for m, _, _ in chunks) == 2500
+    assert sum(len(p) for _, p, _ in chunks) == 250 and sum(len(t) for _, _, t in chunks) == 120
+
+
+def test_full_queue_spills_to_the_spool_and_loses_nothing(tmp_path: Path, mlflow_store: str) -> None:
+    client = MlflowClient(mlflow_store)
+    exp = client.create_experiment("spill", artifact_location=(tmp_path / "a").as_uri())
+    run_id = client.create_run(exp).info.run_id
+    spool = Spool(tmp_path / "spool", uri=mlflow_store)
+    sender = LogSender(client, spool, max_queue=5, flush_interval_s=10.0)
+    for step in range(400):
+        sender.enqueue_metrics(run_id, {"a": float(step), "b": 1.0}, step, 1000 + step)
+    assert sender.spilled > 0  # the queue overflowed: the caller wrote to the spool, did not block
+    assert sender.close() is True
+    assert len(client.get_metric_history(run_id, "a")) == 400
+    assert len(client.get_metric_history(run_id, "b")) == 400
+    assert not list((tmp_path / "spool").glob("*.jsonl"))
+
+
+def test_conflicting_param_is_reported_not_fatal(tmp_path: Path, project: Path, mlflow_store: str) -> None:
+    with pytest.warns(RuntimeWarning, match="refused 1 item"):
+        with stage_run(make_params(tmp_path), stage="finetune", log_stage_params=False) as run:
+            run.log_params({"lr": 0.1, "other": 1})
+            run.flush()
+            run.log_params({"lr": 0.2})
+            run.log_metrics({"acc": 0.5}, step=1)
+    data = MlflowClient(mlflow_store).get_run(run.run_id).data
+    assert data.params["lr"] == "0.1" and data.metrics["acc"] == 0.5
+
+
+def test_lightning_logger_uses_the_global_step(tmp_path: Path, project: Path, mlflow_store: str) -> None:
+    import lightning as L
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from bigmodel_ops.tracking.lightning import StageRunLogger
+
+    class Tiny(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.save_hyperparameters({"hidden": 4, "opt": {"lr": 0.1}})
+            self.layer = torch.nn.Linear(3, 1)
+
+        def training_step(self, batch: list[torch.Tensor], _: int) -> torch.Tensor:
+            loss = torch.nn.functional.mse_loss(self.layer(batch[0]), batch[1])
+            self.log("train/loss", loss)
+            return loss
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    data = DataLoader(TensorDataset(torch.randn(16, 3), torch.randn(16, 1)), batch_size=4)
+    with stage_run(make_params(tmp_path), stage="pretrain", log_stage_params=False) as run:
+        trainer = L.Trainer(
+            max_epochs=2,
+            logger=StageRunLogger(run),
+            log_every_n_steps=1,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            accelerator="cpu",
+            default_root_dir=tmp_path,
+        )
+        trainer.fit(Tiny(), data)
+    client = MlflowClient(mlflow_store)
+    steps = sorted(m.step for m in client.get_metric_history(run.run_id, "train/loss"))
+    assert steps == list(range(8))  # 2 epochs x 4 batches, one point per optimizer step
+    assert client.get_run(run.run_id).data.params["opt.lr"] == "0.1"
+    assert {m.value for m in client.get_metric_history(run.run_id, "epoch")} == {0.0, 1.0}
