@@ -435,6 +435,8 @@ def pack_shards(
     offsets). With `pipelined`, the next batch is encoded on a worker thread (tokenizers releases
     the GIL) while this thread turns the previous batch into a numpy array and writes it, so the
     Python share of the work overlaps with the Rust share. Memory holds at most two batches.
+    On 2 cores the Python share is ~4% and the overlap measured no gain (ratio 0.99-1.09, see
+    benchmarks/tokenize_throughput.py); it matters on many cores, where Rust scales and Python does not.
 
     Writes index.json (special ids, dtype, sha256 of the tokenizer file) and returns the index and
     the per-split counts. The dtype is uint16 when every id fits, else uint32.

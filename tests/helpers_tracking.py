@@ -89,7 +89,8 @@ def wait_http(url: str, *, timeout: float = 90.0, process: subprocess.Popen | No
 
 
 def start_server(port: int, db: Path, artifacts: Path, log: Path) -> subprocess.Popen:
-    """A real `mlflow server` on 127.0.0.1:port over a sqlite file."""
+    """A real `mlflow server` on 127.0.0.1:port over a sqlite file, in its own process group."""
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # no huey worker pool
     process = subprocess.Popen(
         [
             sys.executable,
@@ -109,8 +110,14 @@ def start_server(port: int, db: Path, artifacts: Path, log: Path) -> subprocess.
         ],
         stdout=log.open("ab"),
         stderr=subprocess.STDOUT,
+        env=env,
+        start_new_session=True,  # the uvicorn worker is stopped with the group
     )
-    wait_http(f"http://127.0.0.1:{port}/health", process=process)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/health", process=process)
+    except BaseException:
+        stop_server(process)
+        raise
     return process
 
 

@@ -114,6 +114,8 @@ class LogSender:
         self._warned_full = False
         self._idmap: dict[str, str] = spool_mod.load_idmap(spool.directory)
         self.spilled = 0  # records the caller wrote to the spool because the queue was full
+        self.send_cpu_s = 0.0  # CPU time the sender thread spent sending (what it can steal from training)
+        self.sent_metrics = 0
         # Warnings raised on the sender thread are re-emitted on the caller's thread: the
         # warnings module's filters are process-global and not thread-safe.
         self._deferred: list[tuple[str, type[Warning]]] = []
@@ -279,10 +281,13 @@ class LogSender:
             pending.tags.extend(RunTag(k, v) for k, v in item[2])
 
     def _send(self, pending: dict[str, _Pending]) -> None:
+        start = time.thread_time()
         for run_id, batch in list(pending.items()):
             if len(batch):
                 self._send_one(run_id, batch)
+                self.sent_metrics += len(batch.metrics)
         pending.clear()
+        self.send_cpu_s += time.thread_time() - start
 
     def _send_one(self, run_id: str, batch: _Pending) -> None:
         real = self.resolve(run_id)

@@ -4,12 +4,17 @@ Starts ``mlflow server`` with the project's backend store (the tracking URI; an 
 server already exists, so we only print where to look), serving artifacts from the project's
 artifact location, bound to 127.0.0.1 by default. It prints the URL of the experiment's
 training-runs table (``/#/experiments/<id>/runs``; the 3.x UI otherwise opens a GenAI overview)
-and blocks until the server exits or Ctrl-C. Returns the server's exit code (0 after Ctrl-C).
+and blocks until the server exits or Ctrl-C/SIGTERM, which stop the server's whole process group.
+Returns the server's exit code (0 after Ctrl-C). MLflow's GenAI job runner is off unless
+``MLFLOW_SERVER_ENABLE_JOB_EXECUTION`` says otherwise (it starts a pool of worker processes that
+browsing training runs does not need).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -62,16 +67,41 @@ def run_ui(params: Params, *, host: str = "127.0.0.1", port: int = 5000) -> int:
     if experiment is None:
         print(f"no experiment {params.experiment_name!r} yet in {uri}; run a stage first", flush=True)
     print(f"MLflow UI for {params.experiment_name!r}: {experiment_url(base, experiment)}", flush=True)
-    process = subprocess.Popen(server_command(params, host=host, port=port, uri=uri), env=os.environ.copy())
+    env = os.environ.copy()
+    # The GenAI job runner (a pool of huey workers) is not needed to browse training runs.
+    env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
+    # Own process group: `mlflow server` forks uvicorn workers that must end with it.
+    process = subprocess.Popen(
+        server_command(params, host=host, port=port, uri=uri), env=env, start_new_session=True
+    )
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         return process.wait()
     except KeyboardInterrupt:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
         return 0
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        _stop_group(process)
+
+
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def _stop_group(process: subprocess.Popen) -> None:
+    for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            process.wait(timeout=wait)
+        except subprocess.TimeoutExpired:
+            continue
+        # The leader is gone; workers of the group may still be shutting down.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        return
 
 
 def _experiment_id(client: object, name: str) -> str | None:

@@ -1,0 +1,147 @@
+"""Cost of logging every optimizer step through StageRun, against not logging at all.
+
+A tiny CPU transformer trains in one process; blocks of steps with and without logging are
+interleaved (ABBA order) so that machine load hits both alike. Each logged step sends 4 metrics
+through ``StageRun.log_metrics`` to a real sqlite MLflow store in a temp folder (batched by the
+background sender). Overhead = median step time with logging / median without - 1.
+
+    python benchmarks/logging_overhead.py [--quick]
+
+The last line printed is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def build_model(vocab: int = 512, d: int = 64, layers: int = 2, seq: int = 32) -> tuple[torch.nn.Module, int]:
+    layer = torch.nn.TransformerEncoderLayer(d, nhead=4, dim_feedforward=4 * d, batch_first=True, dropout=0.0)
+    model = torch.nn.Sequential(
+        torch.nn.Embedding(vocab, d), torch.nn.TransformerEncoder(layer, layers), torch.nn.Linear(d, vocab)
+    )
+    return model, seq
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer rounds (a smoke run)")
+    parser.add_argument("--rounds", type=int, default=None)
+    parser.add_argument("--steps-per-block", type=int, default=25)
+    parser.add_argument("--torch-threads", type=int, default=None, help="default: torch's choice")
+    args = parser.parse_args()
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
+    rounds = args.rounds or (4 if args.quick else 20)
+
+    from bigmodel_ops.config import parse_params
+    from bigmodel_ops.tracking import stage_run
+
+    torch.manual_seed(0)
+    model, seq = build_model()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    batch = torch.randint(0, 512, (8, seq))
+    loss_fn = torch.nn.CrossEntropyLoss()
+
+    def step() -> float:
+        optimizer.zero_grad(set_to_none=True)
+        logits = model(batch)
+        loss = loss_fn(logits.view(-1, logits.size(-1)), batch.view(-1))
+        loss.backward()
+        optimizer.step()
+        return loss.item()
+
+    for _ in range(10):  # warm-up: allocator, kernels
+        step()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        raw = yaml.safe_load((REPO / "params.yaml").read_text())
+        raw["tracking"] = {
+            "uri": f"sqlite:///{tmp}/mlflow.db",
+            "artifact_location": f"{tmp}/art",
+            "spool_dir": f"{tmp}/spool",
+            "system_metrics": False,
+        }
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+        params = parse_params(raw)
+        os.chdir(tmp)  # not inside a project: no pipeline parent, lineage adds nothing
+        times: dict[str, list[float]] = {"base": [], "logged": []}
+        global_step = 0
+        start = time.perf_counter()
+        with stage_run(params, stage="bench", log_stage_params=False) as run:
+            setup_s = time.perf_counter() - start
+            for r in range(rounds):
+                order = ("base", "logged") if r % 2 == 0 else ("logged", "base")
+                for mode in order:
+                    for _ in range(args.steps_per_block):
+                        t0 = time.perf_counter()
+                        loss = step()
+                        if mode == "logged":
+                            run.log_metrics(
+                                {
+                                    "train/loss": loss,
+                                    "train/lr": 1e-3,
+                                    "train/grad_norm": 1.0,
+                                    "train/tokens_per_s": 1.0,
+                                },
+                                step=global_step,
+                            )
+                        times[mode].append(time.perf_counter() - t0)
+                        global_step += 1
+            t_flush = time.perf_counter()
+            run.flush()
+            flush_s = time.perf_counter() - t_flush
+            run_id = run.run_id
+            sender_cpu_s = run._sender.send_cpu_s
+        from mlflow.tracking import MlflowClient
+
+        logged_points = len(MlflowClient(params.tracking.uri).get_metric_history(run_id, "train/loss"))
+
+    base = statistics.median(times["base"])
+    logged = statistics.median(times["logged"])
+    result = {
+        "benchmark": "logging_overhead",
+        "quick": args.quick,
+        "steps_per_mode": len(times["base"]),
+        "median_step_ms_no_logging": round(base * 1e3, 4),
+        "median_step_ms_logging": round(logged * 1e3, 4),
+        "mean_step_ms_no_logging": round(statistics.fmean(times["base"]) * 1e3, 4),
+        "mean_step_ms_logging": round(statistics.fmean(times["logged"]) * 1e3, 4),
+        "overhead_pct_median": round((logged / base - 1) * 100, 3),
+        "overhead_pct_mean": round(
+            (statistics.fmean(times["logged"]) / statistics.fmean(times["base"]) - 1) * 100, 3
+        ),
+        "metrics_per_step": 4,
+        "points_found_in_store": logged_points,
+        "stage_run_setup_s": round(setup_s, 3),
+        "final_flush_s": round(flush_s, 3),
+        # CPU the background sender used per logged step, relative to a step: the share of
+        # a core it can take from training (robust to machine noise, unlike wall-clock medians).
+        "sender_cpu_ms_per_logged_step": round(sender_cpu_s / len(times["logged"]) * 1e3, 4),
+        "sender_cpu_pct_of_step": round(sender_cpu_s / len(times["logged"]) / base * 100, 3),
+        "torch_threads": torch.get_num_threads(),
+        "load_average_1m": round(os.getloadavg()[0], 2),
+    }
+    print(
+        f"no logging: {result['median_step_ms_no_logging']} ms/step, "
+        f"logging every step: {result['median_step_ms_logging']} ms/step "
+        f"({result['overhead_pct_median']:+.2f}% median, {result['overhead_pct_mean']:+.2f}% mean)"
+    )
+    print(json.dumps(result))
+    return 0 if logged_points == len(times["logged"]) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
