@@ -23,7 +23,7 @@ from bigmodel_ops.model import load_pretrained
 from bigmodel_ops.paths import ProjectPaths
 from bigmodel_ops.shards import ShardIndex
 from bigmodel_ops.training.data import DataSpec, TokenStream, TrainBatches
-from tests.helpers_pretrain import make_project
+from tests.helpers_pretrain import ckpt_dir, make_project
 
 _RANK_VARS = ("RANK", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "SLURM_PROCID", "BIGMODEL_OPS_RUN_ID")
 
