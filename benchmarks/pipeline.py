@@ -121,7 +121,7 @@ def main() -> None:
         "noop_repro_budget_s": 1.5,
         "dvc_version_floor_s": round(floor_s, 3),
         "noop_vs_floor_ratio": round(noop_s / floor_s, 2),
-        "test_accuracy": evaluate.get("accuracy"),
+        "test_accuracy": evaluate.get("test_acc"),
     }
     if args.keep:
         print(f"clone kept at {clone}")

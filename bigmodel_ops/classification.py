@@ -458,6 +458,7 @@ def build_trainer(
     callbacks: Sequence[L.Callback] = (),
     quiet: bool = False,
     single_device: bool = False,
+    train_fraction: float = 1.0,
 ) -> L.Trainer:
     """A Trainer sized by the active profile (single_device: one device, no distributed strategy)."""
     import sys
@@ -478,6 +479,7 @@ def build_trainer(
         num_sanity_val_steps=0,
         gradient_clip_val=params.finetune.grad_clip or None,
         log_every_n_steps=params.tracking.log_every_n_steps,
+        limit_train_batches=train_fraction,
         **({"devices": 1} if single_device else distributed),
     )
 
@@ -498,6 +500,7 @@ def fit_classifier(
     callbacks: Sequence[L.Callback] = (),
     quiet: bool = False,
     single_device: bool = False,
+    train_fraction: float = 1.0,
 ) -> tuple[ClassifierModule, L.Trainer]:
     """Seed, build the classifier from the pretrained model and fine-tune it (train + val)."""
     L.seed_everything(params.project.seed, workers=True, verbose=False)
@@ -513,7 +516,12 @@ def fit_classifier(
         splits, batch_size=hparams.batch_size, seed=params.project.seed, num_workers=params.sizing.num_workers
     )
     trainer = build_trainer(
-        params, max_epochs=max_epochs, callbacks=callbacks, quiet=quiet, single_device=single_device
+        params,
+        max_epochs=max_epochs,
+        callbacks=callbacks,
+        quiet=quiet,
+        single_device=single_device,
+        train_fraction=train_fraction,
     )
     with warnings.catch_warnings():
         # Small in-memory datasets: worker processes would cost more than they save.

@@ -253,6 +253,10 @@ class TuneParams(_Strict):
     storage: str | None = None
     # Epochs of fine-tuning per trial (pruning happens at each epoch's validation).
     max_epochs: PositiveInt = 2
+    # Fraction of the training batches each trial epoch sees (Lightning's limit_train_batches):
+    # ranking hyperparameters on a subsample is the usual way to afford more trials.
+    # Validation always uses the whole val split, so trials stay comparable.
+    train_fraction: float = Field(default=1.0, gt=0.0, le=1.0)
     search_space: SearchSpace = SearchSpace()
     # The objective and the value the pruner watches: val_acc is maximised, val_loss minimised.
     metric: Literal["val_acc", "val_loss"] = "val_acc"

@@ -207,6 +207,7 @@ def _objective_factory(
                         callbacks=[pruning, MetricsLogger(child, every_n_steps=1, step="epoch")],
                         quiet=quiet,
                         single_device=True,
+                        train_fraction=params.tune.train_fraction,
                     )
                     pruning.check_pruned()  # a no-op off DDP; required under it
                 except optuna.TrialPruned:

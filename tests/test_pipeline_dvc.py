@@ -164,7 +164,7 @@ def test_exp_run_metrics_are_listed(project: Project):
     text = json.dumps(shown)
     assert "gate-check" in text
     assert "outputs/metrics/evaluate.json" in text
-    assert "accuracy" in text
+    assert "test_acc" in text
 
 
 def test_mlflow_holds_one_child_run_per_executed_stage(project: Project):

@@ -243,7 +243,7 @@ class StageRun:
         Returns the ModelVersion when registered, else None. Registration needs the server:
         during an outage the folder is spooled and registration is skipped with a warning.
         """
-        from bigmodel_ops.tracking.registry import register_run_artifact
+        from bigmodel_ops.registry import register_run_model
 
         self.log_artifacts(local_dir, artifact_path)
         if registered_model_name is None:
@@ -256,14 +256,17 @@ class StageRun:
                 stacklevel=2,
             )
             return None
-        return register_run_artifact(
+        self.flush()  # the registry checks that the artifacts are there
+        version = register_run_model(
             self.client,
             run_id=self.run_id,
             artifact_path=artifact_path,
             name=registered_model_name,
-            alias=alias,
             tags=tags,
         )
+        if alias is not None:
+            self.client.set_registered_model_alias(registered_model_name, alias, version.version)
+        return version
 
     # ---- nested runs ------------------------------------------------------------------------
 

@@ -202,7 +202,6 @@ def run_pretrain(params: Params, *, paths: ProjectPaths, quiet: bool = False) ->
     the MLflow run is marked FAILED).
     """
     from bigmodel_ops.tracking import stage_run
-    from bigmodel_ops.tracking.registry import register_run_artifact
 
     started = time.perf_counter()
     sizing, pre = params.sizing, params.pretrain
@@ -406,17 +405,15 @@ def run_pretrain(params: Params, *, paths: ProjectPaths, quiet: bool = False) ->
         )
         report["wall_seconds"] = time.perf_counter() - started
         run.log_metrics({"perf/wall_s": report["wall_seconds"]}, step=trainer.global_step)
-        run.log_artifacts(paths.pretrained_model, MODEL_ARTIFACT_PATH)
+        version = run.log_model_dir(
+            paths.pretrained_model,
+            artifact_path=MODEL_ARTIFACT_PATH,
+            registered_model_name=f"{params.project.name}-base" if pre.register_model else None,
+            alias=REGISTRY_ALIAS,
+            tags={"tokenizer_sha256": tokenizer_sha, "objective": config.objective},
+        )
         run.flush()
-        if pre.register_model:
-            version = register_run_artifact(
-                run.client,
-                run_id=run.run_id,
-                artifact_path=MODEL_ARTIFACT_PATH,
-                name=f"{params.project.name}-base",
-                alias=REGISTRY_ALIAS,
-                tags={"tokenizer_sha256": tokenizer_sha, "objective": config.objective},
-            )
+        if version is not None:
             report["model_version"] = str(version.version)
         _write_json_atomic(paths.pretrain_report, report)
         run.log_dict(report, "metrics/pretrain.json")
