@@ -45,6 +45,7 @@ from bigmodel_ops.model import (
     parameter_groups,
     read_exported_config,
 )
+from bigmodel_ops.training import engine
 
 PAD_ID = 0
 CLS_ID = 2
@@ -444,11 +445,7 @@ class MetricsLogger(L.Callback):
 
 def resolve_precision(params: Params) -> str:
     """The sizing profile's precision; auto = bf16-mixed on CUDA, 32-true elsewhere."""
-    precision = params.sizing.precision
-    if precision != "auto":
-        return precision
-    on_cuda = params.sizing.accelerator != "cpu" and torch.cuda.is_available()
-    return "bf16-mixed" if on_cuda else "32-true"
+    return engine.resolve_precision(params.sizing.precision, params.sizing.accelerator)
 
 
 def build_trainer(
@@ -645,43 +642,3 @@ def load_classifier(directory: Path | str) -> TextClassifier:
     model.eval()
     tokenizer = load_tokenizer(directory / TOKENIZER_FILE, max_length=int(payload["max_length"]))
     return TextClassifier(model=model, tokenizer=tokenizer, labels=labels, max_length=int(payload["max_length"]), config=payload)
-
-
-# ---------------------------------------------------------------------------------------------
-# atomic stage outputs (tune / finetune / evaluate): never leave a half-written file or folder
-
-
-def write_json_atomic(path: Path, data: Mapping[str, Any]) -> None:
-    """Write JSON to a temporary file next to path, then rename it into place."""
-    import os
-    import tempfile
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(dict(data), handle, indent=2)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def replace_dir(staging: Path, target: Path) -> None:
-    """Move a finished staging folder to target; an older target is removed only once the new one is there."""
-    import os
-    import shutil
-
-    old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(target, old)
-    try:
-        os.replace(staging, target)
-    except BaseException:
-        if old is not None:
-            os.replace(old, target)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

@@ -35,11 +35,10 @@ from bigmodel_ops.classification import (
     load_classifier,
     metrics_from_confusion,
     read_labeled_split,
-    replace_dir,
-    write_json_atomic,
 )
 from bigmodel_ops.config import Params
 from bigmodel_ops.errors import CheckpointError
+from bigmodel_ops.fsutil import replace_dir, write_json_atomic
 from bigmodel_ops.paths import ProjectPaths
 from bigmodel_ops.progress import progress
 

@@ -40,12 +40,11 @@ from bigmodel_ops.classification import (
     effective_max_length,
     fit_classifier,
     load_splits,
-    replace_dir,
     save_classifier,
-    write_json_atomic,
 )
 from bigmodel_ops.config import Params
 from bigmodel_ops.errors import ConfigError, TrainingDiverged
+from bigmodel_ops.fsutil import replace_dir, write_json_atomic
 from bigmodel_ops.model import read_exported_config
 from bigmodel_ops.paths import ProjectPaths
 

@@ -17,7 +17,6 @@ written into one staging folder under ``outputs/`` and moved into place only aft
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import shutil
@@ -46,6 +45,7 @@ from tokenizers import (
 
 from bigmodel_ops.config import Params, TokenizerParams
 from bigmodel_ops.errors import ConfigError, DataError
+from bigmodel_ops.fsutil import sha256_file
 from bigmodel_ops.paths import ProjectPaths
 from bigmodel_ops.progress import progress_bar
 from bigmodel_ops.shards import ShardIndex, ShardWriter, dtype_for_vocab
@@ -79,11 +79,7 @@ def load_tokenizer(path: Path | str) -> Tokenizer:
 
 def tokenizer_sha256(path: Path | str) -> str:
     """Hex sha256 of the file's bytes (index.json records it so shards and tokenizer cannot drift)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return sha256_file(path)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -52,10 +52,10 @@ from bigmodel_ops.classification import (
     fit_classifier,
     load_splits,
     resolve_precision,
-    write_json_atomic,
 )
 from bigmodel_ops.config import Params
 from bigmodel_ops.errors import BigModelOpsError
+from bigmodel_ops.fsutil import write_json_atomic
 from bigmodel_ops.paths import ProjectPaths
 
 _logger = logging.getLogger(__name__)

@@ -21,8 +21,6 @@ run) and writes outputs.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 import shutil
@@ -36,6 +34,7 @@ from lightning.pytorch import seed_everything
 
 from bigmodel_ops.config import Params, flatten
 from bigmodel_ops.errors import DataError
+from bigmodel_ops.fsutil import replace_dir, sha256_file, write_json_atomic
 from bigmodel_ops.model import ModelConfig, TransformerLM, config_from_preset, save_pretrained
 from bigmodel_ops.paths import ProjectPaths
 from bigmodel_ops.shards import ShardIndex
@@ -70,12 +69,6 @@ TOKENIZER_FILE = "tokenizer.json"
 _ID_CHECK_TOKENS = 2_000_000
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def check_tokenizer(tokenizer_file: Path, index: ShardIndex) -> tuple[str, int]:
@@ -150,23 +143,6 @@ def _special_ids(index: ShardIndex, *, objective: str) -> dict[str, int]:
     return index.special_ids
 
 
-def _replace_dir(tmp: Path, target: Path) -> None:
-    """Move a finished folder into place; the previous one is removed only afterwards."""
-    old = target.with_name(f".{target.name}.old-{os.getpid()}")
-    if target.exists():
-        os.replace(target, old)
-    os.replace(tmp, target)
-    if old.exists():
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def _write_json_atomic(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    os.replace(tmp, path)
-
-
 def export_from_checkpoint(
     checkpoint: Path, *, config: ModelConfig, target: Path, tokenizer_file: Path, extra: dict[str, Any]
 ) -> None:
@@ -188,7 +164,7 @@ def export_from_checkpoint(
     try:
         save_pretrained(model, tmp, extra=extra)
         shutil.copyfile(tokenizer_file, tmp / TOKENIZER_FILE)
-        _replace_dir(tmp, target)
+        replace_dir(tmp, target)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -415,7 +391,7 @@ def run_pretrain(params: Params, *, paths: ProjectPaths, quiet: bool = False) ->
         run.flush()
         if version is not None:
             report["model_version"] = str(version.version)
-        _write_json_atomic(paths.pretrain_report, report)
+        write_json_atomic(paths.pretrain_report, report)
         run.log_dict(report, "metrics/pretrain.json")
         _logger.info("pretraining done: %s", flatten(report))
         return report
