@@ -175,9 +175,15 @@ def test_signal_handlers_are_restored(tmp_path: Path, project: Path) -> None:
 
 
 def test_keyboard_interrupt_marks_killed(tmp_path: Path, project: Path, mlflow_store: str) -> None:
-    with pytest.raises(KeyboardInterrupt), stage_run(make_params(tmp_path), stage="pretrain") as run:
-        os.kill(os.getpid(), signal.SIGINT)
-        time.sleep(5)
+    # A runner started in the background (CI, `cmd &`) inherits SIGINT as ignored, and Python
+    # then installs no KeyboardInterrupt handler; restore Python's normal one for this test.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt), stage_run(make_params(tmp_path), stage="pretrain") as run:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert MlflowClient(mlflow_store).get_run(run.run_id).info.status == "KILLED"
 
 
