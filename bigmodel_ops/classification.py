@@ -42,6 +42,7 @@ from bigmodel_ops.model import (
     ModelConfig,
     TransformerLM,
     load_pretrained,
+    load_weights,
     parameter_groups,
     read_exported_config,
 )
@@ -618,8 +619,6 @@ class TextClassifier:
 
 def load_classifier(directory: Path | str) -> TextClassifier:
     """Load an exported classifier (safetensors; no pickle). CheckpointError on bad files."""
-    from safetensors.torch import load_model
-
     directory = Path(directory)
     payload = read_classifier_config(directory)
     try:
@@ -632,13 +631,7 @@ def load_classifier(directory: Path | str) -> TextClassifier:
         raise CheckpointError(
             f"{directory / CONFIG_FILE}: pooling {payload['pooling']!r} does not fit a {config.objective} backbone"
         )
-    weights = directory / WEIGHTS_FILE
-    if not weights.is_file():
-        raise CheckpointError(f"{weights}: classifier weights not found")
-    try:
-        load_model(model, str(weights), strict=True)
-    except RuntimeError as error:
-        raise CheckpointError(f"{weights}: weights do not match {directory / CONFIG_FILE}: {error}") from None
+    load_weights(model, directory, what="classifier")
     model.eval()
     tokenizer = load_tokenizer(directory / TOKENIZER_FILE, max_length=int(payload["max_length"]))
     return TextClassifier(model=model, tokenizer=tokenizer, labels=labels, max_length=int(payload["max_length"]), config=payload)

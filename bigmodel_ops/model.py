@@ -297,18 +297,25 @@ def load_pretrained(directory: Path | str, *, dropout: float | None = None) -> T
 
     Raises CheckpointError when the files are missing or the weights do not match the config.
     """
-    from safetensors.torch import load_model
-
     directory = Path(directory)
     config, _ = read_exported_config(directory)
     if dropout is not None:
         config = replace(config, dropout=dropout)
-    model = TransformerLM(config)
+    return load_weights(TransformerLM(config), directory, what="model")
+
+
+def load_weights(module: nn.Module, directory: Path, *, what: str) -> nn.Module:
+    """Fill module from directory/model.safetensors (strict; never pickle).
+
+    CheckpointError names the file when it is missing or does not match directory/config.json.
+    """
+    from safetensors.torch import load_model
+
     weights = directory / WEIGHTS_FILE
     if not weights.is_file():
-        raise CheckpointError(f"{weights}: model weights not found")
+        raise CheckpointError(f"{weights}: {what} weights not found")
     try:
-        load_model(model, str(weights), strict=True)
+        load_model(module, str(weights), strict=True)
     except RuntimeError as error:
         raise CheckpointError(f"{weights}: weights do not match {directory / CONFIG_FILE}: {error}") from None
-    return model
+    return module
