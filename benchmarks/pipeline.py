@@ -1,12 +1,19 @@
 """Time and memory of `dvc repro` on a fresh clone, and of a no-op `dvc repro`.
 
-    python benchmarks/pipeline.py [--quick] [--keep]
+    python benchmarks/pipeline.py [--quick] [--keep] [--noop-repeats N]
+    python benchmarks/pipeline.py --clone DIR   # only the no-op timings, on a clone already reproduced
 
 Clones the committed main of this repo into a temp dir (a fresh clone: no outputs,
 no DVC cache, no MLflow store), runs `dvc repro` while sampling the summed RSS of
 the whole process tree, then times no-op `dvc repro` runs against `dvc version`
 (the floor of any DVC command: interpreter start and imports) run side by side.
 --quick shrinks the params (tiny model, few steps) to check the harness itself.
+The machine is shared, so the no-op figures are medians of interleaved runs, as wall time and
+as CPU time of the child (user + sys, less sensitive to other load). `yaml_c_loader` says whether
+ruamel.yaml's libyaml loader is installed: DVC parses dvc.yaml, dvc.lock and params.yaml several
+times per command, and without it that parsing is most of a no-op repro's own time.
+The repo's .dvc/config sets core.check_update=false: otherwise every `dvc version` spawns DVC's
+updater daemon (a second DVC process), which runs on into the next timed repro.
 The last line printed is one JSON object with the figures.
 """
 
@@ -15,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -42,7 +50,9 @@ def _tree_rss(process: psutil.Process) -> int:
 def run_sampled(cmd: list[str], *, cwd: Path, env: dict[str, str]) -> tuple[float, int, str]:
     """Run cmd; return (wall seconds, peak RSS of its process tree in bytes, combined output)."""
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     peak = 0
     watched = psutil.Process(proc.pid)
     stop = threading.Event()
@@ -68,10 +78,23 @@ def run_sampled(cmd: list[str], *, cwd: Path, env: dict[str, str]) -> tuple[floa
     return elapsed, peak, output
 
 
-def timed(cmd: list[str], *, cwd: Path, env: dict[str, str]) -> float:
+def timed(cmd: list[str], *, cwd: Path, env: dict[str, str]) -> tuple[float, float, str]:
+    """Run cmd; return (wall seconds, CPU seconds of the child, stdout)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
-    subprocess.run(cmd, cwd=cwd, env=env, check=True, capture_output=True)
-    return time.perf_counter() - start
+    done = subprocess.run(cmd, cwd=cwd, env=env, check=True, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return wall, cpu, done.stdout
+
+
+def yaml_c_loader() -> bool:
+    try:
+        from ruamel.yaml.main import CParser
+    except ImportError:
+        return False
+    return CParser is not None
 
 
 def shrink(params_file: Path) -> None:
@@ -85,27 +108,40 @@ def shrink(params_file: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="tiny params: checks the harness, not the budget")
+    parser.add_argument(
+        "--quick", action="store_true", help="tiny params: checks the harness, not the budget"
+    )
     parser.add_argument("--keep", action="store_true", help="keep the temp clone and print its path")
-    parser.add_argument("--noop-repeats", type=int, default=5)
+    parser.add_argument("--noop-repeats", type=int, default=7)
+    parser.add_argument(
+        "--clone", type=Path, help="time no-op repros in this already-reproduced clone; skip the fresh run"
+    )
     args = parser.parse_args()
 
-    workdir = Path(tempfile.mkdtemp(prefix="bigmodel-ops-pipeline-"))
-    clone = workdir / "clone"
-    subprocess.run(["git", "clone", "-q", str(REPO_ROOT), str(clone)], check=True)
-    if args.quick:
-        shrink(clone / "params.yaml")
+    if args.clone:
+        clone = args.clone.resolve()
+    else:
+        workdir = Path(tempfile.mkdtemp(prefix="bigmodel-ops-pipeline-"))
+        clone = workdir / "clone"
+        subprocess.run(["git", "clone", "-q", str(REPO_ROOT), str(clone)], check=True)
+        if args.quick:
+            shrink(clone / "params.yaml")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
     env["PYTHONPATH"] = str(clone)
 
-    repro_s, peak_rss, output = run_sampled(["dvc", "repro"], cwd=clone, env=env)
-    stages_ran = output.count("Running stage '")
+    repro_s = peak_rss = stages_ran = None
+    if not args.clone:
+        repro_s, peak_rss, output = run_sampled(["dvc", "repro"], cwd=clone, env=env)
+        stages_ran = output.count("Running stage '")
 
     noop, floor = [], []
     for _ in range(args.noop_repeats):  # interleaved so machine noise hits both alike
         noop.append(timed(["dvc", "repro"], cwd=clone, env=env))
         floor.append(timed(["dvc", "version"], cwd=clone, env=env))
-    noop_s, floor_s = statistics.median(noop), statistics.median(floor)
+    # A "no-op" that ran a stage would time the wrong thing.
+    noop_ran = sum(out.count("Running stage '") for _, _, out in noop)
+    noop_s, floor_s = (statistics.median(wall for wall, _, _ in runs) for runs in (noop, floor))
+    noop_cpu, floor_cpu = (statistics.median(cpu for _, cpu, _ in runs) for runs in (noop, floor))
 
     evaluate = json.loads((clone / "outputs/metrics/evaluate.json").read_text())
     result = {
@@ -113,14 +149,19 @@ def main() -> None:
         "quick": args.quick,
         "cores": os.cpu_count(),
         "stages_ran": stages_ran,
-        "fresh_repro_s": round(repro_s, 1),
+        "fresh_repro_s": None if repro_s is None else round(repro_s, 1),
         "fresh_repro_budget_s": 600,
-        "peak_rss_gb": round(peak_rss / 1e9, 2),
+        "peak_rss_gb": None if peak_rss is None else round(peak_rss / 1e9, 2),
         "peak_rss_budget_gb": 4.0,
+        "noop_repeats": args.noop_repeats,
+        "noop_stages_ran": noop_ran,
         "noop_repro_s": round(noop_s, 3),
         "noop_repro_budget_s": 1.5,
         "dvc_version_floor_s": round(floor_s, 3),
         "noop_vs_floor_ratio": round(noop_s / floor_s, 2),
+        "noop_repro_cpu_s": round(noop_cpu, 3),
+        "dvc_version_floor_cpu_s": round(floor_cpu, 3),
+        "yaml_c_loader": yaml_c_loader(),
         "test_accuracy": evaluate.get("test_acc"),
     }
     if args.keep:

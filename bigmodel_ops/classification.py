@@ -225,7 +225,9 @@ class TokenizedSplit:
         return len(self.ids)
 
 
-def tokenize_texts(tokenizer, texts: Sequence[str], *, objective: str, source: str = "tokenizer") -> list[list[int]]:
+def tokenize_texts(
+    tokenizer, texts: Sequence[str], *, objective: str, source: str = "tokenizer"
+) -> list[list[int]]:
     """Token ids per text; checks once that a masked backbone's inputs start with [CLS]."""
     ids = [encoding.ids for encoding in tokenizer.encode_batch(list(texts))]
     if objective == "masked" and ids and (not ids[0] or ids[0][0] != CLS_ID):
@@ -246,7 +248,9 @@ def load_splits(
     result: dict[str, TokenizedSplit] = {}
     for split in splits:
         texts, labels = read_labeled_split(prepared / f"{split}.parquet", params.prepare.labels)
-        ids = tokenize_texts(tokenizer, texts, objective=config.objective, source=str(model_dir / TOKENIZER_FILE))
+        ids = tokenize_texts(
+            tokenizer, texts, objective=config.objective, source=str(model_dir / TOKENIZER_FILE)
+        )
         result[split] = TokenizedSplit(ids=ids, labels=labels)
     return result
 
@@ -325,7 +329,12 @@ class HyperParams:
     batch_size: int
 
     def as_dict(self) -> dict[str, float | int]:
-        return {"lr": self.lr, "dropout": self.dropout, "weight_decay": self.weight_decay, "batch_size": self.batch_size}
+        return {
+            "lr": self.lr,
+            "dropout": self.dropout,
+            "weight_decay": self.weight_decay,
+            "batch_size": self.batch_size,
+        }
 
 
 def linear_warmup_decay(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
@@ -396,7 +405,11 @@ class ClassifierModule(L.LightningModule):
             labels = self.all_gather(labels).flatten(0, 1)
         loss = F.cross_entropy(logits, labels)
         summary = metrics_from_confusion(confusion_matrix(logits.argmax(-1), labels, self.model.num_labels))
-        self.last_val = {"val_loss": float(loss), "val_acc": summary["accuracy"], "val_f1": summary["macro_f1"]}
+        self.last_val = {
+            "val_loss": float(loss),
+            "val_acc": summary["accuracy"],
+            "val_f1": summary["macro_f1"],
+        }
         for key, value in self.last_val.items():
             # Already global: no sync_dist.
             self.log(key, value, prog_bar=key == "val_acc")
@@ -424,7 +437,9 @@ class MetricsLogger(L.Callback):
         self.every_n_steps = every_n_steps
         self.step = step
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         if not trainer.is_global_zero or self.step != "global":
             return
         step = trainer.global_step
@@ -462,9 +477,15 @@ def build_trainer(
     import sys
 
     sizing = params.sizing
-    distributed = {} if single_device else {
-        "devices": sizing.devices, "num_nodes": sizing.num_nodes, "strategy": sizing.strategy,
-    }
+    distributed = (
+        {}
+        if single_device
+        else {
+            "devices": sizing.devices,
+            "num_nodes": sizing.num_nodes,
+            "strategy": sizing.strategy,
+        }
+    )
     return L.Trainer(
         accelerator=sizing.accelerator,
         precision=resolve_precision(params),
@@ -524,7 +545,9 @@ def fit_classifier(
     with warnings.catch_warnings():
         # Small in-memory datasets: worker processes would cost more than they save.
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-        warnings.filterwarnings("ignore", message=".*number of training batches.*smaller than the logging interval.*")
+        warnings.filterwarnings(
+            "ignore", message=".*number of training batches.*smaller than the logging interval.*"
+        )
         trainer.fit(module, datamodule=data)
     return module, trainer
 
@@ -577,7 +600,9 @@ def read_classifier_config(directory: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: not valid JSON: {error}") from None
     if not isinstance(payload, dict) or payload.get("format") != CLASSIFIER_FORMAT:
         found = payload.get("format") if isinstance(payload, dict) else None
-        raise CheckpointError(f"{path}: not a classifier export (format {found!r}, expected {CLASSIFIER_FORMAT!r})")
+        raise CheckpointError(
+            f"{path}: not a classifier export (format {found!r}, expected {CLASSIFIER_FORMAT!r})"
+        )
     for key in ("config", "labels", "max_length", "pooling"):
         if key not in payload:
             raise CheckpointError(f"{path}: missing key {key!r}")
@@ -634,4 +659,6 @@ def load_classifier(directory: Path | str) -> TextClassifier:
     load_weights(model, directory, what="classifier")
     model.eval()
     tokenizer = load_tokenizer(directory / TOKENIZER_FILE, max_length=int(payload["max_length"]))
-    return TextClassifier(model=model, tokenizer=tokenizer, labels=labels, max_length=int(payload["max_length"]), config=payload)
+    return TextClassifier(
+        model=model, tokenizer=tokenizer, labels=labels, max_length=int(payload["max_length"]), config=payload
+    )

@@ -54,6 +54,11 @@ class TrackingParams(_Strict):
     flush_interval_s: float = Field(default=2.0, gt=0.0)
     # While the server is unreachable, the spool is retried this often.
     retry_interval_s: float = Field(default=5.0, gt=0.0)
+    # Where the sender runs: "process" (Linux; a forked child at CPU priority `sender_nice`,
+    # so MLflow's per-metric Python cost neither holds the training loop's GIL nor takes the CPU
+    # it uses) or "thread" (also the fallback where fork is unavailable).
+    sender: Literal["process", "thread"] = "process"
+    sender_nice: int = Field(default=19, ge=0, le=19)
     # HTTP retries/timeout while a stage runs (MLflow's defaults can stall ~4 minutes on an outage);
     # MLFLOW_HTTP_REQUEST_MAX_RETRIES / MLFLOW_HTTP_REQUEST_TIMEOUT in the environment win.
     http_max_retries: int = Field(default=1, ge=0, le=10)

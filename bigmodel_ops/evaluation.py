@@ -51,11 +51,18 @@ def _metric_key(label: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", label)
 
 
-def evaluate_texts(classifier: Any, texts: list[str], targets: torch.Tensor, *, batch_size: int, quiet: bool) -> dict[str, Any]:
+def evaluate_texts(
+    classifier: Any, texts: list[str], targets: torch.Tensor, *, batch_size: int, quiet: bool
+) -> dict[str, Any]:
     """Predictions and metrics for texts with true class ids ``targets``."""
     chunks = []
-    for start in progress(range(0, len(texts), batch_size), desc="evaluate", total=-(-len(texts) // batch_size),
-                          unit="batch", quiet=quiet):
+    for start in progress(
+        range(0, len(texts), batch_size),
+        desc="evaluate",
+        total=-(-len(texts) // batch_size),
+        unit="batch",
+        quiet=quiet,
+    ):
         chunks.append(classifier.logits(texts[start : start + batch_size], batch_size=batch_size))
     logits = torch.cat(chunks)
     probs = torch.softmax(logits, dim=-1)
@@ -67,7 +74,9 @@ def evaluate_texts(classifier: Any, texts: list[str], targets: torch.Tensor, *, 
         "test_f1": summary["macro_f1"],
         "test_loss": float(F.cross_entropy(logits, targets)),
     }
-    for label, precision, recall in zip(classifier.labels, summary["precision"], summary["recall"], strict=True):
+    for label, precision, recall in zip(
+        classifier.labels, summary["precision"], summary["recall"], strict=True
+    ):
         metrics[f"test_precision_{_metric_key(label)}"] = precision
         metrics[f"test_recall_{_metric_key(label)}"] = recall
     return {"metrics": metrics, "confusion": cm, "preds": preds, "scores": scores}
@@ -88,15 +97,28 @@ def plot_confusion(cm: torch.Tensor, labels: list[str], path: Path) -> None:
         axes.set_xlabel("predicted")
         axes.set_ylabel("true")
         peak = int(cm.max()) if cm.numel() else 0
-        for (i, j), count in zip(((i, j) for i in range(len(labels)) for j in range(len(labels))), cm.flatten().tolist(), strict=True):
-            axes.text(j, i, str(count), ha="center", va="center", color="white" if count > peak / 2 else "black")
+        for (i, j), count in zip(
+            ((i, j) for i in range(len(labels)) for j in range(len(labels))),
+            cm.flatten().tolist(),
+            strict=True,
+        ):
+            axes.text(
+                j, i, str(count), ha="center", va="center", color="white" if count > peak / 2 else "black"
+            )
         axes.set_title("confusion matrix (test)")
         figure.savefig(path, bbox_inches="tight", dpi=100)
     finally:
         plt.close(figure)
 
 
-def _write_predictions(path: Path, texts: list[str], labels: list[str], targets: torch.Tensor, preds: torch.Tensor, scores: torch.Tensor) -> None:
+def _write_predictions(
+    path: Path,
+    texts: list[str],
+    labels: list[str],
+    targets: torch.Tensor,
+    preds: torch.Tensor,
+    scores: torch.Tensor,
+) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -126,7 +148,9 @@ def run_evaluate(params: Params, *, paths: ProjectPaths, quiet: bool = False) ->
     run_id = classifier.config.get("mlflow_run_id")
     artifact_path = classifier.config.get("mlflow_artifact_path")
     if not run_id or not artifact_path:
-        raise CheckpointError(f"{config_file}: no mlflow_run_id / mlflow_artifact_path (re-run the finetune stage)")
+        raise CheckpointError(
+            f"{config_file}: no mlflow_run_id / mlflow_artifact_path (re-run the finetune stage)"
+        )
     texts, ids = read_labeled_split(paths.prepared / "test.parquet", params.prepare.labels)
     targets = torch.as_tensor(ids, dtype=torch.long)
     result = evaluate_texts(classifier, texts, targets, batch_size=params.evaluate.batch_size, quiet=quiet)
@@ -139,10 +163,19 @@ def run_evaluate(params: Params, *, paths: ProjectPaths, quiet: bool = False) ->
     try:
         plot_confusion(result["confusion"], labels, staging / "confusion_matrix.png")
         (staging / "confusion_matrix.json").write_text(
-            json.dumps({"labels": labels, "rows": "true", "columns": "predicted",
-                        "matrix": result["confusion"].tolist()}, indent=2)
+            json.dumps(
+                {
+                    "labels": labels,
+                    "rows": "true",
+                    "columns": "predicted",
+                    "matrix": result["confusion"].tolist(),
+                },
+                indent=2,
+            )
         )
-        _write_predictions(staging / "predictions.parquet", texts, labels, targets, result["preds"], result["scores"])
+        _write_predictions(
+            staging / "predictions.parquet", texts, labels, targets, result["preds"], result["scores"]
+        )
 
         name = f"{params.project.name}-classifier"
         with stage_run(params, stage="evaluate") as run:
@@ -169,16 +202,35 @@ def run_evaluate(params: Params, *, paths: ProjectPaths, quiet: bool = False) ->
                 challenger_alias=params.evaluate.challenger_alias,
             )
             alias = params.evaluate.promote_alias if promoted else params.evaluate.challenger_alias
-            promotion = {"model": name, "version": int(version.version), "alias": alias,
-                         "promoted": promoted, "reason": reason, "source_run_id": run_id}
+            promotion = {
+                "model": name,
+                "version": int(version.version),
+                "alias": alias,
+                "promoted": promoted,
+                "reason": reason,
+                "source_run_id": run_id,
+            }
             (staging / "promotion.json").write_text(json.dumps(promotion, indent=2))
             run.log_metrics({"promoted": float(promoted), "model_version": float(version.version)}, step=0)
-            run.set_tags({"registered_model": name, "model_version": version.version, "model_alias": alias,
-                          "promotion_reason": reason})
+            run.set_tags(
+                {
+                    "registered_model": name,
+                    "model_version": version.version,
+                    "model_alias": alias,
+                    "promotion_reason": reason,
+                }
+            )
             report = {**metrics, "promoted": int(promoted), "model_version": int(version.version)}
             replace_dir(staging, target)
             write_json_atomic(paths.evaluate_report, report)
-        _logger.info("evaluate: test_acc %.4f; %s v%s -> %s (%s)", metrics["test_acc"], name, version.version, alias, reason)
+        _logger.info(
+            "evaluate: test_acc %.4f; %s v%s -> %s (%s)",
+            metrics["test_acc"],
+            name,
+            version.version,
+            alias,
+            reason,
+        )
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return report

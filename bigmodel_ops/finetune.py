@@ -58,7 +58,9 @@ def resolve_hparams(params: Params, paths: ProjectPaths) -> tuple[HyperParams, s
     """(hyperparameters, source): source is "tuned" (best_params.json) or "params"."""
     ft = params.finetune
     if not ft.use_tuned:
-        return HyperParams(lr=ft.lr, dropout=ft.dropout, weight_decay=ft.weight_decay, batch_size=ft.batch_size), "params"
+        return HyperParams(
+            lr=ft.lr, dropout=ft.dropout, weight_decay=ft.weight_decay, batch_size=ft.batch_size
+        ), "params"
     path = paths.best_params
     if not path.is_file():
         raise ConfigError(
@@ -75,7 +77,12 @@ def resolve_hparams(params: Params, paths: ProjectPaths) -> tuple[HyperParams, s
         if isinstance(raw, bool) or not isinstance(raw, int | float) or not math.isfinite(raw):
             raise ConfigError(f"{path}: {key!r} must be a number, got {raw!r}")
         values[key] = kind(raw)
-    if values["lr"] <= 0 or values["batch_size"] <= 0 or not 0 <= values["dropout"] < 1 or values["weight_decay"] < 0:
+    if (
+        values["lr"] <= 0
+        or values["batch_size"] <= 0
+        or not 0 <= values["dropout"] < 1
+        or values["weight_decay"] < 0
+    ):
         raise ConfigError(f"{path}: values out of range: {values}")
     return HyperParams(**values), "tuned"
 
@@ -84,7 +91,18 @@ def _pip_requirements() -> list[str]:
     from importlib.metadata import PackageNotFoundError, version
 
     pins = []
-    for package in ("mlflow", "torch", "lightning", "tokenizers", "safetensors", "numpy", "pandas", "pyarrow", "pydantic", "pyyaml"):
+    for package in (
+        "mlflow",
+        "torch",
+        "lightning",
+        "tokenizers",
+        "safetensors",
+        "numpy",
+        "pandas",
+        "pyarrow",
+        "pydantic",
+        "pyyaml",
+    ):
         try:
             pins.append(f"{package}=={version(package).split('+')[0]}")
         except PackageNotFoundError:
@@ -162,7 +180,9 @@ def run_finetune(params: Params, *, paths: ProjectPaths, quiet: bool = False) ->
     max_length = effective_max_length(params, backbone_config)
 
     with stage_run(params, stage="finetune", system_metrics=True) as run:
-        run.log_params({"hparams": hparams.as_dict(), "hparams_source": source, "max_length_effective": max_length})
+        run.log_params(
+            {"hparams": hparams.as_dict(), "hparams_source": source, "max_length_effective": max_length}
+        )
         module, trainer = fit_classifier(
             params,
             model_dir=paths.pretrained_model,
@@ -208,7 +228,9 @@ def run_finetune(params: Params, *, paths: ProjectPaths, quiet: bool = False) ->
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         write_json_atomic(paths.finetune_report, report)
-        _logger.info("finetune: val_acc %.4f, val_loss %.4f -> %s", final["val_acc"], final["val_loss"], target)
+        _logger.info(
+            "finetune: val_acc %.4f, val_loss %.4f -> %s", final["val_acc"], final["val_loss"], target
+        )
     return report
 
 

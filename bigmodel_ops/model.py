@@ -245,9 +245,7 @@ def parameter_groups(model: nn.Module, *, weight_decay: float) -> list[dict]:
     """
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     decay_ids = {
-        id(m.weight)
-        for m in model.modules()
-        if isinstance(m, nn.Linear) and id(m.weight) not in embeddings
+        id(m.weight) for m in model.modules() if isinstance(m, nn.Linear) and id(m.weight) not in embeddings
     }
     decay, no_decay = [], []
     for param in model.parameters():  # yields each shared tensor once

@@ -63,7 +63,9 @@ def register_run_model(
             f"MLflow run {run_id} not found in the tracking store ({error.message.splitlines()[0]}); "
             "re-run the stage that logged the model against this store"
         ) from None
-    model_id = _logged_model_id(client, run_id=run_id, experiment_id=run.info.experiment_id, name=artifact_path)
+    model_id = _logged_model_id(
+        client, run_id=run_id, experiment_id=run.info.experiment_id, name=artifact_path
+    )
     if model_id is not None:
         source = f"models:/{model_id}"
     elif client.list_artifacts(run_id, artifact_path):
@@ -116,8 +118,9 @@ def promote_if_better(
     (true/false) and ``promotion_reason``.
     """
     version = str(version)
-    promoted, reason = _decide(client, name=name, version=version, metric=metric, value=value,
-                               alias=alias, min_value=min_value)
+    promoted, reason = _decide(
+        client, name=name, version=version, metric=metric, value=value, alias=alias, min_value=min_value
+    )
     client.set_registered_model_alias(name, alias if promoted else challenger_alias, version)
     client.set_model_version_tag(name, version, "promoted", str(promoted).lower())
     client.set_model_version_tag(name, version, "promotion_reason", reason)
@@ -141,7 +144,13 @@ def _decide(
     except ValueError:
         current = None
     if current is None:
-        return True, f"{metric} {value:.4f} >= minimum {min_value:.4f}; current {alias} v{holder.version} has no {metric} tag"
+        return (
+            True,
+            f"{metric} {value:.4f} >= minimum {min_value:.4f}; current {alias} v{holder.version} has no {metric} tag",
+        )
     if value < current:
         return False, f"{metric} {value:.4f} is worse than {alias} v{holder.version} ({current:.4f})"
-    return True, f"{metric} {value:.4f} >= minimum {min_value:.4f} and >= {alias} v{holder.version} ({current:.4f})"
+    return (
+        True,
+        f"{metric} {value:.4f} >= minimum {min_value:.4f} and >= {alias} v{holder.version} ({current:.4f})",
+    )

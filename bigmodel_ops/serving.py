@@ -42,7 +42,9 @@ class TextClassifierModel(PythonModel):
             texts = [str(text) for text in model_input]
         batch_size = int((params or {}).get("batch_size", BATCH_SIZE))
         labels, scores = self._classifier.predict(texts, batch_size=batch_size)
-        return pd.DataFrame({"label": pd.Series(labels, dtype=object), "score": pd.Series(scores, dtype="float64")})
+        return pd.DataFrame(
+            {"label": pd.Series(labels, dtype=object), "score": pd.Series(scores, dtype="float64")}
+        )
 
 
 mlflow.models.set_model(TextClassifierModel())

@@ -84,7 +84,8 @@ def study_name(params: Params, paths: ProjectPaths) -> str:
         "max_epochs": tune.max_epochs,
         "metric": tune.metric,
         "finetune": {
-            k: getattr(params.finetune, k) for k in ("max_length", "warmup_ratio", "freeze_backbone", "grad_clip")
+            k: getattr(params.finetune, k)
+            for k in ("max_length", "warmup_ratio", "freeze_backbone", "grad_clip")
         },
         "seed": params.project.seed,
         "labels": params.prepare.labels,
@@ -166,7 +167,9 @@ def study_summary(study: optuna.Study) -> dict[str, Any]:
         "n_complete": len(complete),
         "n_pruned": sum(t.state == states.PRUNED for t in trials),
         "n_failed": sum(t.state == states.FAIL for t in trials),
-        "failures": {t.number: t.user_attrs.get("fail_reason", "failed") for t in trials if t.state == states.FAIL},
+        "failures": {
+            t.number: t.user_attrs.get("fail_reason", "failed") for t in trials if t.state == states.FAIL
+        },
         "best": None,
     }
     if complete:
@@ -283,7 +286,9 @@ def run_tune(params: Params, *, paths: ProjectPaths, quiet: bool = False) -> dic
     with stage_run(params, stage="tune") as run:
         run.set_tags({"optuna.study": name, "optuna.direction": direction, "optuna.metric": tune.metric})
         if remaining:
-            objective = _objective_factory(params, paths=paths, splits=splits, run=run, study=name, quiet=quiet)
+            objective = _objective_factory(
+                params, paths=paths, splits=splits, run=run, study=name, quiet=quiet
+            )
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 study.optimize(

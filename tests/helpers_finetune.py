@@ -92,7 +92,9 @@ def tiny_params(**overrides: Any) -> dict[str, Any]:
         "tracking": {"system_metrics": False, "log_every_n_steps": 2},
         "prepare": {"source": {"kind": "csv", "path": "unused.csv"}, "labels": list(LABELS)},
         "profile": "cpu",
-        "profiles": {"cpu": {"model_preset": "tiny", "accelerator": "cpu", "precision": "32-true", "max_steps": 10}},
+        "profiles": {
+            "cpu": {"model_preset": "tiny", "accelerator": "cpu", "precision": "32-true", "max_steps": 10}
+        },
         "model": {"objective": "masked"},
         "tune": {
             "n_trials": 2,

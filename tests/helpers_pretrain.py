@@ -7,6 +7,7 @@ ShardIndex), only small: a few thousand tokens, a vocabulary of ~100.
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import random
 from pathlib import Path
@@ -33,6 +34,24 @@ def sentences(n: int, *, seed: int) -> list[str]:
 
 
 def train_tokenizer(path: Path) -> Any:
+    """The test tokenizer, trained once per session and written to ``path``.
+
+    Training it per project would not give the same tokenizer twice: the WordPiece trainer of
+    HF tokenizers assigns the ids of continuing-subword tokens in hash-map order and breaks merge
+    ties by id (huggingface/tokenizers#1794), so two projects built from the same sentences could
+    get different vocabularies, and a resumed run would be compared with a differently tokenized
+    reference.
+    """
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_str(_trained_tokenizer_json())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(path))
+    return tokenizer
+
+
+@functools.cache
+def _trained_tokenizer_json() -> str:
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
 
     tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
@@ -40,9 +59,7 @@ def train_tokenizer(path: Path) -> Any:
     tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     trainer = trainers.WordPieceTrainer(vocab_size=120, min_frequency=1, special_tokens=SPECIALS)
     tokenizer.train_from_iterator(sentences(200, seed=0), trainer=trainer)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tokenizer.save(str(path))
-    return tokenizer
+    return tokenizer.to_str()
 
 
 def write_shards(

@@ -102,9 +102,15 @@ def test_metrics_agree_with_sklearn():
     preds = torch.randint(0, 3, (200,), generator=generator)  # class 3 is never predicted
     m = metrics_from_confusion(confusion_matrix(preds, targets, 4))
     assert m["accuracy"] == pytest.approx(sk.accuracy_score(targets, preds))
-    assert m["macro_f1"] == pytest.approx(sk.f1_score(targets, preds, average="macro", labels=range(4), zero_division=0))
-    assert m["precision"] == pytest.approx(list(sk.precision_score(targets, preds, average=None, labels=range(4), zero_division=0)))
-    assert m["recall"] == pytest.approx(list(sk.recall_score(targets, preds, average=None, labels=range(4), zero_division=0)))
+    assert m["macro_f1"] == pytest.approx(
+        sk.f1_score(targets, preds, average="macro", labels=range(4), zero_division=0)
+    )
+    assert m["precision"] == pytest.approx(
+        list(sk.precision_score(targets, preds, average=None, labels=range(4), zero_division=0))
+    )
+    assert m["recall"] == pytest.approx(
+        list(sk.recall_score(targets, preds, average=None, labels=range(4), zero_division=0))
+    )
 
 
 def test_tokenizer_truncates_including_specials(tmp_path: Path):
@@ -154,8 +160,14 @@ def test_tokenizer_without_cls_is_refused_for_masked(tmp_path: Path):
 def test_export_roundtrip_gives_the_same_logits(tmp_path: Path, objective: str):
     params, paths, _ = make_project(tmp_path, objective=objective, n_train=8, n_eval=4)
     model = build_classifier(paths.pretrained_model, num_labels=2, dropout=0.1).eval()
-    save_classifier(model, tmp_path / "clf", labels=LABELS, max_length=24,
-                    tokenizer_file=paths.pretrained_model / "tokenizer.json", extra={"mlflow_run_id": "x"})
+    save_classifier(
+        model,
+        tmp_path / "clf",
+        labels=LABELS,
+        max_length=24,
+        tokenizer_file=paths.pretrained_model / "tokenizer.json",
+        extra={"mlflow_run_id": "x"},
+    )
     loaded = load_classifier(tmp_path / "clf")
     assert loaded.labels == LABELS and loaded.config["mlflow_run_id"] == "x"
     splits = load_splits(params, prepared=paths.prepared, model_dir=paths.pretrained_model, splits=("val",))

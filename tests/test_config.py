@@ -29,7 +29,7 @@ def test_gpu_profile_switch(repo_params):
     [
         (lambda p: p["pretrain"].update(lr=-1), "pretrain.lr = -1: Input should be greater than 0"),
         (lambda p: p["pretrain"].update(learning_rate=0.1), "pretrain.learning_rate = 0.1: unknown key"),
-        (lambda p: p["tokenizer"].update(kind="sentencepiece"), "tokenizer.kind = \"sentencepiece\""),
+        (lambda p: p["tokenizer"].update(kind="sentencepiece"), 'tokenizer.kind = "sentencepiece"'),
         (lambda p: p["prepare"]["split"].update(train=0.5), "split fractions must sum to 1.0, got 0.7"),
         (lambda p: p.update(profile="tpu"), "profile 'tpu' is not defined; defined profiles: ['cpu', 'gpu']"),
         (lambda p: p["pretrain"].update(min_lr=1.0, lr=0.1), "min_lr (1.0) must not exceed lr (0.1)"),
@@ -54,7 +54,7 @@ def test_cli_refuses_bad_params_before_any_work(tmp_path, repo_params, monkeypat
         assert main([stage, "--params", str(path), "--quiet"]) == 2
         err = capsys.readouterr().err
         assert f"bigmodel-ops {stage}: error: {path}: invalid parameters" in err
-        assert "model.objective = \"denoising\"" in err
+        assert 'model.objective = "denoising"' in err
     assert not (tmp_path / "outputs").exists()
     assert not (tmp_path / "mlflow.db").exists()
 

@@ -39,7 +39,11 @@ def test_finetune_evaluate_register_and_gate(tmp_path: Path, monkeypatch, mlflow
 
     report = run_finetune(params, paths=paths, quiet=True)
 
-    assert sorted(p.name for p in paths.classifier.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"]
+    assert sorted(p.name for p in paths.classifier.iterdir()) == [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+    ]
     config = json.loads((paths.classifier / "config.json").read_text())
     assert config["labels"] == LABELS and config["num_labels"] == 2 and config["pooling"] == "cls"
     assert config["max_length"] == 24  # min(finetune.max_length, block_size 32)
@@ -76,7 +80,14 @@ def test_finetune_evaluate_register_and_gate(tmp_path: Path, monkeypatch, mlflow
     assert champion.run_id == ft_run.info.run_id
     assert float(champion.tags["test_acc"]) == report1["test_acc"]
     ev_run = _run(client, "evaluate")
-    for key in ("test_acc", "test_f1", "test_loss", "test_precision_positive", "test_recall_negative", "promoted"):
+    for key in (
+        "test_acc",
+        "test_f1",
+        "test_loss",
+        "test_precision_positive",
+        "test_recall_negative",
+        "promoted",
+    ):
         assert ev_run.data.metrics[key] == report1[key], key
     assert json.loads(paths.evaluate_report.read_text()) == report1
     predictions = pq.read_table(paths.evaluate_dir / "predictions.parquet").to_pandas()
@@ -114,12 +125,20 @@ def test_promotion_gate_compares_with_the_current_champion(tmp_path: Path, mlflo
     ]
     assert [str(v.version) for v in versions] == ["1", "2", "3", "4"]
     assert versions[0].source.endswith("/model")
-    assert promote_if_better(client, name="g", version=1, metric="acc", value=0.8, alias="champion", min_value=0.5)[0]
-    promoted, reason = promote_if_better(client, name="g", version=2, metric="acc", value=0.7, alias="champion", min_value=0.5)
+    assert promote_if_better(
+        client, name="g", version=1, metric="acc", value=0.8, alias="champion", min_value=0.5
+    )[0]
+    promoted, reason = promote_if_better(
+        client, name="g", version=2, metric="acc", value=0.7, alias="champion", min_value=0.5
+    )
     assert not promoted and "worse than champion v1 (0.8000)" in reason
     assert str(client.get_model_version_by_alias("g", "challenger").version) == "2"
-    assert promote_if_better(client, name="g", version=3, metric="acc", value=0.9, alias="champion", min_value=0.5)[0]
-    assert promote_if_better(client, name="g", version=4, metric="acc", value=0.9, alias="champion", min_value=0.5)[0]  # a tie promotes
+    assert promote_if_better(
+        client, name="g", version=3, metric="acc", value=0.9, alias="champion", min_value=0.5
+    )[0]
+    assert promote_if_better(
+        client, name="g", version=4, metric="acc", value=0.9, alias="champion", min_value=0.5
+    )[0]  # a tie promotes
     assert str(client.get_model_version_by_alias("g", "champion").version) == "4"
     with pytest.raises(CheckpointError, match="run 0123abc not found in the tracking store"):
         register_run_model(client, run_id="0123abc", artifact_path="model", name="g")
@@ -143,7 +162,11 @@ def test_finetune_bad_inputs(tmp_path: Path, monkeypatch, capsys, case: str):
         shutil.rmtree(paths.pretrained_model)
         expected = "outputs/pretrain/model: pretrained model not found"
     elif case == "label_mismatch":
-        write_split(paths.prepared / "val.parquet", [("meh", "neutral"), ("good", "positive")], labels=LABELS + ["neutral"])
+        write_split(
+            paths.prepared / "val.parquet",
+            [("meh", "neutral"), ("good", "positive")],
+            labels=LABELS + ["neutral"],
+        )
         expected = "outputs/prepared/val.parquet: row 0: label 'neutral' is not in prepare.labels"
     else:
         expected = "outputs/tune/best_params.json: not found, but finetune.use_tuned is true"

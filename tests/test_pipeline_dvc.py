@@ -141,6 +141,26 @@ def test_second_repro_skips_every_stage(project: Project):
     assert "up to date" in status.lower()
 
 
+def test_bytecode_does_not_invalidate_directory_deps(project: Project):
+    # Importing a package writes __pycache__ into directories that are stage deps; .dvcignore
+    # must keep them out of the hashes, or every repro after a stage's first import re-runs it.
+    # Written by hand because PYTHONDONTWRITEBYTECODE may be set where the tests run.
+    written = []
+    for package in ("tracking", "data", "training"):
+        cache = project.root / "bigmodel_ops" / package / "__pycache__"
+        cache.mkdir(exist_ok=True)
+        written.append(cache / "__init__.cpython-311.pyc")
+        written[-1].write_bytes(b"not really bytecode")
+    stray = project.root / "bigmodel_ops" / "data" / "stray.pyc"
+    stray.write_bytes(b"not really bytecode")
+    written.append(stray)
+    try:
+        assert project.repro() == set()
+    finally:
+        for path in written:
+            path.unlink()
+
+
 def test_params_change_reruns_exactly_the_affected_stages(project: Project):
     project.set_param("finetune.lr", 0.0007)
     assert project.repro() == {"finetune", "evaluate"}

@@ -400,7 +400,9 @@ def test_changed_settings_train_in_their_own_folder_and_keep_the_old_one(
     run_pretrain(params, paths=paths, quiet=True)
     first = ckpt_dir(paths)
     before = (first / "last.ckpt").read_bytes()
-    changed = parse_params(raw_params(profiles={"max_steps": 4}, pretrain={"register_model": False, "lr": 5e-4}))
+    changed = parse_params(
+        raw_params(profiles={"max_steps": 4}, pretrain={"register_model": False, "lr": 5e-4})
+    )
     with caplog.at_level("WARNING"):
         report = run_pretrain(changed, paths=paths, quiet=True)
     assert report["resumed_from_step"] is None and report["global_step"] == 4
@@ -415,7 +417,9 @@ def test_changed_settings_train_in_their_own_folder_and_keep_the_old_one(
 
 def test_resume_from_a_missing_file_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     params, paths = _project(tmp_path, monkeypatch, pretrain={"resume_from": "nope/last.ckpt"})
-    with pytest.raises(CheckpointError, match="nope/last.ckpt: checkpoint named by pretrain.resume_from does not exist"):
+    with pytest.raises(
+        CheckpointError, match="nope/last.ckpt: checkpoint named by pretrain.resume_from does not exist"
+    ):
         run_pretrain(params, paths=paths, quiet=True)
 
 

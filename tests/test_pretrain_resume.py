@@ -64,10 +64,6 @@ _SETUP = dict(
 
 
 @pytest.mark.slow
-# Known flake: 1 failure (weights 0.038 apart) in 6 full-suite and isolated runs on this loaded
-# 2-core machine, cause not yet found; one rerun keeps CI meaningful while it is investigated
-# (a deterministic resume bug still fails both attempts).
-@pytest.mark.flaky(reruns=1)
 def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path: Path, mlflow_store: str):
     straight_root, killed_root = tmp_path / "straight", tmp_path / "killed"
     make_project(straight_root, **_SETUP)

@@ -159,6 +159,10 @@ def test_stage_trains_packs_and_logs(
     unk = sum(ids.count(1) for ids in expected)
     assert report["unk_rate"] == pytest.approx(unk / content)
     assert report["encode_mb_per_s"] > 0
+    # Plain Latin text: the WordPiece word cache (exact ids, checked above) takes every document;
+    # byte-level BPE has no cheaper equivalent, so the tokenizer itself takes them all.
+    light = len(docs) if kind == "wordpiece" else 0
+    assert (report["encode_light_documents"], report["encode_full_documents"]) == (light, len(docs) - light)
 
     # MLflow: params, metrics, the tokenizer as an artifact of its own, the index.
     client = MlflowClient()

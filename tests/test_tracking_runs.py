@@ -285,18 +285,22 @@ def test_batches_respect_server_limits() -> None:
     assert sum(len(p) for _, p, _ in chunks) == 250 and sum(len(t) for _, _, t in chunks) == 120
 
 
-def test_full_queue_spills_to_the_spool_and_loses_nothing(tmp_path: Path, mlflow_store: str) -> None:
+@pytest.mark.parametrize("mode", ["thread", "process"])
+def test_full_queue_spills_to_the_spool_and_loses_nothing(
+    tmp_path: Path, mlflow_store: str, mode: str
+) -> None:
     client = MlflowClient(mlflow_store)
     exp = client.create_experiment("spill", artifact_location=(tmp_path / "a").as_uri())
     run_id = client.create_run(exp).info.run_id
     spool = Spool(tmp_path / "spool", uri=mlflow_store)
-    sender = LogSender(client, spool, max_queue=5, flush_interval_s=10.0)
-    for step in range(400):
+    sender = LogSender(client, spool, max_queue=5, flush_interval_s=10.0, mode=mode)  # type: ignore[arg-type]
+    assert sender.mode == mode
+    for step in range(100):
         sender.enqueue_metrics(run_id, {"a": float(step), "b": 1.0}, step, 1000 + step)
     assert sender.spilled > 0  # the queue overflowed: the caller wrote to the spool, did not block
-    assert sender.close() is True
-    assert len(client.get_metric_history(run_id, "a")) == 400
-    assert len(client.get_metric_history(run_id, "b")) == 400
+    assert sender.close(timeout=None) is True
+    assert len(client.get_metric_history(run_id, "a")) == 100
+    assert len(client.get_metric_history(run_id, "b")) == 100
     assert not list((tmp_path / "spool").glob("*.jsonl"))
 
 
@@ -350,3 +354,66 @@ def test_lightning_logger_uses_the_global_step(tmp_path: Path, project: Path, ml
     assert steps == list(range(8))  # 2 epochs x 4 batches, one point per optimizer step
     assert client.get_run(run.run_id).data.params["opt.lr"] == "0.1"
     assert {m.value for m in client.get_metric_history(run.run_id, "epoch")} == {0.0, 1.0}
+
+
+def test_stage_runs_send_from_a_niced_process_that_ends_with_the_run(
+    tmp_path: Path, project: Path, mlflow_store: str
+) -> None:
+    with stage_run(make_params(tmp_path), stage="pretrain", log_stage_params=False) as run:
+        sender = run._sender
+        assert sender.mode == "process"  # the default on Linux
+        pid = sender._process.pid
+        # The child lowers its own priority right after the fork.
+        deadline = time.monotonic() + 10
+        while os.getpriority(os.PRIO_PROCESS, pid) < 19 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert os.getpriority(os.PRIO_PROCESS, pid) == 19
+        for step in range(50):
+            run.log_metrics({"train/loss": 1.0 / (step + 1)}, step=step)
+    assert not sender._process.is_alive()
+    history = MlflowClient(mlflow_store).get_metric_history(run.run_id, "train/loss")
+    assert sorted(m.step for m in history) == list(range(50))
+
+
+def test_a_sender_process_delivers_what_a_sigkilled_caller_had_queued(
+    tmp_path: Path, mlflow_store: str
+) -> None:
+    client = MlflowClient(mlflow_store)
+    exp = client.create_experiment("killed", artifact_location=(tmp_path / "a").as_uri())
+    run_id = client.create_run(exp).info.run_id
+    script = textwrap.dedent(
+        f"""
+        import os, signal, time
+        from mlflow.tracking import MlflowClient
+        from bigmodel_ops.tracking.logger import LogSender
+        from bigmodel_ops.tracking.spool import Spool
+        client = MlflowClient({mlflow_store!r})
+        sender = LogSender(client, Spool({str(tmp_path / "spool")!r}, uri={mlflow_store!r}),
+                           flush_interval_s=60.0, mode="process")
+        for step in range(300):
+            sender.enqueue_metrics({run_id!r}, {{"loss": float(step)}}, step, 1000 + step)
+        print(sender._process.pid, flush=True)
+        # The queue's feeder thread hands puts to the pipe within microseconds; what it has not
+        # handed over when SIGKILL lands is lost (a window of milliseconds), so give it that.
+        time.sleep(1.0)
+        os.kill(os.getpid(), signal.SIGKILL)  # no close, no flush, no atexit
+        """
+    )
+    killed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    sender_pid = int(killed.stdout.split()[0])
+    # The orphaned sender sees EOF on its liveness pipe, sends the queue, and exits by itself.
+    deadline = time.monotonic() + 60
+    while _pid_running(sender_pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _pid_running(sender_pid)
+    history = client.get_metric_history(run_id, "loss")
+    assert sorted(m.step for m in history) == list(range(300))
+
+
+def _pid_running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().split(")")[-1].split()[0] != "Z"  # a zombie has exited
+    except FileNotFoundError:
+        return False

@@ -45,8 +45,14 @@ def test_tune_study_nested_runs_resume_and_pruning(tmp_path: Path, monkeypatch, 
     assert set(best) == {"lr", "dropout", "weight_decay", "batch_size", "value", "trial"}
     assert best["trial"] == study.best_trial.number and best["value"] == study.best_value
     assert best["lr"] == study.best_trial.params["lr"] and best["batch_size"] == 16
-    assert report == {"best_value": study.best_value, "best_trial": study.best_trial.number, "n_trials": 2,
-                      "n_complete": 2, "n_pruned": 0, "n_failed": 0}
+    assert report == {
+        "best_value": study.best_value,
+        "best_trial": study.best_trial.number,
+        "n_trials": 2,
+        "n_complete": 2,
+        "n_pruned": 0,
+        "n_failed": 0,
+    }
     assert json.loads(paths.tune_report.read_text()) == report
     assert (paths.tune_dir / "optimization_history.png").stat().st_size > 1000
 

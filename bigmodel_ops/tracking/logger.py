@@ -1,93 +1,66 @@
-"""Logging that never blocks training: a bounded queue drained by one background sender thread.
+"""Logging that never blocks training: a bounded queue drained by a background sender.
 
-``enqueue_*`` costs a ``queue.put_nowait`` in the caller. The sender groups what arrived into
-``log_batch`` requests within the tracking server's limits (1000 metrics, 100 params, 100 tags,
-1000 entities per request) and sends them every ``flush_interval_s`` or as soon as 1000 metrics
-are waiting.
+``enqueue_*`` costs one ``put_nowait`` in the caller; what the sender does with the records
+(batching, outages, the spool) is in :mod:`bigmodel_ops.tracking.sender`. This module decides
+where the sender runs:
 
-Outages: an error that is not the server refusing the data (connection refused, timeout, 5xx,
-a locked sqlite file) switches the sender to *offline*: the failed batch and everything after it
-go to the on-disk :class:`~bigmodel_ops.tracking.spool.Spool`, one warning says so, and every
-``retry_interval_s`` the sender tries to replay the spool. When that works it is online again and
-says so. ``flush()`` also tries a replay, so a stage end sends what it can. Nothing is dropped:
-when the queue is full the caller appends to the spool file itself instead of waiting.
+- ``mode="process"`` (what stages use on Linux): a forked child at the lowest CPU priority.
+  MLflow's sqlalchemy store spends ~0.3 ms of Python per metric. On a thread that time holds the
+  GIL the training loop needs, and it takes CPU that training would use; a niced process only
+  runs on cycles training leaves idle. The child is forked, not spawned, because a fresh
+  interpreter spends seconds importing MLflow at every stage start.
+- ``mode="thread"``: a daemon thread, used where fork is unavailable or the process may not have
+  children (a daemonic worker), or when asked for.
 
-Data errors (a param logged twice with different values, a bad metric name) are not outages:
-the batch is retried item by item, and the rejected items are reported in a warning and skipped.
-
-Runs created while the server was down have a placeholder id (see spool.py); the sender spools
-everything for them until a replay creates the run, and then translates the id.
+Nothing is dropped: when the queue is full the caller appends to the spool file itself instead
+of waiting. When the training process dies without closing (SIGKILL), a sender process sees EOF
+on a pipe only the caller holds, sends what was queued, and exits; only what the queue's feeder
+thread had not yet handed to the pipe (the last milliseconds) is lost.
 """
 
 from __future__ import annotations
 
+import atexit
+import contextlib
+import itertools
 import logging
+import multiprocessing
+import multiprocessing.util  # imported before our atexit hook, so that hook runs first
+import os
 import queue
+import signal
+import sys
 import threading
 import time
 import warnings
+import weakref
 from collections.abc import Callable
-from pathlib import Path
-from typing import Any
+from multiprocessing.connection import Connection
+from typing import Any, Literal
 
-from mlflow.entities import Metric, Param, RunTag
-from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
-from mlflow.utils.validation import MAX_METRICS_PER_BATCH, MAX_PARAMS_TAGS_PER_BATCH
 
 from bigmodel_ops.tracking import spool as spool_mod
+from bigmodel_ops.tracking.sender import (
+    WARNING_CATEGORIES,
+    Pending,
+    SenderLoop,
+    SharedStatus,
+    TrackingOfflineWarning,
+    chunk_batch,
+    is_outage,
+    offline_message,
+)
 from bigmodel_ops.tracking.spool import Spool, is_offline_id
+
+__all__ = ["LogSender", "TrackingOfflineWarning", "chunk_batch", "is_outage"]
 
 _logger = logging.getLogger(__name__)
 
-# Error codes that mean "the server looked at the data and refused it": retrying cannot help.
-_DATA_ERRORS = {
-    "INVALID_PARAMETER_VALUE",
-    "RESOURCE_DOES_NOT_EXIST",
-    "RESOURCE_ALREADY_EXISTS",
-    "BAD_REQUEST",
-}
+SenderMode = Literal["process", "thread"]
 
-
-class TrackingOfflineWarning(UserWarning):
-    """The tracking server could not be reached; data is spooled locally and replayed later."""
-
-
-def is_outage(error: BaseException) -> bool:
-    """True when an error means the store is unreachable or busy, not that the data is bad."""
-    if isinstance(error, MlflowException):
-        return error.error_code not in _DATA_ERRORS
-    return (
-        isinstance(error, OSError | TimeoutError | ConnectionError)
-        or "OperationalError" in type(error).__name__
-    )
-
-
-def chunk_batch(
-    metrics: list[Metric], params: list[Param], tags: list[RunTag]
-) -> list[tuple[list[Metric], list[Param], list[RunTag]]]:
-    """Split into requests within the server's log_batch limits (metrics+params+tags <= 1000)."""
-    chunks = []
-    m, p, t = 0, 0, 0
-    while m < len(metrics) or p < len(params) or t < len(tags):
-        n_p = min(MAX_PARAMS_TAGS_PER_BATCH, len(params) - p)
-        n_t = min(MAX_PARAMS_TAGS_PER_BATCH, len(tags) - t)
-        n_m = min(MAX_METRICS_PER_BATCH - n_p - n_t, len(metrics) - m)
-        chunks.append((metrics[m : m + n_m], params[p : p + n_p], tags[t : t + n_t]))
-        m, p, t = m + n_m, p + n_p, t + n_t
-    return chunks
-
-
-class _Pending:
-    __slots__ = ("metrics", "params", "tags")
-
-    def __init__(self) -> None:
-        self.metrics: list[Metric] = []
-        self.params: list[Param] = []
-        self.tags: list[RunTag] = []
-
-    def __len__(self) -> int:
-        return len(self.metrics) + len(self.params) + len(self.tags)
+# Senders not yet closed; closed at interpreter exit, before multiprocessing joins its children.
+_open_senders: weakref.WeakSet[LogSender] = weakref.WeakSet()
 
 
 class LogSender:
@@ -102,32 +75,95 @@ class LogSender:
         flush_interval_s: float = 2.0,
         retry_interval_s: float = 5.0,
         create_offline_run: Callable[[MlflowClient, dict[str, Any]], str] | None = None,
+        mode: SenderMode = "thread",
+        nice: int = 19,
+        replay_leftovers: bool = False,
     ) -> None:
         self.client = client
         self.spool = spool
-        self.flush_interval_s = flush_interval_s
-        self.retry_interval_s = retry_interval_s
-        self._create_offline_run = create_offline_run
-        self._queue: queue.Queue[tuple[Any, ...]] = queue.Queue(maxsize=max_queue)
-        self._offline = False
-        self._last_retry = 0.0
-        self._warned_full = False
-        self._idmap: dict[str, str] = spool_mod.load_idmap(spool.directory)
         self.spilled = 0  # records the caller wrote to the spool because the queue was full
-        self.send_cpu_s = 0.0  # CPU time the sender thread spent sending (what it can steal from training)
+        self.send_cpu_s = 0.0  # CPU the sender spent sending, as of the last flush
         self.sent_metrics = 0
-        # Warnings raised on the sender thread are re-emitted on the caller's thread: the
-        # warnings module's filters are process-global and not thread-safe.
-        self._deferred: list[tuple[str, type[Warning]]] = []
-        self._thread = threading.Thread(target=self._loop, name="bigmodel_ops-log-sender", daemon=True)
+        self._loop_options = {
+            "flush_interval_s": flush_interval_s,
+            "retry_interval_s": retry_interval_s,
+            "create_offline_run": create_offline_run,
+        }
+        self._idmap: dict[str, str] = spool_mod.load_idmap(spool.directory)
+        self._tokens = itertools.count(1)
+        self._acked = 0
+        self._flush_lock = threading.Lock()
+        self._next_reply_check = 0.0
+        self._warned_full = False
         self._closed = False
+        self._process: multiprocessing.process.BaseProcess | None = None
+        self._thread: threading.Thread | None = None
+        self._alive_writer: Connection | None = None
+        self.mode: SenderMode = "thread"
+        if mode == "process" and _can_fork():
+            try:
+                self._start_process(max_queue=max_queue, nice=nice)
+                self.mode = "process"
+            except Exception as error:  # noqa: BLE001 - a thread still logs everything
+                _logger.warning("cannot start a log sender process (%s); using a thread", error)
+        if self.mode == "thread":
+            self._start_thread(max_queue=max_queue)
+        if replay_leftovers and spool.pending():
+            # Leftovers of an earlier process: the sender replays them in the background.
+            self._status.offline = True
+            self._status.last_retry = 0.0
+        _open_senders.add(self)
+
+    def _start_thread(self, *, max_queue: int) -> None:
+        self._status = SharedStatus([0.0, 0.0])
+        self._requests: Any = queue.Queue(maxsize=max_queue)
+        self._replies: Any = queue.Queue()
+        loop = SenderLoop(
+            client=self.client,
+            spool=self.spool,
+            status=self._status,
+            replies=self._replies,
+            **self._loop_options,
+        )
+        self._thread = threading.Thread(
+            target=loop.run, args=(self._requests,), name="bigmodel_ops-log-sender", daemon=True
+        )
         self._thread.start()
+
+    def _start_process(self, *, max_queue: int, nice: int) -> None:
+        context = multiprocessing.get_context("fork")
+        slots = context.RawArray("d", 2)
+        requests = context.Queue(maxsize=max_queue)
+        replies = context.Queue()
+        alive_reader, alive_writer = context.Pipe(duplex=False)
+        config = {
+            "uri": self.spool.uri,
+            "spool_dir": str(self.spool.directory),
+            "nice": nice,
+            **self._loop_options,
+        }
+        process = context.Process(
+            target=_process_main,
+            args=(config, slots, requests, replies, alive_reader, alive_writer),
+            name="bigmodel_ops-log-sender",
+            daemon=True,
+        )
+        with warnings.catch_warnings():
+            # Python >= 3.12 warns on fork of a multi-threaded process. The child only runs the
+            # sender loop: it never touches torch or a lock another thread could hold.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            process.start()
+        alive_reader.close()
+        self._status = SharedStatus(slots)
+        self._requests, self._replies = requests, replies
+        self._alive_writer = alive_writer
+        self._process = process
 
     # ---- caller side (training thread) -------------------------------------------------
 
     @property
     def offline(self) -> bool:
-        return self._offline
+        return self._status.offline
 
     def resolve(self, run_id: str) -> str:
         """The real run id of a placeholder once the run exists on the server (possibly created
@@ -150,278 +186,188 @@ class LogSender:
         self._put(("t", run_id, items))
 
     def _put(self, item: tuple[Any, ...]) -> None:
-        if self._deferred:
-            self._emit_deferred()
+        now = time.monotonic()
+        if now >= self._next_reply_check:  # warnings from the sender, at most once a second
+            self._next_reply_check = now + 1.0
+            self._poll_replies()
         try:
-            self._queue.put_nowait(item)
+            self._requests.put_nowait(item)
         except queue.Full:
             # Never block training and never drop: the spool file takes the overflow.
             if not self._warned_full:
                 self._warned_full = True
                 _logger.warning("metric queue full; spilling to %s", self.spool.directory)
-            pending = _Pending()
-            self._add(pending, item)
-            self.spool.append(item[1], _record(pending))
+            pending = Pending()
+            pending.add(item)
+            self.spool.append(item[1], pending.record())
             self.spilled += 1
 
-    def flush(self, timeout: float | None = None) -> bool:
-        """Wait until everything enqueued so far was sent or spooled; then try the spool.
-
-        Returns True when nothing is left in the spool for this URI.
-        """
-        if self._closed:
-            return self._replay_all(force=True)
-        done = threading.Event()
-        self._queue.put(("flush", done))  # blocking put: a flush must not be lost
-        done.wait(timeout)
-        self._emit_deferred()
-        return not self.spool.pending()
-
-    def _emit_deferred(self) -> None:
-        while self._deferred:
-            message, category = self._deferred.pop(0)
-            warnings.warn(message, category, stacklevel=3)
-
-    def _warn(self, message: str, category: type[Warning]) -> None:
+    def go_offline(self, error: BaseException) -> None:
+        """Called when a synchronous store call found the server unreachable."""
+        self._status.last_retry = time.monotonic()
+        if self._status.offline:
+            return
+        self._status.offline = True
+        message = offline_message(error, self.spool.directory)
         _logger.warning(message)
-        if threading.current_thread() is self._thread:
-            self._deferred.append((message, category))
-        else:
-            warnings.warn(message, category, stacklevel=3)
-
-    def close(self, timeout: float | None = 60.0) -> bool:
-        """Flush and stop the thread. Returns True when the spool is empty."""
-        if self._closed:
-            return not self.spool.pending()
-        done = threading.Event()
-        self._queue.put(("close", done))
-        done.wait(timeout)
-        self._closed = True
-        self._thread.join(timeout=5)
-        self._emit_deferred()
-        return not self.spool.pending()
+        warnings.warn(message, TrackingOfflineWarning, stacklevel=3)
 
     def call(self, run_id: str, fn: Callable[[str], Any], record: dict[str, Any] | None) -> Any:
         """Run a synchronous store call now; on an outage spool ``record`` (when given) instead."""
         real = self.resolve(run_id)
-        if not is_offline_id(real) and not self._offline:
+        if not is_offline_id(real) and not self.offline:
             try:
                 return fn(real)
             except Exception as error:
                 if not is_outage(error) or record is None:
                     raise
-                self._go_offline(error)
+                self.go_offline(error)
         if record is not None:
             self.spool.append(run_id, record)
         return None
 
-    # ---- sender thread --------------------------------------------------------------------
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until everything enqueued so far was sent or spooled; then try the spool.
 
-    def _loop(self) -> None:
-        while True:
-            try:
-                self._run_loop()
-                return
-            except Exception:  # the sender must outlive any surprise, or flush() would hang
-                _logger.exception("bigmodel_ops log sender: unexpected error; continuing")
+        Returns True when nothing is left in the spool for this URI (False also when the
+        sender did not answer within ``timeout`` seconds or is gone).
+        """
+        if self._closed:
+            return self._replay_here()
+        with self._flush_lock:
+            token = next(self._tokens)
+            self._requests.put(("flush", token))  # blocking put: a flush must not be lost
+            done = self._await(token, timeout)
+        return done and not self.spool.pending()
 
-    def _run_loop(self) -> None:
-        pending: dict[str, _Pending] = {}
-        deadline = time.monotonic() + self.flush_interval_s
-        while True:
-            timeout = max(0.0, deadline - time.monotonic())
-            try:
-                item = self._queue.get(timeout=timeout)
-            except queue.Empty:
-                item = None
-            if item is not None and item[0] in ("flush", "close"):
-                try:
-                    self._drain_into(pending)
-                    self._send(pending)
-                    self._replay_all(force=True)
-                finally:
-                    item[1].set()
-                if item[0] == "close":
-                    return
-                deadline = time.monotonic() + self.flush_interval_s
-                continue
-            if item is not None:
-                self._add(pending.setdefault(item[1], _Pending()), item)
-            waiting = sum(len(p.metrics) for p in pending.values())
-            if waiting >= MAX_METRICS_PER_BATCH or time.monotonic() >= deadline:
-                self._send(pending)
-                if self._offline:
-                    self._replay_all(force=False)
-                deadline = time.monotonic() + self.flush_interval_s
-
-    def _drain_into(self, pending: dict[str, _Pending]) -> None:
-        while True:
-            try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
-                return
-            if item[0] in ("flush", "close"):
-                # A concurrent flush request: it is satisfied by this flush too.
-                item[1].set()
-                if item[0] == "close":
-                    self._closed = True
-                continue
-            self._add(pending.setdefault(item[1], _Pending()), item)
-
-    @staticmethod
-    def _add(pending: _Pending, item: tuple[Any, ...]) -> None:
-        kind = item[0]
-        if kind == "m":
-            _, _, values, step, ts = item
-            for key, value in values.items():
-                pending.metrics.append(Metric(key, value, ts, step))
-        elif kind == "p":
-            pending.params.extend(Param(k, v) for k, v in item[2])
-        elif kind == "t":
-            pending.tags.extend(RunTag(k, v) for k, v in item[2])
-
-    def _send(self, pending: dict[str, _Pending]) -> None:
-        start = time.thread_time()
-        for run_id, batch in list(pending.items()):
-            if len(batch):
-                self._send_one(run_id, batch)
-                self.sent_metrics += len(batch.metrics)
-        pending.clear()
-        self.send_cpu_s += time.thread_time() - start
-
-    def _send_one(self, run_id: str, batch: _Pending) -> None:
-        real = self.resolve(run_id)
-        if self._offline or is_offline_id(real):
-            self.spool.append(run_id, _record(batch))
-            return
-        chunks = chunk_batch(batch.metrics, batch.params, batch.tags)
-        for index, (metrics, params, tags) in enumerate(chunks):
-            try:
-                self._log_batch(real, metrics, params, tags)
-            except Exception as error:  # keep this chunk and the rest on disk
-                if is_outage(error):
-                    self._go_offline(error)
-                else:
-                    _logger.exception("unexpected error sending to MLflow; spooling the batch")
-                rest = _Pending()
-                for m, p, t in chunks[index:]:
-                    rest.metrics.extend(m)
-                    rest.params.extend(p)
-                    rest.tags.extend(t)
-                self.spool.append(run_id, _record(rest))
-                return
-
-    def _log_batch(self, run_id: str, metrics: list[Metric], params: list[Param], tags: list[RunTag]) -> None:
-        try:
-            self.client.log_batch(run_id, metrics=metrics, params=params, tags=tags)
-        except Exception as error:
-            if is_outage(error):
-                raise
-            self._log_items(run_id, metrics, params, tags, error)
-
-    def _log_items(
-        self, run_id: str, metrics: list[Metric], params: list[Param], tags: list[RunTag], first: Exception
-    ) -> None:
-        rejected: list[str] = []
-        for kind, items in (("metrics", metrics), ("params", params), ("tags", tags)):
-            for entity in items:
-                try:
-                    self.client.log_batch(run_id, **{kind: [entity]})
-                except Exception as error:
-                    if is_outage(error):
-                        raise
-                    rejected.append(f"{entity.key} ({str(error).splitlines()[0][:200]})")
-        if rejected:
-            message = f"MLflow run {run_id} refused {len(rejected)} item(s): " + "; ".join(rejected[:5])
-            self._warn(message, RuntimeWarning)
-
-    def _go_offline(self, error: BaseException) -> None:
-        self._last_retry = time.monotonic()
-        if self._offline:
-            return
-        self._offline = True
-        message = (
-            f"tracking server unreachable ({type(error).__name__}: {str(error).splitlines()[0][:300]}); "
-            f"training continues and metrics are spooled to {self.spool.directory}, "
-            "to be replayed when it is back"
-        )
-        self._warn(message, TrackingOfflineWarning)
-
-    def _replay_all(self, *, force: bool) -> bool:
-        """Replay every spooled run of this URI. Returns True when the spool is empty."""
-        if not force and time.monotonic() - self._last_retry < self.retry_interval_s:
-            return False
-        self._last_retry = time.monotonic()
-        runs = self.spool.pending()
-        if not runs:
-            self._offline = False
-            return True
-        total = 0
-        try:
-            for run_id in runs:
-                total += self.spool.replay(run_id, self._replay_record)
-        except Exception as error:
-            if not is_outage(error):
-                raise
-            self._go_offline(error)
-            return False
-        if self._offline or total:
-            _logger.warning("tracking server reachable: replayed %d spooled record(s)", total)
-        self._offline = False
+    def close(self, timeout: float | None = 60.0) -> bool:
+        """Flush and stop the sender. Returns True when the spool is empty."""
+        if self._closed:
+            return not self.spool.pending()
+        with self._flush_lock:
+            token = next(self._tokens)
+            self._requests.put(("close", token))
+            self._await(token, timeout)
+            self._closed = True
+        _open_senders.discard(self)
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        if self._process is not None:
+            self._process.join(timeout=5)
+            if self._process.is_alive():  # it ignores SIGTERM (see _process_main)
+                self._process.kill()
+                self._process.join(timeout=5)
+            if self._alive_writer is not None:
+                self._alive_writer.close()
         return not self.spool.pending()
 
-    def _replay_record(self, run_id: str, record: dict[str, Any]) -> None:
-        try:
-            self._replay_record_unchecked(run_id, record)
-        except Exception as error:
-            if is_outage(error):
-                raise
-            # The server refused it as invalid: replaying again would fail the same way.
-            self._warn(f"skipping spooled {record.get('op')} record of run {run_id}: {error}", RuntimeWarning)
+    def _await(self, token: int, timeout: float | None) -> bool:
+        end = None if timeout is None else time.monotonic() + timeout
+        while self._acked < token:
+            wait = 0.5 if end is None else min(0.5, end - time.monotonic())
+            if wait <= 0:
+                return False
+            try:
+                self._handle(self._replies.get(timeout=wait))
+            except queue.Empty:
+                if not self._sender_alive():
+                    warnings.warn(
+                        "the bigmodel_ops log sender stopped unexpectedly; metrics queued since the "
+                        "last flush may be missing",
+                        RuntimeWarning,
+                        stacklevel=4,
+                    )
+                    return False
+        self._poll_replies()
+        return True
 
-    def _replay_record_unchecked(self, run_id: str, record: dict[str, Any]) -> None:
-        op = record.get("op")
-        if op == "create":
-            if run_id in self._idmap:
+    def _sender_alive(self) -> bool:
+        worker = self._process if self._process is not None else self._thread
+        return worker is not None and worker.is_alive()
+
+    def _poll_replies(self) -> None:
+        while True:
+            try:
+                reply = self._replies.get_nowait()
+            except queue.Empty:
                 return
-            if self._create_offline_run is None:
-                raise RuntimeError("spooled offline run but no way to create it")
-            create = dict(record)
-            tags = dict(create.get("tags") or {})
-            parent = tags.get("mlflow.parentRunId")
-            if parent:
-                tags["mlflow.parentRunId"] = self.resolve(parent)
-            create["tags"] = tags
-            real = self._create_offline_run(self.client, create)
-            self._idmap[run_id] = real
-            spool_mod.save_idmap(self.spool.directory, run_id, real)
-            return
-        real = self.resolve(run_id)
-        if is_offline_id(real):
-            raise RuntimeError(f"run {run_id} was never created (its spooled 'create' record is missing)")
-        if op == "batch":
-            metrics = [Metric(k, float(v), int(ts), int(s)) for k, v, ts, s in record.get("metrics", [])]
-            params = [Param(k, v) for k, v in record.get("params", [])]
-            tags = [RunTag(k, v) for k, v in record.get("tags", [])]
-            for chunk in chunk_batch(metrics, params, tags):
-                self._log_batch(real, *chunk)
-        elif op == "artifact":
-            local = Path(record["file"])
-            if local.is_dir():
-                self.client.log_artifacts(real, str(local), record.get("artifact_path"))
-            elif local.exists():
-                self.client.log_artifact(real, str(local), record.get("artifact_path"))
-        elif op == "terminate":
-            self.client.set_terminated(real, status=record["status"], end_time=record.get("end_time"))
-        elif op == "update":
-            self.client.update_run(real, status=record["status"])
+            self._handle(reply)
+
+    def _handle(self, reply: tuple[Any, ...]) -> None:
+        if reply[0] == "warn":
+            warnings.warn(reply[1], WARNING_CATEGORIES.get(reply[2], RuntimeWarning), stacklevel=5)
+        elif reply[0] == "ack":
+            self._acked = max(self._acked, reply[1])
+            self.send_cpu_s = reply[2]["send_cpu_s"]
+            self.sent_metrics = reply[2]["sent_metrics"]
+
+    def _replay_here(self) -> bool:
+        """After close: replay the spool on the caller's thread."""
+        replies: queue.Queue[tuple[Any, ...]] = queue.Queue()
+        loop = SenderLoop(
+            client=self.client, spool=self.spool, status=self._status, replies=replies, **self._loop_options
+        )
+        empty = loop.replay_all(force=True)
+        while not replies.empty():
+            self._handle(replies.get_nowait())
+        return empty
 
 
-def _record(batch: _Pending) -> dict[str, Any]:
-    return {
-        "op": "batch",
-        # json writes NaN/Infinity as bare words and reads them back: no value is lost.
-        "metrics": [[m.key, float(m.value), m.timestamp, m.step] for m in batch.metrics],
-        "params": [[p.key, p.value] for p in batch.params],
-        "tags": [[t.key, t.value] for t in batch.tags],
-    }
+def _can_fork() -> bool:
+    return (
+        sys.platform == "linux"
+        and "fork" in multiprocessing.get_all_start_methods()
+        and not multiprocessing.current_process().daemon
+    )
+
+
+def _process_main(
+    config: dict[str, Any],
+    slots: Any,
+    requests: Any,
+    replies: Any,
+    caller_alive: Connection,
+    caller_end: Connection,
+) -> None:
+    """Entry point of a sender process (forked from the training process)."""
+    caller_end.close()  # only the caller may hold the writing end: its death must mean EOF
+    # Ctrl-C reaches the whole process group and a scheduler's SIGTERM may too: the sender
+    # must outlive the caller's own shutdown, which flushes and then closes it.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    with contextlib.suppress(OSError):
+        os.nice(config.pop("nice"))
+    _forget_inherited_connections()
+    uri = config.pop("uri")
+    loop = SenderLoop(
+        client=MlflowClient(uri),
+        spool=Spool(config.pop("spool_dir"), uri=uri),
+        status=SharedStatus(slots),
+        replies=replies,
+        **config,
+    )
+    loop.run(requests, caller_alive=caller_alive)
+
+
+def _forget_inherited_connections() -> None:
+    """Drop the pooled database connections a forked sender inherited from its parent.
+
+    MLflow caches one SQLAlchemy engine per database URI and has no at-fork hook; a sqlite or
+    server connection used from two processes corrupts both sides. ``dispose(close=False)`` is
+    SQLAlchemy's documented recipe for a child: forget the pool, leave the parent's sockets
+    alone. (MLflow's HTTP sessions are already cached per process id.)
+    """
+    with contextlib.suppress(Exception):
+        from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+        for engine in list(getattr(SqlAlchemyStore, "_engine_map", {}).values()):
+            engine.dispose(close=False)
+
+
+@atexit.register
+def _close_open_senders() -> None:
+    # multiprocessing joins its children at exit; a sender still waiting for its close would
+    # make that join wait forever.
+    for sender in list(_open_senders):
+        with contextlib.suppress(Exception):
+            sender.close(timeout=30)

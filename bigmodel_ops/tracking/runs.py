@@ -202,7 +202,7 @@ class StageRun:
             except Exception as error:
                 if not is_outage(error):
                     raise
-                self._sender._go_offline(error)
+                self._sender.go_offline(error)
         self._sender.spool.add_artifact(self._run_id, local, artifact_path)
 
     def log_input(
@@ -433,7 +433,7 @@ def _create_run(
         except Exception as error:
             if not is_outage(error):
                 raise
-            sender._go_offline(error)
+            sender.go_offline(error)
     placeholder = new_offline_id()
     sender.spool.append(
         placeholder,
@@ -629,11 +629,10 @@ def _stage_run_rank0(
         flush_interval_s=params.tracking.flush_interval_s,
         retry_interval_s=params.tracking.retry_interval_s,
         create_offline_run=_create_from_record,
+        mode=params.tracking.sender,
+        nice=params.tracking.sender_nice,
+        replay_leftovers=True,
     )
-    if spool.pending():
-        # Leftovers of an earlier process: the sender replays them in the background.
-        sender._offline = True
-        sender._last_retry = 0.0
 
     lineage_tags = lineage.safe_lineage_tags(stage=stage, root=root)
     context = resolve_tags(None, ignore=[lineage.LineageContextProvider])
@@ -649,7 +648,7 @@ def _stage_run_rank0(
     except Exception as error:
         if not is_outage(error):
             raise
-        sender._go_offline(error)
+        sender.go_offline(error)
 
     run_id: str | None = None
     if resume_run_id is not None:
@@ -746,7 +745,7 @@ def _reattach(client: MlflowClient, sender: LogSender, run_id: str) -> str | Non
         return real
     except Exception as error:
         if is_outage(error):
-            sender._go_offline(error)
+            sender.go_offline(error)
             sender.spool.append(run_id, {"op": "update", "status": "RUNNING"})
             return real
         warnings.warn(
@@ -783,7 +782,7 @@ def _pipeline_parent(
         )
     except Exception as error:
         if is_outage(error):
-            sender._go_offline(error)
+            sender.go_offline(error)
         else:
             warnings.warn(f"no pipeline parent run: {error}", RuntimeWarning, stacklevel=4)
         return None

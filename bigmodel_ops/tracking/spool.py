@@ -30,6 +30,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+try:
+    import fcntl
+except ImportError:  # Windows: threads only
+    fcntl = None  # type: ignore[assignment]
+
 _logger = logging.getLogger(__name__)
 
 OFFLINE_PREFIX = "offline-"
@@ -44,20 +49,33 @@ def is_offline_id(run_id: str | None) -> bool:
 
 
 class Spool:
-    """Append-only per-run record files under one directory (thread-safe within a process)."""
+    """Append-only per-run record files under one directory.
+
+    Safe across threads and processes (a sender process replays while the training process may
+    append): appends and the rename that claims a file for replay hold a thread lock and an
+    advisory ``flock`` on ``<directory>/.lock``.
+    """
 
     def __init__(self, directory: Path | str, *, uri: str) -> None:
         self.directory = Path(directory)
         self.uri = uri
-        self._lock = threading.Lock()
+        self._thread_lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def _lock(self) -> Iterator[None]:
+        with self._thread_lock:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            with open(self.directory / ".lock", "a+b") as handle:
+                if fcntl is not None:
+                    fcntl.flock(handle, fcntl.LOCK_EX)
+                yield  # closing the file releases the flock
 
     def _file(self, run_id: str) -> Path:
         return self.directory / f"{run_id}.jsonl"
 
     def append(self, run_id: str, record: dict[str, Any]) -> None:
         line = json.dumps(record, separators=(",", ":"))
-        with self._lock:
-            self.directory.mkdir(parents=True, exist_ok=True)
+        with self._lock():
             path = self._file(run_id)
             new = not path.exists()
             with path.open("a", encoding="utf-8") as handle:
@@ -106,7 +124,7 @@ class Spool:
     @contextlib.contextmanager
     def _claim(self, run_id: str) -> Iterator[Path | None]:
         replaying = self.directory / f"{run_id}.replaying.jsonl"
-        with self._lock:
+        with self._lock():
             if not replaying.exists():
                 current = self._file(run_id)
                 if not current.exists():

@@ -69,8 +69,6 @@ TOKENIZER_FILE = "tokenizer.json"
 _ID_CHECK_TOKENS = 2_000_000
 
 
-
-
 def check_tokenizer(tokenizer_file: Path, index: ShardIndex) -> tuple[str, int]:
     """(sha256, vocab size) of tokenizer.json after checking it against the shards index."""
     if not tokenizer_file.is_file():
