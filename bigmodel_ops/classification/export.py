@@ -1,0 +1,130 @@
+"""Export and inference: a fine-tuned classifier as safetensors + config.json + tokenizer.json.
+
+:func:`save_classifier` writes the folder, :func:`load_classifier` reads it back (never pickle) into
+a :class:`TextClassifier` used by the evaluate stage and the MLflow pyfunc model (serving.py).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bigmodel_ops.classification.data import TOKENIZER_FILE, collate, load_tokenizer, tokenize_texts
+from bigmodel_ops.classification.model import SequenceClassifier
+from bigmodel_ops.errors import CheckpointError
+from bigmodel_ops.model import CONFIG_FILE, WEIGHTS_FILE, ModelConfig, TransformerLM, load_weights
+
+CLASSIFIER_FORMAT = "bigmodel_ops.classifier/1"
+
+
+def save_classifier(
+    model: SequenceClassifier,
+    directory: Path,
+    *,
+    labels: Sequence[str],
+    max_length: int,
+    tokenizer_file: Path,
+    extra: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write model.safetensors (backbone + head), config.json and tokenizer.json into directory."""
+    import shutil
+
+    from safetensors.torch import save_model
+
+    directory.mkdir(parents=True, exist_ok=True)
+    save_model(model, str(directory / WEIGHTS_FILE))  # handles the tied embedding / LM head
+    payload = {
+        "format": CLASSIFIER_FORMAT,
+        "config": model.backbone.config.to_dict(),
+        "num_labels": model.num_labels,
+        "labels": list(labels),
+        "max_length": int(max_length),
+        "pooling": model.pooling,
+        "head_dropout": float(model.dropout.p),
+        **dict(extra or {}),
+    }
+    (directory / CONFIG_FILE).write_text(json.dumps(payload, indent=2))
+    shutil.copyfile(tokenizer_file, directory / TOKENIZER_FILE)
+    return directory
+
+
+def read_classifier_config(directory: Path) -> dict[str, Any]:
+    """The classifier's config.json; CheckpointError naming the file when absent or invalid."""
+    path = directory / CONFIG_FILE
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory}: classifier not found (run the finetune stage first)")
+    if not path.is_file():
+        raise CheckpointError(f"{path}: classifier config not found")
+    try:
+        payload = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise CheckpointError(f"{path}: not valid JSON: {error}") from None
+    if not isinstance(payload, dict) or payload.get("format") != CLASSIFIER_FORMAT:
+        found = payload.get("format") if isinstance(payload, dict) else None
+        raise CheckpointError(
+            f"{path}: not a classifier export (format {found!r}, expected {CLASSIFIER_FORMAT!r})"
+        )
+    for key in ("config", "labels", "max_length", "pooling"):
+        if key not in payload:
+            raise CheckpointError(f"{path}: missing key {key!r}")
+    return payload
+
+
+@dataclass
+class TextClassifier:
+    """A loaded classifier: texts in, label ids / scores out (eval mode, no grad)."""
+
+    model: SequenceClassifier
+    tokenizer: Any
+    labels: list[str]
+    max_length: int
+    config: dict[str, Any]
+
+    def logits(self, texts: Sequence[str], *, batch_size: int = 64) -> torch.Tensor:
+        """(N, num_labels) float32 logits, computed in batches of batch_size texts."""
+        self.model.eval()
+        objective = self.model.backbone.config.objective
+        out: list[torch.Tensor] = []
+        device = next(self.model.parameters()).device
+        with torch.inference_mode():
+            for start in range(0, len(texts), batch_size):
+                chunk = [str(t) for t in texts[start : start + batch_size]]
+                ids = tokenize_texts(self.tokenizer, chunk, objective=objective)
+                batch = collate([(row, 0) for row in ids])
+                out.append(self.model(batch["idx"].to(device), batch["lengths"].to(device)).float().cpu())
+        if not out:
+            return torch.empty(0, len(self.labels))
+        return torch.cat(out)
+
+    def predict(self, texts: Sequence[str], *, batch_size: int = 64) -> tuple[list[str], list[float]]:
+        """Predicted label and its softmax probability per text."""
+        probs = torch.softmax(self.logits(texts, batch_size=batch_size), dim=-1)
+        scores, ids = probs.max(dim=-1) if len(probs) else (torch.empty(0), torch.empty(0, dtype=torch.long))
+        return [self.labels[i] for i in ids.tolist()], [float(s) for s in scores.tolist()]
+
+
+def load_classifier(directory: Path | str) -> TextClassifier:
+    """Load an exported classifier (safetensors; no pickle). CheckpointError on bad files."""
+    directory = Path(directory)
+    payload = read_classifier_config(directory)
+    try:
+        config = ModelConfig.from_dict(payload["config"])
+    except (TypeError, ValueError) as error:
+        raise CheckpointError(f"{directory / CONFIG_FILE}: invalid model config: {error}") from None
+    labels = [str(label) for label in payload["labels"]]
+    model = SequenceClassifier(TransformerLM(config), num_labels=len(labels), dropout=0.0)
+    if payload["pooling"] != model.pooling:
+        raise CheckpointError(
+            f"{directory / CONFIG_FILE}: pooling {payload['pooling']!r} does not fit a {config.objective} backbone"
+        )
+    load_weights(model, directory, what="classifier")
+    model.eval()
+    tokenizer = load_tokenizer(directory / TOKENIZER_FILE, max_length=int(payload["max_length"]))
+    return TextClassifier(
+        model=model, tokenizer=tokenizer, labels=labels, max_length=int(payload["max_length"]), config=payload
+    )
