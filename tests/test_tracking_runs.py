@@ -293,7 +293,7 @@ def test_full_queue_spills_to_the_spool_and_loses_nothing(
     exp = client.create_experiment("spill", artifact_location=(tmp_path / "a").as_uri())
     run_id = client.create_run(exp).info.run_id
     spool = Spool(tmp_path / "spool", uri=mlflow_store)
-    sender = LogSender(client, spool, max_queue=5, flush_interval_s=10.0, mode=mode)  # type: ignore[arg-type]
+    sender = LogSender(client, spool, max_queue=5, flush_interval_s=10.0, mode=mode, handoff_items=1)  # type: ignore[arg-type]
     assert sender.mode == mode
     for step in range(100):
         sender.enqueue_metrics(run_id, {"a": float(step), "b": 1.0}, step, 1000 + step)
@@ -393,8 +393,8 @@ def test_a_sender_process_delivers_what_a_sigkilled_caller_had_queued(
         for step in range(300):
             sender.enqueue_metrics({run_id!r}, {{"loss": float(step)}}, step, 1000 + step)
         print(sender._process.pid, flush=True)
-        # The queue's feeder thread hands puts to the pipe within microseconds; what it has not
-        # handed over when SIGKILL lands is lost (a window of milliseconds), so give it that.
+        # Records reach the pipe in groups at least every 0.25 s; a group not yet handed over
+        # when SIGKILL lands is lost, so give the hand-off that long.
         time.sleep(1.0)
         os.kill(os.getpid(), signal.SIGKILL)  # no close, no flush, no atexit
         """

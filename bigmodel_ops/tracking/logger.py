@@ -1,6 +1,7 @@
 """Logging that never blocks training: a bounded queue drained by a background sender.
 
-``enqueue_*`` costs one ``put_nowait`` in the caller; what the sender does with the records
+``enqueue_*`` costs a list append in the caller: records are handed to the sender's queue in
+groups (256 records, or every 0.25 s by a small hand-off thread). What the sender does with them
 (batching, outages, the spool) is in :mod:`bigmodel_ops.tracking.sender`. This module decides
 where the sender runs:
 
@@ -14,8 +15,8 @@ where the sender runs:
 
 Nothing is dropped: when the queue is full the caller appends to the spool file itself instead
 of waiting. When the training process dies without closing (SIGKILL), a sender process sees EOF
-on a pipe only the caller holds, sends what was queued, and exits; only what the queue's feeder
-thread had not yet handed to the pipe (the last milliseconds) is lost.
+on a pipe only the caller holds, sends what was queued, and exits; only the group not yet handed
+over (at most the last 0.25 s of records) is lost.
 """
 
 from __future__ import annotations
@@ -78,6 +79,8 @@ class LogSender:
         mode: SenderMode = "thread",
         nice: int = 19,
         replay_leftovers: bool = False,
+        handoff_items: int = 256,
+        handoff_interval_s: float = 0.25,
     ) -> None:
         self.client = client
         self.spool = spool
@@ -94,6 +97,13 @@ class LogSender:
         self._acked = 0
         self._flush_lock = threading.Lock()
         self._next_reply_check = 0.0
+        # Records are handed to the queue in groups: one put (and one wake-up of the queue's
+        # feeder thread, which needs the GIL) per group instead of per step.
+        self._buffer: list[tuple[Any, ...]] = []
+        self._buffer_lock = threading.Lock()
+        self._handoff_items = max(1, handoff_items)
+        self._handoff_stop = threading.Event()
+        max_queue = max(1, max_queue // self._handoff_items)
         self._warned_full = False
         self._closed = False
         self._process: multiprocessing.process.BaseProcess | None = None
@@ -113,6 +123,15 @@ class LogSender:
             self._status.offline = True
             self._status.last_retry = 0.0
         _open_senders.add(self)
+        # Hands over a group that is waiting but not full, so a quiet stretch of training
+        # does not hold its last metrics back.
+        self._handoff_thread = threading.Thread(
+            target=self._handoff_loop,
+            args=(handoff_interval_s,),
+            name="bigmodel_ops-log-handoff",
+            daemon=True,
+        )
+        self._handoff_thread.start()
 
     def _start_thread(self, *, max_queue: int) -> None:
         self._status = SharedStatus([0.0, 0.0])
@@ -190,17 +209,37 @@ class LogSender:
         if now >= self._next_reply_check:  # warnings from the sender, at most once a second
             self._next_reply_check = now + 1.0
             self._poll_replies()
+        with self._buffer_lock:
+            self._buffer.append(item)
+            if len(self._buffer) < self._handoff_items:
+                return
+            group, self._buffer = self._buffer, []
+        self._hand_over(group)
+
+    def _hand_over_buffer(self) -> None:
+        with self._buffer_lock:
+            group, self._buffer = self._buffer, []
+        if group:
+            self._hand_over(group)
+
+    def _handoff_loop(self, interval_s: float) -> None:
+        while not self._handoff_stop.wait(interval_s):
+            self._hand_over_buffer()
+
+    def _hand_over(self, group: list[tuple[Any, ...]]) -> None:
         try:
-            self._requests.put_nowait(item)
+            self._requests.put_nowait(("group", group))
         except queue.Full:
             # Never block training and never drop: the spool file takes the overflow.
             if not self._warned_full:
                 self._warned_full = True
                 _logger.warning("metric queue full; spilling to %s", self.spool.directory)
-            pending = Pending()
-            pending.add(item)
-            self.spool.append(item[1], pending.record())
-            self.spilled += 1
+            by_run: dict[str, Pending] = {}
+            for item in group:
+                by_run.setdefault(item[1], Pending()).add(item)
+            for run_id, pending in by_run.items():
+                self.spool.append(run_id, pending.record())
+            self.spilled += len(group)
 
     def go_offline(self, error: BaseException) -> None:
         """Called when a synchronous store call found the server unreachable."""
@@ -235,6 +274,7 @@ class LogSender:
         if self._closed:
             return self._replay_here()
         with self._flush_lock:
+            self._hand_over_buffer()
             token = next(self._tokens)
             self._requests.put(("flush", token))  # blocking put: a flush must not be lost
             done = self._await(token, timeout)
@@ -244,7 +284,10 @@ class LogSender:
         """Flush and stop the sender. Returns True when the spool is empty."""
         if self._closed:
             return not self.spool.pending()
+        self._handoff_stop.set()
+        self._handoff_thread.join(timeout=5)
         with self._flush_lock:
+            self._hand_over_buffer()
             token = next(self._tokens)
             self._requests.put(("close", token))
             self._await(token, timeout)

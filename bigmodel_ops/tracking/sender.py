@@ -17,8 +17,8 @@ Runs created while the server was down have a placeholder id (see spool.py); the
 everything for them until a replay creates the run, and then translates the id.
 
 Requests on the queue: ``("m", run_id, {key: value}, step, timestamp_ms)``,
-``("p", run_id, [(key, value)])``, ``("t", run_id, [(key, value)])``, ``("flush", token)`` and
-``("close", token)``. Replies: ``("ack", token, stats)`` once a flush/close is done, and
+``("p", run_id, [(key, value)])``, ``("t", run_id, [(key, value)])``, ``("group", [those])``,
+``("flush", token)`` and ``("close", token)``. Replies: ``("ack", token, stats)`` once a flush/close is done, and
 ``("warn", message, category_name)`` for the caller to re-emit (the warnings module is neither
 thread- nor process-shared).
 """
@@ -167,6 +167,15 @@ class Pending:
         }
 
 
+def _accept(pending: dict[str, Pending], item: tuple[Any, ...]) -> None:
+    """File a request (or a ``("group", [requests])`` of them) under its run."""
+    if item[0] == "group":
+        for member in item[1]:
+            pending.setdefault(member[1], Pending()).add(member)
+    else:
+        pending.setdefault(item[1], Pending()).add(item)
+
+
 class SenderLoop:
     """Drains a request queue into the store; runs on a sender thread or in a sender process."""
 
@@ -235,7 +244,7 @@ class SenderLoop:
                 deadline = time.monotonic() + self.flush_interval_s
                 continue
             if item is not None:
-                pending.setdefault(item[1], Pending()).add(item)
+                _accept(pending, item)
             waiting = sum(len(p.metrics) for p in pending.values())
             if waiting >= MAX_METRICS_PER_BATCH or time.monotonic() >= deadline:
                 self._send(pending)
@@ -257,7 +266,7 @@ class SenderLoop:
             if item[0] in ("flush", "close"):
                 controls.append((item[0], item[1]))
             else:
-                pending.setdefault(item[1], Pending()).add(item)
+                _accept(pending, item)
 
     def warn(self, message: str, category: type[Warning]) -> None:
         _logger.warning(message)
