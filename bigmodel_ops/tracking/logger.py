@@ -41,7 +41,6 @@ from typing import Any, Literal
 
 from mlflow.tracking import MlflowClient
 
-from bigmodel_ops.tracking import spool as spool_mod
 from bigmodel_ops.tracking.sender import (
     WARNING_CATEGORIES,
     Pending,
@@ -52,7 +51,7 @@ from bigmodel_ops.tracking.sender import (
     is_outage,
     offline_message,
 )
-from bigmodel_ops.tracking.spool import Spool, is_offline_id
+from bigmodel_ops.tracking.spool import IdMap, Spool, is_offline_id
 
 __all__ = ["LogSender", "TrackingOfflineWarning", "chunk_batch", "is_outage"]
 
@@ -92,7 +91,7 @@ class LogSender:
             "retry_interval_s": retry_interval_s,
             "create_offline_run": create_offline_run,
         }
-        self._idmap: dict[str, str] = spool_mod.load_idmap(spool.directory)
+        self._idmap = IdMap(spool.directory)
         self._tokens = itertools.count(1)
         self._acked = 0
         self._flush_lock = threading.Lock()
@@ -187,13 +186,7 @@ class LogSender:
     def resolve(self, run_id: str) -> str:
         """The real run id of a placeholder once the run exists on the server (possibly created
         by a later process's replay: unknown placeholders are looked up in idmap.json again)."""
-        real = self._idmap.get(run_id)
-        if real is not None:
-            return real
-        if is_offline_id(run_id):
-            self._idmap.update(spool_mod.load_idmap(self.spool.directory))
-            return self._idmap.get(run_id, run_id)
-        return run_id
+        return self._idmap.resolve(run_id)
 
     def enqueue_metrics(self, run_id: str, values: dict[str, float], step: int, timestamp_ms: int) -> None:
         self._put(("m", run_id, values, step, timestamp_ms))

@@ -38,8 +38,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.validation import MAX_METRICS_PER_BATCH, MAX_PARAMS_TAGS_PER_BATCH
 
-from bigmodel_ops.tracking import spool as spool_mod
-from bigmodel_ops.tracking.spool import Spool, is_offline_id
+from bigmodel_ops.tracking.spool import IdMap, Spool, is_offline_id
 
 _logger = logging.getLogger(__name__)
 
@@ -197,7 +196,7 @@ class SenderLoop:
         self.flush_interval_s = flush_interval_s
         self.retry_interval_s = retry_interval_s
         self._create_offline_run = create_offline_run
-        self._idmap: dict[str, str] = spool_mod.load_idmap(spool.directory)
+        self._idmap = IdMap(spool.directory)
         self.send_cpu_s = 0.0  # CPU time spent sending: what the sender can take from training
         self.sent_metrics = 0
 
@@ -273,13 +272,7 @@ class SenderLoop:
         self.replies.put(("warn", message, category.__name__))
 
     def resolve(self, run_id: str) -> str:
-        real = self._idmap.get(run_id)
-        if real is not None:
-            return real
-        if is_offline_id(run_id):
-            self._idmap.update(spool_mod.load_idmap(self.spool.directory))
-            return self._idmap.get(run_id, run_id)
-        return run_id
+        return self._idmap.resolve(run_id)
 
     def go_offline(self, error: BaseException) -> None:
         self.status.last_retry = time.monotonic()
@@ -387,8 +380,7 @@ class SenderLoop:
                 tags["mlflow.parentRunId"] = self.resolve(parent)
             create["tags"] = tags
             real = self._create_offline_run(self.client, create)
-            self._idmap[run_id] = real
-            spool_mod.save_idmap(self.spool.directory, run_id, real)
+            self._idmap.record(run_id, real)
             return
         real = self.resolve(run_id)
         if is_offline_id(real):

@@ -186,17 +186,42 @@ def _set_done(path: Path, count: int) -> None:
     _done_file(path).write_text(str(count))
 
 
-def load_idmap(directory: Path) -> dict[str, str]:
+class IdMap:
+    """Placeholder run id -> real run id, kept in ``<spool dir>/idmap.json``.
+
+    Shared by every process that uses the spool: a placeholder unknown here may have been
+    created by another process's replay, so unknown placeholders are looked up on disk again.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self._mapping = _load_idmap(directory)
+
+    def __contains__(self, placeholder: str) -> bool:
+        return placeholder in self._mapping
+
+    def resolve(self, run_id: str) -> str:
+        """The real id of a placeholder once its run exists; any other id unchanged."""
+        real = self._mapping.get(run_id)
+        if real is not None:
+            return real
+        if is_offline_id(run_id):
+            self._mapping.update(_load_idmap(self.directory))
+            return self._mapping.get(run_id, run_id)
+        return run_id
+
+    def record(self, placeholder: str, real: str) -> None:
+        self._mapping[placeholder] = real
+        mapping = _load_idmap(self.directory)
+        mapping[placeholder] = real
+        self.directory.mkdir(parents=True, exist_ok=True)
+        tmp = self.directory / f"idmap.json.{os.getpid()}.tmp"
+        tmp.write_text(json.dumps(mapping, indent=1))
+        os.replace(tmp, self.directory / "idmap.json")
+
+
+def _load_idmap(directory: Path) -> dict[str, str]:
     try:
         return json.loads((directory / "idmap.json").read_text())
     except (OSError, ValueError):
         return {}
-
-
-def save_idmap(directory: Path, placeholder: str, real: str) -> None:
-    mapping = load_idmap(directory)
-    mapping[placeholder] = real
-    directory.mkdir(parents=True, exist_ok=True)
-    tmp = directory / f"idmap.json.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(mapping, indent=1))
-    os.replace(tmp, directory / "idmap.json")
