@@ -1,29 +1,32 @@
 """Encoding documents to token ids exactly as the trained tokenizer does, but cheaper where possible.
 
-Measured on IMDb text, one thread, MB of text per CPU-second (best of 7): the trained WordPiece
-tokenizer 2.05; the same with ``Lowercase`` instead of ``BertNormalizer`` 2.49; a word cache in
-front of it 2.85 cold (every word new) and 4.6 warm. Two facts make this exact, not approximate:
+Measured on IMDb text, one thread, in memory, MB of text per second: the trained WordPiece
+tokenizer about 2; the word-cache path below about 20 warm (every word known) and 8 cold. Three
+facts make it exact, not approximate:
 
-1. On most text the BERT normalizer's ``clean_text`` and ``handle_chinese_chars`` do nothing: they
-   only touch control/format/private-use/unassigned characters, U+FFFD and CJK ideographs, and
-   rewrite whitespace to a space (which the BERT pre-tokenizer drops anyway). So for documents made
-   only of `SAFE_CHARS`, a *light twin* (the same tokenizer with ``Lowercase`` or no normalizer)
-   gives the same ids.
-2. WordPiece encodes each pre-token (word or punctuation mark) on its own. So on safe documents
-   one regex reproduces the BERT pre-tokenizer, each distinct word is encoded once by the twin,
-   and its ids are reused wherever it appears again.
+1. On most text the BERT normalizer's ``clean_text`` and ``handle_chinese_chars`` do nothing
+   but delete a few characters: they only touch control/format/private-use/unassigned characters,
+   U+FFFD and CJK ideographs, and rewrite whitespace to a space (which the BERT pre-tokenizer drops
+   anyway). Documents made only of `SAFE_CHARS` and `REMOVED_CHARS` get the `REMOVED_CHARS`
+   deleted first (as ``clean_text`` does, before anything else), and then a *light twin* (the same
+   tokenizer with ``Lowercase`` or no normalizer) gives the same ids.
+2. On such text the BERT pre-tokenizer is: pad each punctuation mark with spaces, split on
+   whitespace. Arrow does both over a whole batch in C++ (`pre_tokens`).
+3. WordPiece encodes each pre-token on its own. So each distinct word is encoded once by the twin
+   and its ids are reused wherever it appears again (`WordCache`: a dict to a slot, and numpy
+   arrays that assemble a batch with one gather).
 
-Everything else (unsafe characters, added-token text such as ``[SEP]``, other tokenizer kinds)
-goes through the tokenizer itself. ``tests/test_tokenize_encode.py`` checks every safe character
-one by one, all of Unicode against the safe-set regex, and mixed text, cold and warm. The saved
-tokenizer.json is untouched: consumers (fine-tuning, serving) still get the full normalizer.
-"""
+Everything else (other characters, added-token text such as ``[SEP]``, other tokenizer kinds) goes
+through the tokenizer itself. ``tests/test_tokenize_encode.py`` checks every safe and every removed
+character one by one against the tokenizer, all of Unicode against the routing regex, the
+pre-tokens against ``BertPreTokenizer``, and mixed text, cold and warm. The saved tokenizer.json is
+untouched: consumers (fine-tuning, serving) still get the full normalizer."""
 
 from __future__ import annotations
 
 import json
-import re
 import string
+import threading
 import time
 import unicodedata
 from concurrent.futures import Executor
@@ -51,9 +54,36 @@ SAFE_RANGES: tuple[tuple[int, int], ...] = (
     (0x2010, 0x2027),
     (0x2030, 0x205E),
 )
-SAFE_CHARS = frozenset(chr(c) for lo, hi in SAFE_RANGES for c in range(lo, hi + 1))
-# RE2 (Arrow's regex engine): one character outside SAFE_RANGES.
-_UNSAFE = "[^" + "".join(f"\\x{{{lo:x}}}-\\x{{{hi:x}}}" for lo, hi in SAFE_RANGES) + "]"
+# Characters that clean_text deletes before anything else looks at the text: NUL, U+FFFD, and
+# "control" ones (Cc other than tab/newline/carriage return, and the format characters soft
+# hyphen, zero-width space/joiners, bidi marks and the BOM). Deleting them first (Arrow, exactly as
+# clean_text does) leaves a safe document with the same ids. The C1 controls U+0080..U+009F are
+# the common case: cp1252 dashes and ellipses decoded as Latin-1 (3% of IMDb reviews hold one).
+REMOVED_RANGES: tuple[tuple[int, int], ...] = (
+    (0x00, 0x08),
+    (0x0B, 0x0C),
+    (0x0E, 0x1F),
+    (0x7F, 0x9F),
+    (0xAD, 0xAD),
+    (0x200B, 0x200F),
+    (0xFEFF, 0xFEFF),
+    (0xFFFD, 0xFFFD),
+)
+
+
+def _chars(ranges: tuple[tuple[int, int], ...]) -> frozenset[str]:
+    return frozenset(chr(c) for lo, hi in ranges for c in range(lo, hi + 1))
+
+
+def _re2_class(ranges: tuple[tuple[int, int], ...], *, negate: bool = False) -> str:
+    """An RE2 (Arrow's regex engine) character class of `ranges`, or of everything else."""
+    return "[" + "^" * negate + "".join(f"\\x{{{lo:x}}}-\\x{{{hi:x}}}" for lo, hi in ranges) + "]"
+
+
+SAFE_CHARS = _chars(SAFE_RANGES)
+REMOVED_CHARS = _chars(REMOVED_RANGES)
+_UNSAFE = _re2_class(SAFE_RANGES + REMOVED_RANGES, negate=True)
+_REMOVED = _re2_class(REMOVED_RANGES)
 
 
 def light_twin(tokenizer: Tokenizer) -> Tokenizer | None:
@@ -89,23 +119,35 @@ def light_twin(tokenizer: Tokenizer) -> Tokenizer | None:
     return twin
 
 
-def needs_full_normalizer(array: pa.Array) -> np.ndarray:
-    """True for strings holding at least one character outside `SAFE_CHARS` (nulls: True)."""
-    unsafe = pc.match_substring_regex(array, pattern=_UNSAFE)
+def _re2_literal(text: str) -> str:
+    return "".join(c if c.isascii() and c.isalnum() else f"\\x{{{ord(c):x}}}" for c in text)
+
+
+def needs_full_normalizer(array: pa.Array, *, also: tuple[str, ...] = ()) -> np.ndarray:
+    """True for strings holding a character in neither `SAFE_CHARS` nor `REMOVED_CHARS`, or any of
+    the texts `also` (nulls: True). One RE2 pass over the text, whatever the number of texts."""
+    pattern = "|".join([_UNSAFE, *map(_re2_literal, also)])
+    unsafe = pc.match_substring_regex(array, pattern=pattern)
     return pc.fill_null(unsafe, True).to_numpy(zero_copy_only=False)
 
 
 # What BertPreTokenizer does on safe text: split on whitespace (dropped) and isolate every
 # punctuation character (ASCII punctuation or a Unicode P* category, as tokenizers' is_bert_punc).
-_SPACE = "\t\n\r \xa0"
-_PUNCT = "".join(
-    re.escape(c)
-    for c in sorted(SAFE_CHARS)
-    if unicodedata.category(c).startswith("P") or c in string.punctuation
+# Done by Arrow (C++, GIL released): pad each punctuation mark with spaces (RE2), then split on
+# Unicode whitespace, which within SAFE_CHARS is exactly tab, newline, carriage return, space and
+# U+00A0 (``tests/test_tokenize_encode.py`` checks each safe character).
+SPACE_CHARS = frozenset("\t\n\r \xa0")
+PUNCT_CHARS = frozenset(
+    c for c in SAFE_CHARS if unicodedata.category(c).startswith("P") or c in string.punctuation
 )
-_PRE_TOKEN = re.compile(f"[^{_SPACE}{_PUNCT}]+|[{_PUNCT}]")
-# Joins documents into one string; no safe document contains it, and the spaces make it a word.
-_DOC_BREAK = " \x00 "
+_PUNCT_RE2 = "[" + "".join(f"\\x{{{ord(c):x}}}" for c in sorted(PUNCT_CHARS)) + "]"
+
+
+def pre_tokens(array: pa.Array) -> pa.ListArray:
+    """Per document, its pre-tokens as BertPreTokenizer cuts safe text (empty strings may appear
+    at whitespace ends; they encode to no ids)."""
+    spaced = pc.replace_substring_regex(array, pattern=_PUNCT_RE2, replacement=" \\0 ")
+    return pc.utf8_split_whitespace(spaced)
 
 
 def _batch_method(tokenizer: Tokenizer) -> Any:
@@ -128,15 +170,123 @@ def flatten(encodings: list[Encoding], sep: int, dtype: np.dtype) -> tuple[np.nd
     return np.asarray(flat, dtype=dtype), lengths
 
 
+# Words per tokenizer call when the word cache encodes new words (see WordCache._encode_new).
+WORDS_PER_CALL = 256
+
+
+class WordCache:
+    """Token ids of words, each word encoded once: a dict word -> slot, and the ids of all slots in
+    flat numpy arrays, so that a batch is assembled by one numpy gather, not a loop over its words.
+
+    Holds at most `max_words` words: when a batch's new words would pass that, it starts over (a
+    single batch with more distinct words than that still gets all of them, for that batch).
+    """
+
+    def __init__(self, tokenizer: Tokenizer, *, dtype: np.dtype, max_words: int) -> None:
+        # encode_batch, not encode_batch_fast: word_ids are needed (the fast one leaves them None).
+        self._encode_with_words = tokenizer.encode_batch
+        self.dtype = np.dtype(dtype)
+        self.max_words = max_words
+        self.clear()
+
+    def clear(self) -> None:
+        self.slots: dict[str, int] = {"": 0}  # an empty pre-token (at whitespace ends): no ids
+        self._starts = np.zeros(1 << 12, dtype=np.int64)
+        self._lengths = np.zeros(1 << 12, dtype=np.int64)
+        self._ids = np.zeros(1 << 14, dtype=self.dtype)
+        self._used = 0
+
+    def __len__(self) -> int:
+        return len(self.slots)
+
+    def slots_of(self, words: list[str]) -> np.ndarray:
+        """The slot of each of `words` (distinct), encoding the ones not yet known."""
+        unseen = [w for w in words if w not in self.slots]
+        if unseen and len(self.slots) + len(unseen) > self.max_words:
+            self.clear()
+            unseen = [w for w in words if w not in self.slots]
+        if unseen:
+            self._add(unseen)
+        return np.fromiter(map(self.slots.__getitem__, words), dtype=np.int64, count=len(words))
+
+    def _add(self, words: list[str]) -> None:
+        ids, lengths = self._encode_new(words)
+        first, stop = len(self.slots), len(self.slots) + len(words)
+        if stop > self._starts.size:
+            size = max(stop, 2 * self._starts.size)
+            self._starts = np.resize(self._starts, size)
+            self._lengths = np.resize(self._lengths, size)
+        if self._used + ids.size > self._ids.size:
+            self._ids = np.resize(self._ids, max(self._used + ids.size, 2 * self._ids.size))
+        self._starts[first:stop] = self._used + np.cumsum(lengths) - lengths
+        self._lengths[first:stop] = lengths
+        self._ids[self._used : self._used + ids.size] = ids
+        self._used += ids.size
+        self.slots.update(zip(words, range(first, stop), strict=True))
+
+    def _encode_new(self, words: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(ids of `words` concatenated, tokens per word).
+
+        Words go to the tokenizer joined by spaces, `WORDS_PER_CALL` at a time, and each
+        encoding's ``word_ids`` cut its ids back into words: 3x faster than one encoding per word
+        (measured on IMDb's 33k distinct words), as most of a tiny encoding's cost is the object.
+        Each word is one pre-token, so the tokenizer sees exactly these words; a chunk where it
+        does not (an invariant, checked) is encoded word by word instead.
+        """
+        chunks = [words[i : i + WORDS_PER_CALL] for i in range(0, len(words), WORDS_PER_CALL)]
+        encodings = self._encode_with_words([" ".join(chunk) for chunk in chunks], add_special_tokens=False)
+        ids: list[np.ndarray] = []
+        lengths: list[np.ndarray] = []
+        for chunk, encoding in zip(chunks, encodings, strict=True):
+            word_ids = encoding.word_ids
+            per_word = (
+                np.bincount(np.asarray(word_ids, dtype=np.int64), minlength=len(chunk))
+                if (None not in word_ids)
+                else np.zeros(0, dtype=np.int64)
+            )
+            if per_word.size != len(chunk) or not per_word.all():
+                singles = [e.ids for e in self._encode_with_words(chunk, add_special_tokens=False)]
+                per_word = np.fromiter(map(len, singles), dtype=np.int64, count=len(singles))
+                ids.append(
+                    np.fromiter(chain.from_iterable(singles), dtype=self.dtype, count=int(per_word.sum()))
+                )
+            else:
+                ids.append(np.asarray(encoding.ids, dtype=self.dtype))
+            lengths.append(per_word)
+        if not ids:
+            return np.empty(0, dtype=self.dtype), np.empty(0, dtype=np.int64)
+        return np.concatenate(ids), np.concatenate(lengths)
+
+    def gather(self, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(the ids of the words at `slots`, concatenated; the cumulative token count after each)."""
+        lengths = self._lengths[slots]
+        return self._ids[segments(self._starts[slots], lengths)], np.cumsum(lengths)
+
+
+def segments(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Indices that gather the segments [start, start + length) one after the other.
+
+    Output position p falls in some segment j at offset p - (its output start); so its index is
+    starts[j] + that offset. Empty segments contribute nothing.
+    """
+    ends = np.cumsum(lengths)
+    total = int(ends[-1]) if ends.size else 0
+    return np.repeat(starts - (ends - lengths), lengths) + np.arange(total)
+
+
+def _byte_count(array: pa.Array) -> int:
+    return int(pc.sum(pc.binary_length(array)).as_py() or 0)
+
+
 class BatchEncoder:
     """Encode documents (no special tokens) into token ids identical to `tokenizer`'s, each + `sep`.
 
     With `fast_path` and a tokenizer that has a light twin, safe documents (see module doc) that
-    hold no added-token text are split into pre-tokens by one regex over the whole batch, and each
-    distinct pre-token is encoded once by the twin and remembered: WordPiece works word by word, so
-    a word's ids do not depend on its context, and most words of a corpus repeat. The memory holds
-    at most `cache_words` words (it starts over when full), so it does not grow with the corpus.
-    Every other document goes through the tokenizer itself (Rust, all cores, GIL released).
+    hold no added-token text are cut into pre-tokens by Arrow over the whole batch, and each
+    distinct pre-token is encoded once by the twin and remembered (`WordCache`): WordPiece works
+    word by word, so a word's ids do not depend on its context, and most words of a corpus repeat.
+    The cache holds at most `cache_words` words, so it does not grow with the corpus. Every other
+    document goes through the tokenizer itself (Rust, all cores, GIL released).
 
     ``split`` runs on the reading thread (Arrow only); ``encode`` may run on another thread.
     """
@@ -154,97 +304,91 @@ class BatchEncoder:
         self.sep = sep
         self.dtype = np.dtype(dtype)
         self.twin = light_twin(tokenizer) if fast_path else None
-        self.cache_words = cache_words
         self._full = _batch_method(tokenizer)
         self._light = _batch_method(self.twin) if self.twin is not None else self._full
-        self._cache: dict[str, list[int]] = {}
-        # Characters per second of (the Rust thread, the word cache), smoothed; None until measured.
+        self.cache = WordCache(self.twin or tokenizer, dtype=self.dtype, max_words=cache_words)
+        self._cache_lock = threading.Lock()
+        # Bytes per second of (the second thread, this one) in `encode`, smoothed; None until measured.
         self._rates: tuple[float, float] | None = None
         # Added tokens are matched on raw text before pre-tokenization: documents holding one go
         # through the tokenizer itself.
-        self._added = [t.content for t in tokenizer.get_added_tokens_decoder().values()]
+        self._added = tuple(t.content for t in tokenizer.get_added_tokens_decoder().values())
 
     def _needs_full(self, array: pa.Array) -> np.ndarray:
-        full = needs_full_normalizer(array)
-        for content in self._added:
-            full |= pc.fill_null(pc.match_substring(array, content), True).to_numpy(zero_copy_only=False)
-        return full
+        return needs_full_normalizer(array, also=self._added)
 
-    def split(self, array: pa.Array) -> tuple[list[str], list[str], np.ndarray]:
-        """(texts for the word cache, texts for the tokenizer, per-row True = tokenizer), row order."""
+    def split(self, array: pa.Array) -> tuple[pa.Array, pa.Array, np.ndarray]:
+        """(documents for the word cache, documents for the tokenizer, per-row True = tokenizer),
+        each in row order."""
+        empty = pa.array([], type=array.type)
         if self.twin is None:
-            return [], array.to_pylist(), np.ones(len(array), dtype=bool)
+            return empty, array, np.ones(len(array), dtype=bool)
         full = self._needs_full(array)
         if not full.any():
-            return array.to_pylist(), [], full
+            return array, empty, full
         if full.all():
-            return [], array.to_pylist(), full
-        return array.filter(pa.array(~full)).to_pylist(), array.filter(pa.array(full)).to_pylist(), full
+            return empty, array, full
+        return array.filter(pa.array(~full)), array.filter(pa.array(full)), full
 
-    def _encode_light(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        words = _PRE_TOKEN.findall(_DOC_BREAK.join(texts) + _DOC_BREAK)
-        cache = self._cache
-        unseen = list(set(words).difference(cache))
-        if len(cache) + len(unseen) > self.cache_words:
-            cache.clear()
-            unseen = list(set(words))
-        cache["\x00"] = [self.sep]
-        unseen = [w for w in unseen if w != "\x00"]
-        if unseen:
-            encodings = self._light(unseen, add_special_tokens=False)
-            cache.update(zip(unseen, (e.ids for e in encodings), strict=True))
-        ids = np.fromiter(chain.from_iterable(map(cache.__getitem__, words)), dtype=self.dtype)
-        ends = np.flatnonzero(ids == self.sep) + 1  # the sep id only comes from a document break
-        if ends.size != len(texts):  # an invariant, not a user error
-            raise RuntimeError(f"word cache: {ends.size} document ends for {len(texts)} documents")
-        return ids, np.diff(ends, prepend=0)
+    def _encode_light(self, array: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+        # The Arrow work runs outside the lock and releases the GIL: two threads overlap there.
+        documents = pre_tokens(pc.replace_substring_regex(array, pattern=_REMOVED, replacement=""))
+        words = pc.dictionary_encode(pc.list_flatten(documents))
+        distinct = words.dictionary.to_pylist()
+        with self._cache_lock:
+            ids, word_ends = self.cache.gather(self.cache.slots_of(distinct)[words.indices.to_numpy()])
+        offsets = documents.offsets.to_numpy()
+        doc_ends = np.concatenate(([0], word_ends))[offsets - offsets[0]]  # tokens before each doc end
+        return np.insert(ids, doc_ends[1:], self.sep), np.diff(doc_ends) + 1
 
-    def _rust_count(self, light: list[str], heavy_chars: int) -> int:
-        """How many light documents (a prefix) the Rust thread takes so that both threads end together."""
+    def _second_share(self, light: pa.Array, heavy_bytes: int) -> int:
+        """How many light documents (a prefix) the second thread takes, besides the heavy ones, so
+        that both threads end together."""
         if self._rates is None:
             return len(light) // 2
-        rust_rate, python_rate = self._rates
-        light_chars = sum(map(len, light))
-        if light_chars == 0:
+        second_rate, first_rate = self._rates
+        light_bytes = _byte_count(light)
+        if light_bytes == 0:
             return 0
-        seconds = (heavy_chars + light_chars) / (rust_rate + python_rate)
-        share = min(max(rust_rate * seconds - heavy_chars, 0.0), light_chars) / light_chars
+        seconds = (heavy_bytes + light_bytes) / (second_rate + first_rate)
+        share = min(max(second_rate * seconds - heavy_bytes, 0.0), light_bytes) / light_bytes
         return round(share * len(light))
 
     def encode(
-        self, light: list[str], heavy: list[str], full: np.ndarray, *, executor: Executor | None = None
+        self, light: pa.Array, heavy: pa.Array, full: np.ndarray, *, executor: Executor | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
         """(ids of every document + sep, in row order; tokens per document): row i from `heavy` if full[i].
 
-        With an `executor` (one thread), the Rust share (the heavy documents and a prefix of the
-        light ones, encoded by the twin) runs there, GIL released, while this thread runs the word
-        cache on the other light documents; the split adapts batch by batch to the measured speeds
-        of both sides, so neither core idles. Without one, everything runs here, one after the other.
+        With an `executor` (one thread), that thread takes the heavy documents (the tokenizer, GIL
+        released) and a prefix of the light ones (the word cache, whose Arrow work releases the GIL
+        too), and this thread the other light ones; the split adapts batch by batch to the measured
+        speeds of both sides. Without one, everything runs here, one after the other.
         """
-        if not heavy and not light:
+        if not len(heavy) and not len(light):
             return np.empty(0, dtype=self.dtype), np.empty(0, dtype=np.int64)
-        heavy_chars = sum(map(len, heavy)) if executor is not None else 0
-        k = self._rust_count(light, heavy_chars) if executor is not None and self.twin is not None else 0
-        to_rust, to_python = light[:k], light[k:]
+        heavy_bytes = _byte_count(heavy) if executor is not None else 0
+        k = self._second_share(light, heavy_bytes) if executor is not None else 0
+        to_second, to_first = light.slice(0, k), light.slice(k)
 
-        def rust() -> tuple[list[Encoding], list[Encoding], float]:
-            # Only Rust here (GIL released): flattening is Python, so it happens after the join.
+        def second() -> tuple[
+            tuple[np.ndarray, np.ndarray] | None, tuple[np.ndarray, np.ndarray] | None, float
+        ]:
             began = time.perf_counter()
-            h = self._full(heavy, add_special_tokens=False) if heavy else []
-            r = self._light(to_rust, add_special_tokens=False) if to_rust else []
+            h = None
+            if len(heavy):
+                h = flatten(self._full(heavy.to_pylist(), add_special_tokens=False), self.sep, self.dtype)
+            r = self._encode_light(to_second) if len(to_second) else None
             return h, r, time.perf_counter() - began
 
-        future = executor.submit(rust) if executor is not None else None
+        future = executor.submit(second) if executor is not None else None
         began = time.perf_counter()
-        p = self._encode_light(to_python) if to_python else None
-        python_seconds = time.perf_counter() - began
-        h_enc, r_enc, rust_seconds = future.result() if future is not None else rust()
-        h = flatten(h_enc, self.sep, self.dtype) if h_enc else None
-        r = flatten(r_enc, self.sep, self.dtype) if r_enc else None
+        p = self._encode_light(to_first) if len(to_first) else None
+        first_seconds = time.perf_counter() - began
+        h, r, second_seconds = future.result() if future is not None else second()
         if future is not None and p is not None and (h is not None or r is not None):
             rates = (
-                (heavy_chars + sum(map(len, to_rust))) / max(rust_seconds, 1e-6),
-                sum(map(len, to_python)) / max(python_seconds, 1e-6),
+                (heavy_bytes + _byte_count(to_second)) / max(second_seconds, 1e-6),
+                _byte_count(to_first) / max(first_seconds, 1e-6),
             )
             old = self._rates or rates
             self._rates = (0.5 * (old[0] + rates[0]), 0.5 * (old[1] + rates[1]))
@@ -253,20 +397,18 @@ class BatchEncoder:
         if len(parts) == 1:
             return parts[0]
         # Row order: heavy rows from h; light rows from r (the first k of them), then from p.
-        docs = {
-            name: iter(np.split(part[0], np.cumsum(part[1])[:-1]))
-            for name, part in (("h", h), ("r", r), ("p", p))
-            if part is not None
-        }
         source = np.where(full, 0, 2)
         source[np.flatnonzero(~full)[:k]] = 1
-        names = ("h", "r", "p")
-        ordered = [next(docs[names[i]]) for i in source.tolist()]
         lengths = np.empty(len(full), dtype=np.int64)
+        starts = np.empty(len(full), dtype=np.int64)
+        offset = 0
         for i, part in enumerate((h, r, p)):
             if part is not None:
-                lengths[source == i] = part[1]
-        return np.concatenate(ordered), lengths
+                rows = source == i
+                lengths[rows] = part[1]
+                starts[rows] = offset + np.cumsum(part[1]) - part[1]
+                offset += part[0].size
+        return np.concatenate([part[0] for part in parts])[segments(starts, lengths)], lengths
 
     def encode_texts(self, texts: list[str], *, executor: Executor | None = None) -> list[list[int]]:
         """Ids per document, without the sep (for callers holding Python strings: tests, benchmarks)."""

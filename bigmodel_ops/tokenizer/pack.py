@@ -49,8 +49,8 @@ class PackStats:
 
 @dataclass
 class _Batch:
-    light: list[str]
-    heavy: list[str]
+    light: pa.Array
+    heavy: pa.Array
     full: np.ndarray
     is_val: np.ndarray
     raw_bytes: np.ndarray
@@ -80,7 +80,7 @@ def pack_shards(
     batch_rows: int,
     shard_tokens: int,
     tokenizer_sha: str = "",
-    pipelined: bool = False,
+    pipelined: bool = True,
     fast_path: bool = True,
     quiet: bool = True,
 ) -> tuple[ShardIndex, PackStats]:
@@ -88,13 +88,13 @@ def pack_shards(
 
     Streams `batch_rows` documents at a time (memory holds one batch and a bounded word cache,
     whatever the corpus size). With `fast_path` (see ``tokenizer.encode``), documents the BERT
-    normalizer would leave alone are cut into words by one regex and each distinct word is encoded
-    once, by a copy of the tokenizer with a cheaper, equivalent normalizer; the rest go through
-    ``encode_batch_fast`` (Rust thread pool, no offsets). Same ids either way. With `pipelined`,
-    the Rust share of a batch runs on a worker thread (tokenizers releases the GIL) while this
-    thread runs the word cache, the split adapting to both sides' speeds. It is off by default:
-    on the 2-core machine we measured on, one after the other was faster at every load we saw
-    (benchmarks/tokenize_throughput.py reports both); it may pay where cores sit idle.
+    normalizer leaves alone (up to deleting control characters) are cut into words by Arrow and
+    each distinct word is encoded once, by a copy of the tokenizer with a cheaper, equivalent
+    normalizer; the rest go through ``encode_batch_fast`` (Rust thread pool, no offsets). Same ids
+    either way. With `pipelined` (the default), a worker thread takes the heavy documents and a
+    share of the light ones while this thread encodes the rest; both sides release the GIL for
+    most of their work, and the split adapts to their measured speeds (1.5x one thread on the
+    2-core machine we measured on: benchmarks/tokenize_throughput.py reports both).
 
     Writes index.json (special ids, dtype, sha256 of the tokenizer file) and returns the index and
     the per-split counts. The dtype is uint16 when every id fits, else uint32.
