@@ -14,6 +14,14 @@ ruamel.yaml's libyaml loader is installed: DVC parses dvc.yaml, dvc.lock and par
 times per command, and without it that parsing is most of a no-op repro's own time.
 The repo's .dvc/config sets core.check_update=false: otherwise every `dvc version` spawns DVC's
 updater daemon (a second DVC process), which runs on into the next timed repro.
+Two more floors run interleaved with it: a no-op repro of an empty two-stage pipeline (a fresh git
++ DVC repo whose stages copy one small file), which is what DVC costs before our stages add
+anything, and the same no-op repro of our pipeline through the `dvc` found on PATH.
+`dvc` itself is the console script installed next to this interpreter, as in a virtualenv: on
+this machine the `dvc` on PATH is a pyenv shim, a bash script that execs pyenv to pick the
+interpreter (about 0.15 s per command), which a venv user does not pay.
+DVC's own start-up scans the entry points of every installed distribution several times (fsspec,
+networkx backends, DVC plugins), so `installed_distributions` is reported too.
 The last line printed is one JSON object with the figures.
 """
 
@@ -89,6 +97,33 @@ def timed(cmd: list[str], *, cwd: Path, env: dict[str, str]) -> tuple[float, flo
     return wall, cpu, done.stdout
 
 
+def dvc_command() -> str:
+    """The `dvc` console script of this interpreter's environment, else whatever PATH finds."""
+    script = Path(sys.executable).parent / "dvc"
+    return str(script) if script.is_file() else "dvc"
+
+
+def empty_pipeline(root: Path, *, dvc: str, env: dict[str, str]) -> Path:
+    """A git + DVC repo with two trivial chained stages, reproduced once."""
+    root.mkdir()
+    (root / "a.txt").write_text("a\n")
+    (root / "dvc.yaml").write_text(
+        "stages:\n"
+        "  one:\n    cmd: cp a.txt b.txt\n    deps: [a.txt]\n    outs: [b.txt]\n"
+        "  two:\n    cmd: cp b.txt c.txt\n    deps: [b.txt]\n    outs: [c.txt]\n"
+    )
+    for cmd in (["git", "init", "-q"], [dvc, "init", "-q"], [dvc, "config", "core.check_update", "false"]):
+        subprocess.run(cmd, cwd=root, env=env, check=True, capture_output=True)
+    subprocess.run([dvc, "repro"], cwd=root, env=env, check=True, capture_output=True)
+    return root
+
+
+def installed_distributions() -> int:
+    from importlib.metadata import distributions
+
+    return sum(1 for _ in distributions())
+
+
 def yaml_c_loader() -> bool:
     try:
         from ruamel.yaml.main import CParser
@@ -118,10 +153,11 @@ def main() -> None:
     )
     args = parser.parse_args()
 
+    dvc = dvc_command()
+    workdir = Path(tempfile.mkdtemp(prefix="bigmodel-ops-pipeline-"))
     if args.clone:
         clone = args.clone.resolve()
     else:
-        workdir = Path(tempfile.mkdtemp(prefix="bigmodel-ops-pipeline-"))
         clone = workdir / "clone"
         subprocess.run(["git", "clone", "-q", str(REPO_ROOT), str(clone)], check=True)
         if args.quick:
@@ -131,17 +167,24 @@ def main() -> None:
 
     repro_s = peak_rss = stages_ran = None
     if not args.clone:
-        repro_s, peak_rss, output = run_sampled(["dvc", "repro"], cwd=clone, env=env)
+        repro_s, peak_rss, output = run_sampled([dvc, "repro"], cwd=clone, env=env)
         stages_ran = output.count("Running stage '")
+    empty = empty_pipeline(workdir / "empty", dvc=dvc, env=env)
 
-    noop, floor = [], []
-    for _ in range(args.noop_repeats):  # interleaved so machine noise hits both alike
-        noop.append(timed(["dvc", "repro"], cwd=clone, env=env))
-        floor.append(timed(["dvc", "version"], cwd=clone, env=env))
+    noop, floor, empty_noop, via_path = [], [], [], []
+    for _ in range(args.noop_repeats):  # interleaved so machine noise hits all alike
+        noop.append(timed([dvc, "repro"], cwd=clone, env=env))
+        floor.append(timed([dvc, "version"], cwd=clone, env=env))
+        empty_noop.append(timed([dvc, "repro"], cwd=empty, env=env))
+        via_path.append(timed(["dvc", "repro"], cwd=clone, env=env))
     # A "no-op" that ran a stage would time the wrong thing.
-    noop_ran = sum(out.count("Running stage '") for _, _, out in noop)
-    noop_s, floor_s = (statistics.median(wall for wall, _, _ in runs) for runs in (noop, floor))
-    noop_cpu, floor_cpu = (statistics.median(cpu for _, cpu, _ in runs) for runs in (noop, floor))
+    noop_ran = sum(out.count("Running stage '") for _, _, out in noop + empty_noop + via_path)
+    noop_s, floor_s, empty_s, path_s = (
+        statistics.median(wall for wall, _, _ in runs) for runs in (noop, floor, empty_noop, via_path)
+    )
+    noop_cpu, floor_cpu, empty_cpu = (
+        statistics.median(cpu for _, cpu, _ in runs) for runs in (noop, floor, empty_noop)
+    )
 
     evaluate = json.loads((clone / "outputs/metrics/evaluate.json").read_text())
     result = {
@@ -155,12 +198,18 @@ def main() -> None:
         "peak_rss_budget_gb": 4.0,
         "noop_repeats": args.noop_repeats,
         "noop_stages_ran": noop_ran,
+        "dvc_command": dvc,
         "noop_repro_s": round(noop_s, 3),
         "noop_repro_budget_s": 1.5,
         "dvc_version_floor_s": round(floor_s, 3),
+        "empty_pipeline_noop_s": round(empty_s, 3),
+        "noop_repro_via_path_dvc_s": round(path_s, 3),
         "noop_vs_floor_ratio": round(noop_s / floor_s, 2),
+        "noop_minus_empty_pipeline_s": round(noop_s - empty_s, 3),
         "noop_repro_cpu_s": round(noop_cpu, 3),
         "dvc_version_floor_cpu_s": round(floor_cpu, 3),
+        "empty_pipeline_noop_cpu_s": round(empty_cpu, 3),
+        "installed_distributions": installed_distributions(),
         "yaml_c_loader": yaml_c_loader(),
         "test_accuracy": evaluate.get("test_acc"),
     }
