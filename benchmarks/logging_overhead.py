@@ -10,6 +10,11 @@ Overhead = mean step time with logging / mean without - 1. A logged block ends w
 waited is reported too, and ``overhead_pct_with_flushes`` charges it to the logged blocks (an
 upper bound: a real stage flushes once, at its end, not every few seconds).
 
+This VM's speed drifts by several percent over seconds, so the headline is paired: each round's
+logged block against its adjacent unlogged one, ``overhead_pct_paired`` = the geometric mean of
+the per-round ratios - 1, with a seeded bootstrap 95% interval. ``--control`` runs the same
+schedule with nothing logged (A/A): its interval is the noise floor the A/B figure is read against.
+
     python benchmarks/logging_overhead.py [--quick]
 
 The last line printed is one JSON object.
@@ -19,7 +24,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import random
 import statistics
 import sys
 import tempfile
@@ -40,11 +47,18 @@ def build_model(vocab: int = 512, d: int = 64, layers: int = 2, seq: int = 32) -
     return model, seq
 
 
+def bootstrap_mean_ci(values: list[float], *, resamples: int = 4000, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap 95% interval of the mean of `values` (seeded, so reruns agree)."""
+    rng = random.Random(seed)
+    means = sorted(statistics.fmean(rng.choices(values, k=len(values))) for _ in range(resamples))
+    return means[int(0.025 * resamples)], means[int(0.975 * resamples) - 1]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer rounds (a smoke run)")
     parser.add_argument("--rounds", type=int, default=None)
-    parser.add_argument("--steps-per-block", type=int, default=400, help="several flush intervals long")
+    parser.add_argument("--steps-per-block", type=int, default=100)
     parser.add_argument("--torch-threads", type=int, default=None, help="default: torch's choice")
     parser.add_argument(
         "--control",
@@ -60,7 +74,7 @@ def main() -> int:
     args = parser.parse_args()
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
-    rounds = args.rounds or (2 if args.quick else 8)
+    rounds = args.rounds or (4 if args.quick else 40)
 
     from bigmodel_ops.config import parse_params
     from bigmodel_ops.tracking import stage_run
@@ -95,6 +109,7 @@ def main() -> int:
         params = parse_params(raw)
         os.chdir(tmp)  # not inside a project: no pipeline parent, lineage adds nothing
         times: dict[str, list[float]] = {"base": [], "logged": []}
+        block_means: dict[str, list[float]] = {"base": [], "logged": []}
         # CPU of this process (all its threads; not a sender process) per mode: what logging
         # costs the training process itself, much less sensitive to other load than wall time.
         cpu: dict[str, float] = {"base": 0.0, "logged": 0.0}
@@ -126,6 +141,7 @@ def main() -> int:
                         times[mode].append(time.perf_counter() - t0)
                         global_step += 1
                     cpu[mode] += time.process_time() - cpu_start
+                    block_means[mode].append(statistics.fmean(times[mode][-args.steps_per_block :]))
                     if mode == "logged":
                         t_flush = time.perf_counter()
                         run.flush()
@@ -148,6 +164,8 @@ def main() -> int:
 
         logged_points = len(MlflowClient(params.tracking.uri).get_metric_history(run_id, "train/loss"))
 
+    ratios = [math.log(a / b) for a, b in zip(block_means["logged"], block_means["base"], strict=True)]
+    low, high = bootstrap_mean_ci(ratios)
     base = statistics.median(times["base"])
     logged = statistics.median(times["logged"])
     result = {
@@ -159,6 +177,13 @@ def main() -> int:
         "median_step_ms_logging": round(logged * 1e3, 4),
         "mean_step_ms_no_logging": round(statistics.fmean(times["base"]) * 1e3, 4),
         "mean_step_ms_logging": round(statistics.fmean(times["logged"]) * 1e3, 4),
+        "rounds": rounds,
+        "steps_per_block": args.steps_per_block,
+        "overhead_pct_paired": round((math.exp(statistics.fmean(ratios)) - 1) * 100, 3),
+        "overhead_pct_paired_ci95": [
+            round((math.exp(low) - 1) * 100, 3),
+            round((math.exp(high) - 1) * 100, 3),
+        ],
         "overhead_pct_median": round((logged / base - 1) * 100, 3),
         "overhead_pct_mean": round(
             (statistics.fmean(times["logged"]) / statistics.fmean(times["base"]) - 1) * 100, 3
@@ -185,7 +210,8 @@ def main() -> int:
     print(
         f"no logging: {result['mean_step_ms_no_logging']} ms/step, "
         f"logging every step: {result['mean_step_ms_logging']} ms/step "
-        f"({result['overhead_pct_mean']:+.2f}% mean, {result['overhead_pct_median']:+.2f}% median, "
+        f"({result['overhead_pct_paired']:+.2f}% paired, 95% CI {result['overhead_pct_paired_ci95']}; "
+        f"{result['overhead_pct_mean']:+.2f}% mean, {result['overhead_pct_median']:+.2f}% median, "
         f"{result['overhead_pct_with_flushes']:+.2f}% charging the block flushes; sender: {sender_mode})"
     )
     print(json.dumps(result))

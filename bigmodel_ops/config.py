@@ -59,6 +59,10 @@ class TrackingParams(_Strict):
     # it uses) or "thread" (also the fallback where fork is unavailable).
     sender: Literal["process", "thread"] = "process"
     sender_nice: int = Field(default=19, ge=0, le=19)
+    # Linux: also put the sender process in the SCHED_IDLE class, below every nice level. On a
+    # core that training keeps busy it then gets ~0.3% of the time (CFS weight 3 against 1024),
+    # and a waking training thread preempts it at once.
+    sender_sched_idle: bool = True
     # HTTP retries/timeout while a stage runs (MLflow's defaults can stall ~4 minutes on an outage);
     # MLFLOW_HTTP_REQUEST_MAX_RETRIES / MLFLOW_HTTP_REQUEST_TIMEOUT in the environment win.
     http_max_retries: int = Field(default=1, ge=0, le=10)

@@ -365,9 +365,10 @@ def test_stage_runs_send_from_a_niced_process_that_ends_with_the_run(
         pid = sender._process.pid
         # The child lowers its own priority right after the fork.
         deadline = time.monotonic() + 10
-        while os.getpriority(os.PRIO_PROCESS, pid) < 19 and time.monotonic() < deadline:
+        while os.sched_getscheduler(pid) != os.SCHED_IDLE and time.monotonic() < deadline:
             time.sleep(0.05)
         assert os.getpriority(os.PRIO_PROCESS, pid) == 19
+        assert os.sched_getscheduler(pid) == os.SCHED_IDLE  # tracking.sender_sched_idle
         for step in range(50):
             run.log_metrics({"train/loss": 1.0 / (step + 1)}, step=step)
     assert not sender._process.is_alive()

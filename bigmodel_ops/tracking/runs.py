@@ -241,6 +241,7 @@ def _stage_run_rank0(
         create_offline_run=create_from_record,
         mode=params.tracking.sender,
         nice=params.tracking.sender_nice,
+        sched_idle=params.tracking.sender_sched_idle,
         replay_leftovers=True,
     )
 
