@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from bigmodel_ops.errors import ConfigError
+from bigmodel_ops.errors import FSDP_NEEDS_GPU, ConfigError
 
 DEFAULT_PARAMS_PATH = Path("params.yaml")
 
@@ -199,6 +199,8 @@ class SizingProfile(_Strict):
     def _has_budget(self) -> SizingProfile:
         if self.max_steps is None and self.max_tokens is None:
             raise ValueError("set max_steps or max_tokens (the pretraining budget)")
+        if self.strategy == "fsdp" and self.accelerator == "cpu":
+            raise ValueError(FSDP_NEEDS_GPU)
         return self
 
 

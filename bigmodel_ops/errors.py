@@ -7,6 +7,12 @@ and exits with status 2; anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+# Shared by the params schema (an explicit cpu) and the Trainer builder ("auto" on a CPU machine).
+FSDP_NEEDS_GPU = (
+    "strategy 'fsdp' needs CUDA GPUs (Lightning's FSDP strategy does not run on CPU); "
+    "use strategy 'ddp' on CPU, which runs one gloo process per device"
+)
+
 
 class BigModelOpsError(Exception):
     """An error caused by the user's input, with a message that says what to fix."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from bigmodel_ops.cli import main
 from bigmodel_ops.config import Params, flatten, load_params, parse_params
@@ -37,6 +38,10 @@ def test_gpu_profile_switch(repo_params):
         (lambda p: p.pop("project"), "project: required field is missing"),
         (lambda p: p["profiles"]["cpu"].update(max_steps=None), "set max_steps or max_tokens"),
         (lambda p: p["tune"]["search_space"]["lr"].update(low=0.0), "a log-scaled range needs low > 0"),
+        (
+            lambda p: p["profiles"]["cpu"].update(accelerator="cpu", strategy="fsdp"),
+            "Value error, strategy 'fsdp' needs CUDA GPUs",
+        ),
     ],
 )
 def test_bad_params_name_the_field(repo_params, mutate, expected):
@@ -87,3 +92,27 @@ def test_help_lists_every_stage(capsys):
     out = capsys.readouterr().out
     for stage in ("prepare", "tokenize", "pretrain", "tune", "finetune", "evaluate", "ui", "validate"):
         assert stage in out
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_fsdp_on_auto_accelerator_without_cuda_is_refused_before_training(tmp_path):
+    from bigmodel_ops.training.engine import build_trainer
+
+    with pytest.raises(
+        ConfigError, match="accelerator 'auto' resolved to cpu: strategy 'fsdp' needs CUDA GPUs"
+    ):
+        build_trainer(
+            accelerator="auto",
+            devices=1,
+            num_nodes=1,
+            strategy="fsdp",
+            precision="auto",
+            max_steps=1,
+            accumulate_grad_batches=1,
+            gradient_clip_val=1.0,
+            val_every_n_steps=None,
+            callbacks=[],
+            quiet=True,
+            enable_checkpointing=False,
+            default_root_dir=tmp_path,
+        )

@@ -13,6 +13,8 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback, TQDMProgressBar
 
+from bigmodel_ops.errors import FSDP_NEEDS_GPU, ConfigError
+
 
 def resolve_accelerator(accelerator: str) -> str:
     """ "auto" becomes "gpu" when CUDA is available, else "cpu"."""
@@ -42,6 +44,9 @@ def configure_torch(accelerator: str) -> None:
 
 
 def _strategy(strategy: str, accelerator: str) -> object:
+    if strategy == "fsdp" and resolve_accelerator(accelerator) != "gpu":
+        # The schema refuses an explicit cpu; "auto" only resolves here, on a machine without CUDA.
+        raise ConfigError(f"accelerator {accelerator!r} resolved to cpu: {FSDP_NEEDS_GPU}")
     if strategy == "ddp":
         from lightning.pytorch.strategies import DDPStrategy
 
