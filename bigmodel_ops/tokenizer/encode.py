@@ -305,7 +305,6 @@ class BatchEncoder:
         self.dtype = np.dtype(dtype)
         self.twin = light_twin(tokenizer) if fast_path else None
         self._full = _batch_method(tokenizer)
-        self._light = _batch_method(self.twin) if self.twin is not None else self._full
         self.cache = WordCache(self.twin or tokenizer, dtype=self.dtype, max_words=cache_words)
         self._cache_lock = threading.Lock()
         # Bytes per second of (the second thread, this one) in `encode`, smoothed; None until measured.

@@ -129,17 +129,20 @@ class StageRun:
         self.log_text(json.dumps(data, indent=2, default=str), artifact_file)
 
     def log_text(self, text: str, artifact_file: str) -> None:
-        with tempfile.TemporaryDirectory() as tmp:
-            target = Path(tmp) / Path(artifact_file).name
+        with self._staged(artifact_file) as target:
             target.write_text(text, encoding="utf-8")
-            parent = str(Path(artifact_file).parent)
-            self._artifact(target, None if parent == "." else parent)
 
     def log_figure(self, figure: Any, artifact_file: str) -> None:
         """Save a matplotlib figure (png/svg/pdf by the file's suffix) as an artifact."""
+        with self._staged(artifact_file) as target:
+            figure.savefig(target, bbox_inches="tight")
+
+    @contextlib.contextmanager
+    def _staged(self, artifact_file: str) -> Iterator[Path]:
+        """A temp path named like `artifact_file`; what is written there is logged at its folder."""
         with tempfile.TemporaryDirectory() as tmp:
             target = Path(tmp) / Path(artifact_file).name
-            figure.savefig(target, bbox_inches="tight")
+            yield target
             parent = str(Path(artifact_file).parent)
             self._artifact(target, None if parent == "." else parent)
 
