@@ -1,50 +1,152 @@
-"""Stage outputs that are never half-written: atomic JSON files and folder swaps, file hashes.
+"""Outputs that are never half-written, and the project's hashes.
 
-Every stage builds its outputs beside the target and moves them into place at the very
-end, so a crash or bad input leaves either the previous complete output or nothing.
-No third-party imports: the GPU benchmark imports the training code bare.
+Every stage builds its outputs beside their final paths and moves them into place only at the
+very end (:func:`publish`), so a crash, a full disk or bad input leaves either the previous
+complete output or nothing. No third-party imports: the GPU benchmark imports the training code
+bare.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
-import tempfile
-from collections.abc import Mapping
+import uuid
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 
-def write_json_atomic(path: Path, data: Mapping[str, Any]) -> None:
-    """Write JSON to a temporary file next to path, then rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+class Publication:
+    """Staged copies of output files and folders, swapped into place together by :meth:`commit`.
+
+    ``staged(target)`` names the temporary path to write ``target``'s new content to (a sibling,
+    so the final rename stays on one file system). The caller creates it (a file, or a folder
+    with ``mkdir``). ``commit`` moves every staged path that exists over its target; a previous
+    target is deleted only after its replacement is in place, and restored if the move fails.
+    ``abort`` removes the staged paths and the parent folders this object created.
+    """
+
+    def __init__(self, *targets: Path) -> None:
+        self._suffix = f"tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self._staged: dict[Path, Path] = {}
+        self._created: list[Path] = []
+        self._wrappers: list[Path] = []
+        for target in targets:
+            self.staged(target)
+
+    def staged(self, target: Path, *, name: str | None = None) -> Path:
+        """The staging path of target (its parent folders are created, and removed on abort).
+
+        With ``name``, the staging path is ``<a staging folder>/<name>`` instead, for outputs
+        whose own folder name is seen elsewhere (an MLflow artifact is named after its folder).
+        """
+        target = Path(target)
+        if target not in self._staged:
+            self._make_dirs(target.parent)
+            wrapper = target.parent / f".{target.name}.{self._suffix}"
+            if name is not None:
+                wrapper.mkdir()
+                self._wrappers.append(wrapper)
+                self._staged[target] = wrapper / name
+            else:
+                self._staged[target] = wrapper
+        return self._staged[target]
+
+    def _make_dirs(self, folder: Path) -> None:
+        missing = []
+        while not folder.exists():
+            missing.append(folder)
+            folder = folder.parent
+        for path in reversed(missing):
+            path.mkdir()
+            self._created.append(path)
+
+    def commit(self) -> None:
+        """Move every staged path over its target (targets without a staged path are left alone)."""
+        for target, staged in self._staged.items():
+            if staged.exists():
+                _swap(staged, target)
+        for wrapper in self._wrappers:
+            _remove(wrapper)
+        self._created.clear()
+
+    def abort(self) -> None:
+        for staged in [*self._staged.values(), *self._wrappers]:
+            _remove(staged)
+        for folder in reversed(self._created):
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only if empty: something else may live there now
+        self._created.clear()
+
+
+@contextlib.contextmanager
+def publish(*targets: Path) -> Iterator[Publication]:
+    """Stage outputs for ``targets``; commit them when the block ends cleanly, else abort.
+
+    ::
+
+        with publish(out_dir, report) as pub:
+            build(pub.staged(out_dir))
+            pub.staged(report).write_text(...)
+    """
+    publication = Publication(*targets)
     try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(dict(data), handle, indent=2, default=str)
-        os.replace(tmp, path)
+        yield publication
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        publication.abort()
+        raise
+    try:
+        publication.commit()
+    except BaseException:
+        publication.abort()
         raise
 
 
-def replace_dir(staging: Path, target: Path) -> None:
-    """Move a finished staging folder to target; an older target is removed only once the new one is there."""
+def _swap(staged: Path, target: Path) -> None:
     old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        shutil.rmtree(old, ignore_errors=True)
+    if target.exists() or target.is_symlink():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}")
         os.replace(target, old)
     try:
-        os.replace(staging, target)
+        os.replace(staged, target)
     except BaseException:
         if old is not None:
             os.replace(old, target)
         raise
     if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        _remove(old)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def write_json_atomic(path: Path, data: Mapping[str, Any]) -> None:
+    """Write JSON to a staged file next to path, then rename it into place."""
+    with publish(path) as pub:
+        pub.staged(path).write_text(json.dumps(dict(data), indent=2, default=str) + "\n")
+
+
+def replace_dir(staging: Path, target: Path) -> None:
+    """Move a finished staging folder to target; an older target is removed only once the new one is there."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    _swap(staging, target)
+
+
+def short_hash(value: Any, *, length: int = 12) -> str:
+    """sha256 (hex, first ``length`` characters) of a JSON value, key order ignored.
+
+    The one hash the project uses for configurations, params sections and pipeline ids.
+    Non-JSON leaves (paths, numpy scalars) are hashed as their ``str``.
+    """
+    blob = json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:length]
 
 
 def sha256_file(path: Path | str) -> str:

@@ -21,12 +21,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from bigmodel_ops.contract import CONFIG_FILE, WEIGHTS_FILE
 from bigmodel_ops.errors import CheckpointError
 
 IGNORE_INDEX = -100
 EXPORT_FORMAT = "bigmodel_ops.model/1"
-WEIGHTS_FILE = "model.safetensors"
-CONFIG_FILE = "config.json"
 
 
 @dataclass(frozen=True)
@@ -255,11 +254,6 @@ def parameter_groups(model: nn.Module, *, weight_decay: float) -> list[dict]:
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-
-
-def flops_per_token(config: ModelConfig, *, n_params: int) -> float:
-    """Training FLOPs per token: 6N for the matmuls plus 12*L*C*T for attention (PaLM appendix B)."""
-    return 6.0 * n_params + 12.0 * config.n_layer * config.n_embd * config.block_size
 
 
 def save_pretrained(model: TransformerLM, directory: Path | str, *, extra: dict | None = None) -> Path:

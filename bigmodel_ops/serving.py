@@ -1,50 +1,90 @@
-"""The MLflow pyfunc text classifier (a models-from-code file).
+"""Packaging the classifier as a servable MLflow pyfunc model (models from code, no pickle).
 
-The finetune stage logs this file as ``python_model`` with the exported classifier folder
-(model.safetensors + config.json + tokenizer.json) as the artifact ``classifier``, and the
-bigmodel_ops package as code, so a served model needs no pickle at all: MLflow runs this file,
-which builds the model and loads the weights with safetensors.
-
-Input: a DataFrame with a string column ``text`` (a list of strings or a Series also works).
-Output: a DataFrame with one row per text: ``label`` (str, one of the training labels) and
-``score`` (float, the softmax probability of that label). Texts longer than the classifier's
-``max_length`` tokens are truncated; an empty input gives an empty frame.
+:func:`log_pyfunc_model` logs :mod:`bigmodel_ops.pyfunc_model` as the model's code, the exported
+classifier folder (safetensors + config.json + tokenizer.json) as its artifact, and the
+bigmodel_ops package as code. Its requirements are only what inference needs: the served model
+imports neither Lightning nor pydantic.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
-import mlflow
-import pandas as pd
-from mlflow.pyfunc import PythonModel
-
-ARTIFACT_KEY = "classifier"
-BATCH_SIZE = 64
+MODEL_ARTIFACT_PATH = "classifier"
+# What the served model imports (pyfunc_model -> classification.export/inputs -> model, contract).
+INFERENCE_PACKAGES = ("mlflow", "torch", "tokenizers", "safetensors", "numpy", "pandas", "pyarrow")
 
 
-class TextClassifierModel(PythonModel):
-    def load_context(self, context: Any) -> None:
-        from bigmodel_ops.classification import load_classifier
+def _pip_requirements() -> list[str]:
+    from importlib.metadata import PackageNotFoundError, version
 
-        self._classifier = load_classifier(context.artifacts[ARTIFACT_KEY])
+    pins = []
+    for package in INFERENCE_PACKAGES:
+        try:
+            pins.append(f"{package}=={version(package).split('+')[0]}")
+        except PackageNotFoundError:
+            pins.append(package)
+    return pins
 
-    # No type hints on predict: MLflow would try to derive a signature from them; the logged
-    # signature (string column `text` -> label, score) is the contract.
-    def predict(self, context, model_input, params=None):
-        if isinstance(model_input, pd.DataFrame):
-            if "text" not in model_input.columns:
-                raise ValueError(f"input needs a 'text' column, got columns {list(model_input.columns)}")
-            texts = model_input["text"].astype(str).tolist()
-        elif isinstance(model_input, pd.Series):
-            texts = model_input.astype(str).tolist()
+
+@contextlib.contextmanager
+def _fluent_target(uri: str, experiment_id: str) -> Iterator[None]:
+    """Point MLflow's fluent state at our store and experiment while a model is logged.
+
+    ``Model.log`` resolves the store from MLflow's global tracking URI and files the LoggedModel
+    under the *active* experiment, not the run's. MLFLOW_TRACKING_URI in the environment (how
+    tests and CI select a store) wins over params, so then nothing global is changed.
+    """
+    import mlflow
+
+    if mlflow.get_tracking_uri() != uri:
+        mlflow.set_tracking_uri(uri)
+    previous = os.environ.get("MLFLOW_EXPERIMENT_ID")
+    os.environ["MLFLOW_EXPERIMENT_ID"] = experiment_id
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
         else:
-            texts = [str(text) for text in model_input]
-        batch_size = int((params or {}).get("batch_size", BATCH_SIZE))
-        labels, scores = self._classifier.predict(texts, batch_size=batch_size)
-        return pd.DataFrame(
-            {"label": pd.Series(labels, dtype=object), "score": pd.Series(scores, dtype="float64")}
+            os.environ["MLFLOW_EXPERIMENT_ID"] = previous
+
+
+def log_pyfunc_model(run: Any, model_dir: Path, *, tracking_uri: str, input_texts: list[str]) -> Any:
+    """Log the classifier folder as the servable pyfunc model ``classifier`` of ``run``.
+
+    Models from code: pyfunc_model.py is the model, the folder is its artifact, the bigmodel_ops
+    package travels as code, requirements are pinned to the installed versions (no inference
+    subprocess). Returns MLflow's ModelInfo.
+    """
+    import mlflow
+    import pandas as pd
+    from mlflow.models import Model, ModelSignature
+    from mlflow.types.schema import ColSpec, Schema
+
+    import bigmodel_ops
+    from bigmodel_ops import pyfunc_model
+
+    signature = ModelSignature(
+        inputs=Schema([ColSpec("string", "text")]),
+        outputs=Schema([ColSpec("string", "label"), ColSpec("double", "score")]),
+    )
+    experiment_id = run.client.get_run(run.run_id).info.experiment_id
+    with _fluent_target(tracking_uri, experiment_id):
+        return Model.log(
+            artifact_path=None,
+            name=MODEL_ARTIFACT_PATH,
+            flavor=mlflow.pyfunc,
+            flavor_name="pyfunc.ModelFromCode",
+            run_id=run.run_id,
+            python_model=str(Path(pyfunc_model.__file__)),
+            artifacts={pyfunc_model.ARTIFACT_KEY: str(model_dir)},
+            code_paths=[str(Path(bigmodel_ops.__file__).parent)],
+            signature=signature,
+            input_example=pd.DataFrame({"text": input_texts}),
+            pip_requirements=_pip_requirements(),
         )
-
-
-mlflow.models.set_model(TextClassifierModel())

@@ -1,8 +1,9 @@
-"""DVC stage 'evaluate': validate params.yaml, run the stage, exit non-zero on failure."""
+"""DVC stage `evaluate`: runs bigmodel_ops/pipeline/evaluate.py (`bigmodel-ops evaluate`)."""
 
 import sys
 
-from bigmodel_ops.cli import main
+from bigmodel_ops.pipeline import evaluate
+from bigmodel_ops.pipeline._common import run_stage
 
 if __name__ == "__main__":
-    sys.exit(main(["evaluate", *sys.argv[1:]]))
+    sys.exit(run_stage(evaluate))

@@ -1,8 +1,9 @@
-"""DVC stage 'finetune': validate params.yaml, run the stage, exit non-zero on failure."""
+"""DVC stage `finetune`: runs bigmodel_ops/pipeline/finetune.py (`bigmodel-ops finetune`)."""
 
 import sys
 
-from bigmodel_ops.cli import main
+from bigmodel_ops.pipeline import finetune
+from bigmodel_ops.pipeline._common import run_stage
 
 if __name__ == "__main__":
-    sys.exit(main(["finetune", *sys.argv[1:]]))
+    sys.exit(run_stage(finetune))

@@ -1,8 +1,9 @@
-"""DVC stage 'prepare': validate params.yaml, run the stage, exit non-zero on failure."""
+"""DVC stage `prepare`: runs bigmodel_ops/pipeline/prepare.py (`bigmodel-ops prepare`)."""
 
 import sys
 
-from bigmodel_ops.cli import main
+from bigmodel_ops.pipeline import prepare
+from bigmodel_ops.pipeline._common import run_stage
 
 if __name__ == "__main__":
-    sys.exit(main(["prepare", *sys.argv[1:]]))
+    sys.exit(run_stage(prepare))

@@ -1,8 +1,9 @@
-"""DVC stage 'pretrain': validate params.yaml, run the stage, exit non-zero on failure."""
+"""DVC stage `pretrain`: runs bigmodel_ops/pipeline/pretrain.py (`bigmodel-ops pretrain`)."""
 
 import sys
 
-from bigmodel_ops.cli import main
+from bigmodel_ops.pipeline import pretrain
+from bigmodel_ops.pipeline._common import run_stage
 
 if __name__ == "__main__":
-    sys.exit(main(["pretrain", *sys.argv[1:]]))
+    sys.exit(run_stage(pretrain))

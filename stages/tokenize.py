@@ -1,8 +1,9 @@
-"""DVC stage 'tokenize': validate params.yaml, run the stage, exit non-zero on failure."""
+"""DVC stage `tokenize`: runs bigmodel_ops/pipeline/tokenize.py (`bigmodel-ops tokenize`)."""
 
 import sys
 
-from bigmodel_ops.cli import main
+from bigmodel_ops.pipeline import tokenize
+from bigmodel_ops.pipeline._common import run_stage
 
 if __name__ == "__main__":
-    sys.exit(main(["tokenize", *sys.argv[1:]]))
+    sys.exit(run_stage(tokenize))

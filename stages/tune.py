@@ -1,8 +1,9 @@
-"""DVC stage 'tune': validate params.yaml, run the stage, exit non-zero on failure."""
+"""DVC stage `tune`: runs bigmodel_ops/pipeline/tune.py (`bigmodel-ops tune`)."""
 
 import sys
 
-from bigmodel_ops.cli import main
+from bigmodel_ops.pipeline import tune
+from bigmodel_ops.pipeline._common import run_stage
 
 if __name__ == "__main__":
-    sys.exit(main(["tune", *sys.argv[1:]]))
+    sys.exit(run_stage(tune))

@@ -8,20 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from bigmodel_ops.classification import (
-    SequenceClassifier,
-    build_classifier,
-    check_pretrained_dir,
-    collate,
-    confusion_matrix,
-    load_classifier,
-    load_splits,
-    load_tokenizer,
-    metrics_from_confusion,
-    read_labeled_split,
-    save_classifier,
-    tokenize_texts,
-)
+from bigmodel_ops.classification.export import load_classifier, save_classifier
+from bigmodel_ops.classification.inputs import collate, load_splits, read_labeled_split, tokenize_texts
+from bigmodel_ops.classification.metrics import confusion_matrix, metrics_from_confusion
+from bigmodel_ops.classification.model import SequenceClassifier
+from bigmodel_ops.classification.training import build_classifier
+from bigmodel_ops.contract import check_model_dir as check_pretrained_dir
+from bigmodel_ops.contract import load_tokenizer
 from bigmodel_ops.config import parse_params
 from bigmodel_ops.errors import CheckpointError, DataError
 from bigmodel_ops.model import TransformerLM, config_from_preset
@@ -170,7 +163,13 @@ def test_export_roundtrip_gives_the_same_logits(tmp_path: Path, objective: str):
     )
     loaded = load_classifier(tmp_path / "clf")
     assert loaded.labels == LABELS and loaded.config["mlflow_run_id"] == "x"
-    splits = load_splits(params, prepared=paths.prepared, model_dir=paths.pretrained_model, splits=("val",))
+    splits = load_splits(
+        prepared=paths.prepared,
+        model_dir=paths.pretrained_model,
+        labels=params.prepare.labels,
+        max_length=params.finetune.max_length,
+        splits=("val",),
+    )
     batch = collate([(ids, 0) for ids in splits["val"].ids])
     with torch.no_grad():
         expected = model(batch["idx"], batch["lengths"])

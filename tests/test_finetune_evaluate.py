@@ -14,9 +14,9 @@ from mlflow.tracking import MlflowClient
 from bigmodel_ops.cli import main
 from bigmodel_ops.config import parse_params
 from bigmodel_ops.errors import CheckpointError
-from bigmodel_ops.evaluation import run_evaluate
-from bigmodel_ops.finetune import run_finetune
-from bigmodel_ops.registry import promote_if_better, register_run_model
+from bigmodel_ops.pipeline.evaluate import run as run_evaluate
+from bigmodel_ops.pipeline.finetune import run as run_finetune
+from bigmodel_ops.tracking.registry import promote_if_better, register_run_model
 from tests.helpers_finetune import LABELS, make_project, make_texts, tiny_params, write_split
 
 

@@ -494,26 +494,6 @@ def test_cli_writes_outputs_report_and_mlflow_run(project: Path) -> None:
     assert {t.key: t.value for t in train.tags}["mlflow.data.context"] == "training"
 
 
-def test_client_fallback_for_dataset_inputs(project: Path) -> None:
-    """The path used when the tracking layer has no `log_input`: a real client and store."""
-    from bigmodel_ops.data.mlflow_dataset import dataset_input, schema_dict
-
-    client = MlflowClient()
-    run = client.create_run(client.create_experiment("fallback"))
-    entry = dataset_input(
-        name="demo-val",
-        source="outputs/prepared/val.parquet",
-        digest="0123456789abcdef",
-        context="validation",
-        profile={"num_rows": 12},
-        schema=schema_dict(labeled=True),
-    )
-    client.log_inputs(run.info.run_id, datasets=[entry])
-    (logged,) = client.get_run(run.info.run_id).inputs.dataset_inputs
-    assert logged.dataset.name == "demo-val" and json.loads(logged.dataset.profile) == {"num_rows": 12}
-    assert "label_id" in logged.dataset.schema
-
-
 def test_failed_rerun_keeps_the_previous_output(project: Path, capsys: pytest.CaptureFixture[str]) -> None:
     write_csv(project / "reviews.csv", labeled_rows(100))
     raw = params_dict(source={"kind": "csv", "path": "reviews.csv"}, pretrain_pool="all")

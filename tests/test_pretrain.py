@@ -19,8 +19,8 @@ from bigmodel_ops.config import parse_params
 from bigmodel_ops.errors import CheckpointError, DataError, TrainingDiverged
 from bigmodel_ops.model import IGNORE_INDEX, ModelConfig, TransformerLM, load_pretrained, parameter_groups
 from bigmodel_ops.shards import ShardIndex
-from bigmodel_ops.training.checkpoints import find_resume_point
-from bigmodel_ops.training.data import (
+from bigmodel_ops.pretraining.checkpoints import find_resume_point
+from bigmodel_ops.pretraining.data import (
     DataSpec,
     ResumableBatchLoader,
     TokenStream,
@@ -28,9 +28,9 @@ from bigmodel_ops.training.data import (
     mask_tokens,
     masked_count,
 )
-from bigmodel_ops.training.flops import mfu, peak_flops
-from bigmodel_ops.training.lm_module import lr_factor
-from bigmodel_ops.training.pretrain import run_pretrain
+from bigmodel_ops.pretraining.flops import mfu, peak_flops
+from bigmodel_ops.pretraining.lm_module import lr_factor
+from bigmodel_ops.pipeline.pretrain import run as run_pretrain
 from tests.helpers_pretrain import ckpt_dir, make_project, raw_params, train_tokenizer, write_shards
 
 

@@ -13,7 +13,10 @@ from mlflow.tracking import MlflowClient
 
 from bigmodel_ops.cli import main
 from bigmodel_ops.config import parse_params
-from bigmodel_ops.tuning import JOURNAL_FILE, fail_stale_trials, run_tune, study_name, study_summary
+from bigmodel_ops.pipeline.tune import JOURNAL_FILE
+from bigmodel_ops.pipeline.tune import name_of_study as study_name
+from bigmodel_ops.pipeline.tune import run as run_tune
+from bigmodel_ops.tuning.study import fail_stale_trials, study_summary
 from tests.helpers_finetune import make_project, tiny_params
 
 

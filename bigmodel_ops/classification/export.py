@@ -14,10 +14,11 @@ from typing import Any
 
 import torch
 
-from bigmodel_ops.classification.data import TOKENIZER_FILE, collate, load_tokenizer, tokenize_texts
+from bigmodel_ops.classification.inputs import collate, tokenize_texts
 from bigmodel_ops.classification.model import SequenceClassifier
+from bigmodel_ops.contract import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, load_tokenizer
 from bigmodel_ops.errors import CheckpointError
-from bigmodel_ops.model import CONFIG_FILE, WEIGHTS_FILE, ModelConfig, TransformerLM, load_weights
+from bigmodel_ops.model import ModelConfig, TransformerLM, load_weights
 
 CLASSIFIER_FORMAT = "bigmodel_ops.classifier/1"
 
@@ -124,7 +125,9 @@ def load_classifier(directory: Path | str) -> TextClassifier:
         )
     load_weights(model, directory, what="classifier")
     model.eval()
-    tokenizer = load_tokenizer(directory / TOKENIZER_FILE, max_length=int(payload["max_length"]))
+    tokenizer = load_tokenizer(
+        directory / TOKENIZER_FILE, max_length=int(payload["max_length"]), error=CheckpointError
+    )
     return TextClassifier(
         model=model, tokenizer=tokenizer, labels=labels, max_length=int(payload["max_length"]), config=payload
     )

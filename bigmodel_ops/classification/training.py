@@ -1,12 +1,15 @@
 """Fine-tuning a :class:`~bigmodel_ops.classification.model.SequenceClassifier` with Lightning.
 
 :class:`ClassifierModule` (AdamW, linear warmup + linear decay, optional frozen backbone, val loss /
-accuracy / macro F1 per epoch), :class:`MetricsLogger` (metrics to an MLflow stage run),
-:func:`build_trainer` and :func:`fit_classifier`, shared by the tune and finetune stages.
+accuracy / macro F1 per epoch), :class:`ClassificationDataModule` and :func:`fit_classifier`, shared
+by the tune and finetune stages. Plain objects in (:class:`FitConfig`, :class:`HyperParams`): the
+params schema stays in the stage modules. The Trainer is :func:`bigmodel_ops.trainer.build_trainer`,
+the same builder pretraining uses.
 """
 
 from __future__ import annotations
 
+import sys
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -17,12 +20,28 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
-from bigmodel_ops.classification.data import ClassificationDataModule, TokenizedSplit
+from bigmodel_ops.classification.inputs import TokenizedSplit, collate
 from bigmodel_ops.classification.metrics import confusion_matrix, metrics_from_confusion
 from bigmodel_ops.classification.model import SequenceClassifier
-from bigmodel_ops.config import Params
 from bigmodel_ops.model import load_pretrained, parameter_groups
-from bigmodel_ops.training import engine
+from bigmodel_ops.trainer import build_trainer
+
+
+@dataclass(frozen=True)
+class FitConfig:
+    """How a classifier is fine-tuned, apart from the searched hyperparameters."""
+
+    num_labels: int
+    seed: int
+    warmup_ratio: float = 0.1
+    freeze_backbone: bool = False
+    grad_clip: float = 1.0
+    accelerator: str = "cpu"
+    devices: int | str = 1
+    num_nodes: int = 1
+    strategy: str = "auto"
+    precision: str = "32-true"
+    num_workers: int = 0
 
 
 @dataclass(frozen=True)
@@ -83,6 +102,8 @@ class ClassifierModule(L.LightningModule):
         self._val_logits: list[torch.Tensor] = []
         self._val_labels: list[torch.Tensor] = []
         self.last_val: dict[str, float] = {}
+        self._train_loss_sum: torch.Tensor | None = None
+        self._train_loss_count = 0
 
     def forward(self, idx: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         return self.model(idx, lengths)
@@ -90,8 +111,18 @@ class ClassifierModule(L.LightningModule):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         logits = self(batch["idx"], batch["lengths"])
         loss = F.cross_entropy(logits.float(), batch["labels"])
-        self.log("train_loss", loss, on_step=True, on_epoch=True, batch_size=batch["labels"].numel())
+        detached = loss.detach()
+        self._train_loss_sum = detached if self._train_loss_sum is None else self._train_loss_sum + detached
+        self._train_loss_count += 1
         return loss
+
+    def take_train_loss(self) -> float | None:
+        """Mean train loss since the last call (one device sync), or None without steps."""
+        if self._train_loss_sum is None or not self._train_loss_count:
+            return None
+        value = float(self._train_loss_sum.item()) / self._train_loss_count
+        self._train_loss_sum, self._train_loss_count = None, 0
+        return value
 
     def on_validation_epoch_start(self) -> None:
         self._val_logits.clear()
@@ -116,9 +147,8 @@ class ClassifierModule(L.LightningModule):
             "val_acc": summary["accuracy"],
             "val_f1": summary["macro_f1"],
         }
-        for key, value in self.last_val.items():
-            # Already global: no sync_dist.
-            self.log(key, value, prog_bar=key == "val_acc")
+        # Already global: no sync_dist. Shown on the progress bar and seen by Optuna's pruner.
+        self.log_dict(self.last_val, prog_bar=True)
 
     def configure_optimizers(self) -> dict[str, Any]:
         groups = [g for g in parameter_groups(self.model, weight_decay=self.weight_decay) if g["params"]]
@@ -129,84 +159,46 @@ class ClassifierModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
-class MetricsLogger(L.Callback):
-    """Send training metrics to an MLflow run (rank zero only).
+class _SplitDataset(torch.utils.data.Dataset):
+    def __init__(self, split: TokenizedSplit) -> None:
+        self.split = split
 
-    - ``train_loss`` every ``every_n_steps`` optimizer steps, at the global step;
-    - after each validation epoch (not the sanity check): ``val_loss``, ``val_acc``, ``val_f1`` at
-      the global step plus an ``epoch`` metric (``step="global"``), or at the epoch number
-      (``step="epoch"``, as Optuna trials are reported).
-    """
+    def __len__(self) -> int:
+        return len(self.split)
 
-    def __init__(self, run: Any, *, every_n_steps: int, step: str = "global") -> None:
-        self.run = run
-        self.every_n_steps = every_n_steps
-        self.step = step
+    def __getitem__(self, index: int) -> tuple[list[int], int]:
+        return self.split.ids[index], int(self.split.labels[index])
 
-    def on_train_batch_end(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+
+class ClassificationDataModule(L.LightningDataModule):
+    """Train / val loaders over already tokenised splits (tokenise once, reuse across trials)."""
+
+    def __init__(
+        self, splits: Mapping[str, TokenizedSplit], *, batch_size: int, seed: int, num_workers: int = 0
     ) -> None:
-        if not trainer.is_global_zero or self.step != "global":
-            return
-        step = trainer.global_step
-        if step % self.every_n_steps == 0 and isinstance(outputs, Mapping) and "loss" in outputs:
-            lr = trainer.optimizers[0].param_groups[0]["lr"]
-            self.run.log_metrics({"train_loss": float(outputs["loss"]), "lr": lr}, step=step)
+        super().__init__()
+        self.splits = splits
+        self.batch_size = batch_size
+        self.seed = seed
+        self.num_workers = num_workers
 
-    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.sanity_checking or not trainer.is_global_zero:
-            return
-        values = dict(getattr(pl_module, "last_val", {}))
-        if not values:
-            return
-        if self.step == "epoch":
-            self.run.log_metrics(values, step=trainer.current_epoch)
-        else:
-            self.run.log_metrics(values, step=trainer.global_step, epoch=trainer.current_epoch)
+    def _loader(self, split: str, *, shuffle: bool) -> torch.utils.data.DataLoader:
+        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
+        return torch.utils.data.DataLoader(
+            _SplitDataset(self.splits[split]),
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            generator=generator,
+            collate_fn=collate,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
 
+    def train_dataloader(self) -> torch.utils.data.DataLoader:
+        return self._loader("train", shuffle=True)
 
-def resolve_precision(params: Params) -> str:
-    """The sizing profile's precision; auto = bf16-mixed on CUDA, 32-true elsewhere."""
-    return engine.resolve_precision(params.sizing.precision, params.sizing.accelerator)
-
-
-def build_trainer(
-    params: Params,
-    *,
-    max_epochs: int,
-    callbacks: Sequence[L.Callback] = (),
-    quiet: bool = False,
-    single_device: bool = False,
-    train_fraction: float = 1.0,
-) -> L.Trainer:
-    """A Trainer sized by the active profile (single_device: one device, no distributed strategy)."""
-    import sys
-
-    sizing = params.sizing
-    distributed = (
-        {}
-        if single_device
-        else {
-            "devices": sizing.devices,
-            "num_nodes": sizing.num_nodes,
-            "strategy": sizing.strategy,
-        }
-    )
-    return L.Trainer(
-        accelerator=sizing.accelerator,
-        precision=resolve_precision(params),
-        max_epochs=max_epochs,
-        callbacks=list(callbacks),
-        logger=False,  # metrics go to MLflow through MetricsLogger / the stage run
-        enable_checkpointing=False,  # a few epochs of fine-tuning: the export is the checkpoint
-        enable_model_summary=False,
-        enable_progress_bar=not quiet and sys.stderr.isatty(),
-        num_sanity_val_steps=0,
-        gradient_clip_val=params.finetune.grad_clip or None,
-        log_every_n_steps=params.tracking.log_every_n_steps,
-        limit_train_batches=train_fraction,
-        **({"devices": 1} if single_device else distributed),
-    )
+    def val_dataloader(self) -> torch.utils.data.DataLoader:
+        return self._loader("val", shuffle=False)
 
 
 def build_classifier(model_dir: Path, *, num_labels: int, dropout: float) -> SequenceClassifier:
@@ -216,7 +208,7 @@ def build_classifier(model_dir: Path, *, num_labels: int, dropout: float) -> Seq
 
 
 def fit_classifier(
-    params: Params,
+    fit: FitConfig,
     *,
     model_dir: Path,
     splits: Mapping[str, TokenizedSplit],
@@ -227,32 +219,41 @@ def fit_classifier(
     single_device: bool = False,
     train_fraction: float = 1.0,
 ) -> tuple[ClassifierModule, L.Trainer]:
-    """Seed, build the classifier from the pretrained model and fine-tune it (train + val)."""
-    L.seed_everything(params.project.seed, workers=True, verbose=False)
-    model = build_classifier(model_dir, num_labels=len(params.prepare.labels), dropout=hparams.dropout)
+    """Seed, build the classifier from the pretrained model and fine-tune it (train + val).
+
+    ``single_device`` ignores the devices / nodes / strategy of ``fit`` (one Optuna trial per
+    process); ``train_fraction`` trains each epoch on that share of the batches.
+    """
+    L.seed_everything(fit.seed, workers=True, verbose=False)
+    model = build_classifier(model_dir, num_labels=fit.num_labels, dropout=hparams.dropout)
     module = ClassifierModule(
         model,
         lr=hparams.lr,
         weight_decay=hparams.weight_decay,
-        warmup_ratio=params.finetune.warmup_ratio,
-        freeze_backbone=params.finetune.freeze_backbone,
+        warmup_ratio=fit.warmup_ratio,
+        freeze_backbone=fit.freeze_backbone,
     )
     data = ClassificationDataModule(
-        splits, batch_size=hparams.batch_size, seed=params.project.seed, num_workers=params.sizing.num_workers
+        splits, batch_size=hparams.batch_size, seed=fit.seed, num_workers=fit.num_workers
+    )
+    distributed = (
+        {"devices": 1}
+        if single_device
+        else {"devices": fit.devices, "num_nodes": fit.num_nodes, "strategy": fit.strategy}
     )
     trainer = build_trainer(
-        params,
+        accelerator=fit.accelerator,
+        precision=fit.precision,
         max_epochs=max_epochs,
+        gradient_clip_val=fit.grad_clip,
+        validate="epoch",
         callbacks=callbacks,
-        quiet=quiet,
-        single_device=single_device,
-        train_fraction=train_fraction,
+        quiet=quiet or not sys.stderr.isatty(),
+        limit_train_batches=train_fraction,
+        **distributed,
     )
     with warnings.catch_warnings():
         # Small in-memory datasets: worker processes would cost more than they save.
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-        warnings.filterwarnings(
-            "ignore", message=".*number of training batches.*smaller than the logging interval.*"
-        )
         trainer.fit(module, datamodule=data)
     return module, trainer

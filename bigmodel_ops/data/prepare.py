@@ -1,6 +1,7 @@
-"""The `prepare` stage: raw source -> normalised, deduplicated, split Parquet files.
+"""The prepare library: raw source -> normalised, deduplicated, split Parquet files.
 
-Outputs (under `paths.prepared`):
+:func:`build_prepared` streams the source into the output folder it is given; the stage glue
+(:mod:`bigmodel_ops.pipeline.prepare`) publishes that folder and logs it. Outputs:
 
 * ``train.parquet``, ``val.parquet``, ``test.parquet``: columns ``text`` (string),
   ``label`` (string) and ``label_id`` (int32, the index in ``prepare.labels``);
@@ -16,69 +17,29 @@ The whole stage streams: sources are read in chunks of ``chunk_rows`` and rows
 are written as they come, so memory does not depend on the corpus size, except
 for the dedup index (about 100 bytes per unique text).
 
-Failure leaves nothing behind: everything is written into a temporary folder
-beside ``paths.prepared`` and moved into place only after the last check passed;
-a previous good output stays until then.
+DataError is raised as soon as a bad row is met; the caller discards the folder.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import os
-import shutil
-import tempfile
-import uuid
 from pathlib import Path
 from typing import Any
 
-from bigmodel_ops.config import Params, PrepareParams, flatten
+from bigmodel_ops.config import PrepareParams, flatten
 from bigmodel_ops.data.labels import UNLABELED, LabelError, LabelMapper
 from bigmodel_ops.data.normalize import normalize_text
-from bigmodel_ops.data.sources import RawBatch, SourcePlan, iter_source, plan_sources
+from bigmodel_ops.data.sources import RawBatch, SourcePlan, iter_source
 from bigmodel_ops.data.splitting import SPLITS, Deduper, SplitAssigner, TextHasher
 from bigmodel_ops.data.stats import LengthStats
 from bigmodel_ops.data.writer import SplitWriter
 from bigmodel_ops.errors import DataError
-from bigmodel_ops.paths import ProjectPaths
+from bigmodel_ops.fsutil import short_hash
 from bigmodel_ops.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
 OUTPUTS = (*SPLITS, "pretrain")
-_CONTEXTS = {"train": "training", "val": "validation", "test": "testing", "pretrain": "pretraining"}
-
-
-def run_prepare(params: Params, *, paths: ProjectPaths, quiet: bool = False) -> dict[str, Any]:
-    """Run the stage and return the data report (also written to `paths.prepare_report`).
-
-    Raises DataError (nothing written) for a missing file or glob without
-    matches, undecodable bytes, a missing column, an undeclared label value, and
-    a split or pretraining pool that ends up empty.
-    """
-    from bigmodel_ops.tracking.runs import stage_run
-
-    prepare = params.prepare
-    # Missing files fail here, before an MLflow run is opened for nothing.
-    plan = plan_sources(prepare)
-    with stage_run(params, stage="prepare") as run:
-        run.log_params({f"prepare.{key}": value for key, value in flatten(prepare).items()})
-        with _Staging(paths.prepared, paths.prepare_report) as staging:
-            report = build_prepared(plan, prepare, seed=params.project.seed, out_dir=staging.dir, quiet=quiet)
-            staging.report.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-            run.log_metrics(report_metrics(report), step=0)
-            run.log_dict(report, "data/prepare.json")
-            _log_datasets(run, report, paths=paths, project=params.project.name)
-            run.set_tags({"bigmodel_ops.data_digest": report["digest"]})
-            staging.commit()
-    log.info(
-        "prepare: %s train / %s val / %s test / %s pretrain rows, %s duplicates removed -> %s",
-        *(report["rows"][name] for name in OUTPUTS),
-        report["dropped"]["duplicates"],
-        paths.prepared,
-    )
-    return report
 
 
 def build_prepared(
@@ -236,8 +197,7 @@ def is_labeled_source(prepare: PrepareParams) -> bool:
 
 
 def _combined_digest(digests: dict[str, str]) -> str:
-    blob = json.dumps(digests, sort_keys=True).encode()
-    return hashlib.blake2b(blob, digest_size=8).hexdigest()
+    return short_hash(digests, length=16)
 
 
 def report_metrics(report: dict[str, Any]) -> dict[str, float]:
@@ -248,91 +208,3 @@ def report_metrics(report: dict[str, Any]) -> dict[str, float]:
         for key, value in flatten(picked).items()
         if isinstance(value, int | float) and not isinstance(value, bool)
     }
-
-
-def _log_datasets(run: Any, report: dict[str, Any], *, paths: ProjectPaths, project: str) -> None:
-    """Log each output file as an MLflow dataset input: metadata only, nothing is loaded.
-
-    Uses `StageRun.log_input` (queued, spooled while the server is down) where the
-    tracking layer offers it, else the client's `log_inputs` directly.
-    """
-    from bigmodel_ops.data import mlflow_dataset
-
-    for name in OUTPUTS:
-        profile: dict[str, Any] = {"num_rows": report["rows"][name]}
-        if name in report["labels"]:
-            profile["label_counts"] = report["labels"][name]
-        entry = {
-            "name": f"{project}-{name}",
-            "source": str(paths.prepared / f"{name}.parquet"),
-            "digest": report["digests"][name],
-            "context": _CONTEXTS[name],
-            "profile": profile,
-            "schema": mlflow_dataset.schema_dict(labeled=name in SPLITS),
-        }
-        if hasattr(run, "log_input"):
-            run.log_input(**entry)
-        else:
-            run.client.log_inputs(run.run_id, datasets=[mlflow_dataset.dataset_input(**entry)])
-
-
-class _Staging:
-    """A temp folder and report file beside the targets, moved into place by `commit`.
-
-    On an exception the temp files are removed, and so are the parent folders
-    this object created, so a failed run leaves the tree as it found it.
-    """
-
-    def __init__(self, target_dir: Path, report: Path) -> None:
-        self.target_dir = target_dir
-        self.target_report = report
-        self._created: list[Path] = []
-        self._committed = False
-
-    def __enter__(self) -> _Staging:
-        for folder in (self.target_dir.parent, self.target_report.parent):
-            self._make_dirs(folder)
-        # mkdir, not mkdtemp: the output folder should get the usual (umask) permissions, not 0700.
-        suffix = f"tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        self.dir = self.target_dir.parent / f".{self.target_dir.name}.{suffix}"
-        self.dir.mkdir()
-        self.report = self.target_report.parent / f".{self.target_report.name}.{suffix}"
-        return self
-
-    def _make_dirs(self, folder: Path) -> None:
-        missing = []
-        while not folder.exists():
-            missing.append(folder)
-            folder = folder.parent
-        for path in reversed(missing):
-            path.mkdir()
-            self._created.append(path)
-
-    def commit(self) -> None:
-        """Swap the new output in; the previous one is deleted only once the swap succeeded."""
-        old = None
-        if self.target_dir.exists() or self.target_dir.is_symlink():
-            old = Path(tempfile.mkdtemp(prefix=f".{self.target_dir.name}.old-", dir=self.target_dir.parent))
-            os.replace(self.target_dir, old / "previous")
-        try:
-            os.replace(self.dir, self.target_dir)
-        except OSError:
-            if old is not None:  # put the previous output back
-                os.replace(old / "previous", self.target_dir)
-                old.rmdir()
-            raise
-        os.replace(self.report, self.target_report)
-        self._committed = True
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-
-    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
-        if self._committed:
-            return
-        shutil.rmtree(self.dir, ignore_errors=True)
-        self.report.unlink(missing_ok=True)
-        for folder in reversed(self._created):
-            try:
-                folder.rmdir()
-            except OSError:
-                pass  # not empty: something else lives there now

@@ -1,4 +1,4 @@
-"""The `tokenize` stage: train a tokenizer on the pretraining pool and pack the pool into token shards.
+"""The tokenizer library of the `tokenize` stage: train a tokenizer on the pretraining pool and pack the pool into token shards.
 
 Reads ``<prepared>/pretrain.parquet`` (column ``text``), writes
 
@@ -15,21 +15,19 @@ written into one staging folder under ``outputs/`` and moved into place only aft
 
 Modules: ``pool`` (reading the Parquet pool), ``split`` (seeded train/val assignment), ``train``
 (building and training the tokenizer), ``encode`` (exact ids with a cheaper normalizer where it is
-equivalent), ``pack`` (encoding into shards), ``stage`` (the stage run).
+equivalent), ``pack`` (encoding into shards). The stage itself is :mod:`bigmodel_ops.pipeline.tokenize`;
+the special ids and file names are the contract of :mod:`bigmodel_ops.contract`.
 """
 
+from bigmodel_ops.contract import SPECIAL_IDS, SPECIAL_NAMES, load_tokenizer
 from bigmodel_ops.tokenizer.encode import SAFE_CHARS, BatchEncoder, light_twin, needs_full_normalizer
 from bigmodel_ops.tokenizer.pack import PackStats, SplitStats, pack_shards
 from bigmodel_ops.tokenizer.pool import POOL_FILE, TEXT_COLUMN, TextPool
 from bigmodel_ops.tokenizer.split import SplitPlan, plan_split, unit_hash
-from bigmodel_ops.tokenizer.stage import run_tokenize
 from bigmodel_ops.tokenizer.train import (
     BYTE_ALPHABET,
-    SPECIAL_IDS,
-    SPECIAL_NAMES,
     build_tokenizer,
     check_vocab_size,
-    load_tokenizer,
     tokenizer_sha256,
     train_tokenizer,
 )
@@ -53,7 +51,6 @@ __all__ = [
     "needs_full_normalizer",
     "pack_shards",
     "plan_split",
-    "run_tokenize",
     "tokenizer_sha256",
     "train_tokenizer",
     "unit_hash",

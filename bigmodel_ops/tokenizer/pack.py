@@ -11,12 +11,12 @@ import numpy as np
 import pyarrow as pa
 from tokenizers import Tokenizer
 
+from bigmodel_ops.contract import SPECIAL_IDS
 from bigmodel_ops.progress import progress_bar
 from bigmodel_ops.shards import ShardIndex, ShardWriter, dtype_for_vocab
 from bigmodel_ops.tokenizer.encode import BatchEncoder
 from bigmodel_ops.tokenizer.pool import TextPool, byte_lengths, document_mask
 from bigmodel_ops.tokenizer.split import SplitPlan
-from bigmodel_ops.tokenizer.train import SPECIAL_IDS
 
 
 @dataclass

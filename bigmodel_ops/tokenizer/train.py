@@ -11,28 +11,15 @@ import pyarrow as pa
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 from bigmodel_ops.config import TokenizerParams
+from bigmodel_ops.contract import CLS_ID, SEP_ID, SPECIAL_NAMES
 from bigmodel_ops.errors import ConfigError, DataError
 from bigmodel_ops.fsutil import sha256_file
 from bigmodel_ops.progress import progress_bar
 from bigmodel_ops.tokenizer.pool import TEXT_COLUMN, TextPool, document_mask
 from bigmodel_ops.tokenizer.split import SplitPlan
 
-SPECIAL_NAMES = ("pad", "unk", "cls", "sep", "mask")
-# Fixed ids, in the order of SpecialTokens.as_list(): every consumer may rely on them.
-SPECIAL_IDS = {name: index for index, name in enumerate(SPECIAL_NAMES)}
 # Byte-level BPE starts from all 256 byte symbols, whatever the corpus.
 BYTE_ALPHABET = 256
-
-
-def load_tokenizer(path: Path | str) -> Tokenizer:
-    """Load a tokenizer.json; DataError when it is missing or not a tokenizers file."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: tokenizer file not found (run the tokenize stage first)")
-    try:
-        return Tokenizer.from_file(str(path))
-    except Exception as error:  # tokenizers raises a bare Exception on bad JSON
-        raise DataError(f"{path}: not a valid tokenizers file: {error}") from None
 
 
 def tokenizer_sha256(path: Path | str) -> str:
@@ -138,7 +125,7 @@ def train_tokenizer(
     tokenizer.post_processor = processors.TemplateProcessing(
         single=f"{cls_token} $A {sep_token}",
         pair=f"{cls_token} $A {sep_token} $B:1 {sep_token}:1",
-        special_tokens=[(cls_token, 2), (sep_token, 3)],
+        special_tokens=[(cls_token, CLS_ID), (sep_token, SEP_ID)],
     )
     # The consumer (pretrain windows, finetune max_length) decides; nothing hidden in the file.
     tokenizer.no_padding()

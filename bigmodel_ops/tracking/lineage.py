@@ -16,10 +16,12 @@ Tags (all prefixed ``bigmodel_ops.``):
   ``git_commit = none`` outside a git repository;
 - ``stage``: ``$DVC_STAGE`` under DVC, else the stage a ``stage_run`` announced (absent in a plain
   user script);
-- ``params_hash``: sha256 (12 hex) of the params.yaml sections the stage lists under ``params:``
-  in dvc.yaml (the whole file when no stage is known); ``params_hash_all``: of the whole file;
+- ``params_hash``: sha256 (12 hex) of the params sections the stage lists under ``params:`` in
+  dvc.yaml (all of them when no stage is known); ``params_hash_all``: of all params. The params
+  are those the stage runs with (validated, as ``stage_run`` is given them); the plugin, which
+  has none, reads ``<root>/params.yaml``;
 - ``pipeline_id``: sha256 (12 hex) of git commit + dirty flag + ``params_hash_all``; one pipeline
-  version = one id = one parent run (see runs.py);
+  version = one id = one parent run (see pipeline.py);
 - ``dep.<path>``: for each dependency of the stage, its DVC hash (the data version): the md5 of
   the stage output that produces it, read from dvc.lock (current, because the producing stage
   completed before this one started), else from ``<path>.dvc`` (data added with ``dvc add``),
@@ -36,6 +38,7 @@ lineage must never stop a run.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import functools
 import hashlib
@@ -46,6 +49,7 @@ import re
 import socket
 import subprocess
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -180,12 +184,32 @@ def _pick(data: dict[str, Any], dotted: str) -> Any:
     return node
 
 
-def params_hash(params_data: dict[str, Any] | None, keys: list[str] | None) -> str:
-    """Hash of the named (dotted) keys of params.yaml; of the whole file when keys is None."""
-    data = params_data or {}
+def params_hash(params_data: Mapping[str, Any] | None, keys: list[str] | None) -> str:
+    """Hash of the named (dotted) keys of the params; of all of them when keys is None."""
+    data = dict(params_data or {})
     if keys is None:
         return _hash(data)
     return _hash({key: _pick(data, key) for key in sorted(set(keys))})
+
+
+def stage_params(params: Mapping[str, Any], root: Path | None, stage: str) -> dict[str, Any]:
+    """The params sections a stage depends on (its dvc.yaml ``params:``); all when unknown."""
+    keys: list[str] = []
+    if root is not None:
+        with contextlib.suppress(Exception):
+            keys = stage_param_keys(_read_yaml(root / "dvc.yaml"), stage)
+    if not keys:
+        return dict(params)
+    picked: dict[str, Any] = {}
+    for key in keys:
+        value = _pick(dict(params), key)
+        if value is not None:
+            *parents, last = key.split(".")
+            node = picked
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[last] = value
+    return picked
 
 
 def pipeline_id(commit: str, dirty: bool | None, all_params_hash: str) -> str:
@@ -255,12 +279,17 @@ def _package_version() -> str:
 
 
 def lineage_tags(
-    *, stage: str | None = None, root: Path | None = None, into: dict[str, str] | None = None
+    *,
+    stage: str | None = None,
+    root: Path | None = None,
+    params: Mapping[str, Any] | None = None,
+    into: dict[str, str] | None = None,
 ) -> dict[str, str]:
     """Compute the lineage tags (see module docstring). Raises on broken project files.
 
-    Tags are added to ``into`` as they are computed, so a caller that catches the error keeps
-    the ones computed before the failure.
+    ``params``: the params the run uses (JSON-able); None reads ``<root>/params.yaml``. Tags
+    are added to ``into`` as they are computed, so a caller that catches the error keeps the
+    ones computed before the failure.
     """
     tags: dict[str, str] = {} if into is None else into
     root = root or find_project_root()
@@ -274,7 +303,7 @@ def lineage_tags(
     commit, dirty = git_info(root)
     tags[PREFIX + "git_commit"] = commit
     tags[PREFIX + "git_dirty"] = "unknown" if dirty is None else str(dirty).lower()
-    params_data = _read_yaml(root / "params.yaml")
+    params_data = dict(params) if params is not None else _read_yaml(root / "params.yaml")
     if params_data is not None and not isinstance(params_data, dict):
         raise ValueError(f"{root / 'params.yaml'}: the top level must be a mapping")
     all_hash = params_hash(params_data, None)
@@ -298,11 +327,13 @@ def lineage_tags(
     return tags
 
 
-def safe_lineage_tags(*, stage: str | None = None, root: Path | None = None) -> dict[str, str]:
+def safe_lineage_tags(
+    *, stage: str | None = None, root: Path | None = None, params: Mapping[str, Any] | None = None
+) -> dict[str, str]:
     """lineage_tags that never raises: on failure warn and return what could be computed."""
     tags: dict[str, str] = {}
     try:
-        lineage_tags(stage=stage, root=root, into=tags)
+        lineage_tags(stage=stage, root=root, params=params, into=tags)
     except Exception as error:  # lineage must never stop a run
         message = f"bigmodel_ops lineage tags incomplete: {type(error).__name__}: {error}"
         warnings.warn(message, LineageWarning, stacklevel=2)

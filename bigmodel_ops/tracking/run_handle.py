@@ -199,7 +199,7 @@ class StageRun:
         Returns the ModelVersion when registered, else None. Registration needs the server:
         during an outage the folder is spooled and registration is skipped with a warning.
         """
-        from bigmodel_ops.registry import register_run_model
+        from bigmodel_ops.tracking.registry import register_run_model
 
         self.log_artifacts(local_dir, artifact_path)
         if registered_model_name is None:

@@ -1,4 +1,4 @@
-"""The finetune stage: train the sequence classifier and export it (files + servable MLflow model).
+"""Fine-tune a sequence classifier on the labeled splits from the pretrained backbone.
 
 Hyperparameters: ``finetune`` params, with lr / dropout / weight_decay / batch_size taken from
 ``<tune_dir>/best_params.json`` when ``finetune.use_tuned`` (a ConfigError naming the file when it
@@ -22,35 +22,27 @@ A val loss that is NaN/inf after training raises TrainingDiverged and writes not
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
-import os
-import shutil
-import tempfile
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
-from bigmodel_ops.classification import (
-    TOKENIZER_FILE,
-    HyperParams,
-    MetricsLogger,
-    effective_max_length,
-    fit_classifier,
-    load_splits,
-    save_classifier,
-)
+from bigmodel_ops.classification.export import save_classifier
+from bigmodel_ops.classification.inputs import effective_max_length, load_splits
+from bigmodel_ops.classification.training import HyperParams, fit_classifier
 from bigmodel_ops.config import Params
+from bigmodel_ops.contract import TOKENIZER_FILE
 from bigmodel_ops.errors import ConfigError, TrainingDiverged
-from bigmodel_ops.fsutil import replace_dir, write_json_atomic
+from bigmodel_ops.fsutil import publish, write_json_atomic
 from bigmodel_ops.model import read_exported_config
 from bigmodel_ops.paths import ProjectPaths
+from bigmodel_ops.pipeline._common import stage_run
+from bigmodel_ops.pipeline._finetuning import fit_config
+from bigmodel_ops.serving import MODEL_ARTIFACT_PATH, log_pyfunc_model
+from bigmodel_ops.trainer import MetricsCallback
 
 _logger = logging.getLogger(__name__)
 
-MODEL_ARTIFACT_PATH = "classifier"
 _TUNED_KEYS = {"lr": float, "dropout": float, "weight_decay": float, "batch_size": int}
 
 
@@ -87,109 +79,36 @@ def resolve_hparams(params: Params, paths: ProjectPaths) -> tuple[HyperParams, s
     return HyperParams(**values), "tuned"
 
 
-def _pip_requirements() -> list[str]:
-    from importlib.metadata import PackageNotFoundError, version
+def run(params: Params, *, paths: ProjectPaths, quiet: bool = False) -> dict[str, Any]:
+    """Fine-tune a sequence classifier on the labeled splits from the pretrained backbone.
 
-    pins = []
-    for package in (
-        "mlflow",
-        "torch",
-        "lightning",
-        "tokenizers",
-        "safetensors",
-        "numpy",
-        "pandas",
-        "pyarrow",
-        "pydantic",
-        "pyyaml",
-    ):
-        try:
-            pins.append(f"{package}=={version(package).split('+')[0]}")
-        except PackageNotFoundError:
-            pins.append(package)
-    return pins
-
-
-@contextlib.contextmanager
-def _fluent_target(uri: str, experiment_id: str) -> Iterator[None]:
-    """Point MLflow's fluent state at our store and experiment while a model is logged.
-
-    ``Model.log`` resolves the store from MLflow's global tracking URI and files the LoggedModel
-    under the *active* experiment, not the run's. MLFLOW_TRACKING_URI in the environment (how
-    tests and CI select a store) wins over params, so then nothing global is changed.
+    Exports and logs the classifier; returns the report.
     """
-    import mlflow
-
-    if mlflow.get_tracking_uri() != uri:
-        mlflow.set_tracking_uri(uri)
-    previous = os.environ.get("MLFLOW_EXPERIMENT_ID")
-    os.environ["MLFLOW_EXPERIMENT_ID"] = experiment_id
-    try:
-        yield
-    finally:
-        if previous is None:
-            os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
-        else:
-            os.environ["MLFLOW_EXPERIMENT_ID"] = previous
-
-
-def log_pyfunc_model(run: Any, params: Params, model_dir: Path, *, input_texts: list[str]) -> Any:
-    """Log the classifier folder as the servable pyfunc model ``classifier`` of ``run``.
-
-    Models from code: serving.py is the model, the folder is its artifact, the bigmodel_ops
-    package travels as code, requirements are pinned to the installed versions (no inference
-    subprocess). Returns MLflow's ModelInfo.
-    """
-    import mlflow
-    import pandas as pd
-    from mlflow.models import Model, ModelSignature
-    from mlflow.types.schema import ColSpec, Schema
-
-    import bigmodel_ops
-    from bigmodel_ops import serving
     from bigmodel_ops.tracking.runs import tracking_uri
 
-    signature = ModelSignature(
-        inputs=Schema([ColSpec("string", "text")]),
-        outputs=Schema([ColSpec("string", "label"), ColSpec("double", "score")]),
-    )
-    experiment_id = run.client.get_run(run.run_id).info.experiment_id
-    with _fluent_target(tracking_uri(params), experiment_id):
-        return Model.log(
-            artifact_path=None,
-            name=MODEL_ARTIFACT_PATH,
-            flavor=mlflow.pyfunc,
-            flavor_name="pyfunc.ModelFromCode",
-            run_id=run.run_id,
-            python_model=str(Path(serving.__file__)),
-            artifacts={serving.ARTIFACT_KEY: str(model_dir)},
-            code_paths=[str(Path(bigmodel_ops.__file__).parent)],
-            signature=signature,
-            input_example=pd.DataFrame({"text": input_texts}),
-            pip_requirements=_pip_requirements(),
-        )
-
-
-def run_finetune(params: Params, *, paths: ProjectPaths, quiet: bool = False) -> dict[str, Any]:
-    """Fine-tune, export and log the classifier; return the report."""
-    from bigmodel_ops.tracking import stage_run
-
     hparams, source = resolve_hparams(params, paths)
-    splits = load_splits(params, prepared=paths.prepared, model_dir=paths.pretrained_model)
     backbone_config, _ = read_exported_config(paths.pretrained_model)
-    max_length = effective_max_length(params, backbone_config)
-
-    with stage_run(params, stage="finetune", system_metrics=True) as run:
+    max_length = effective_max_length(params.finetune.max_length, backbone_config)
+    splits = load_splits(
+        prepared=paths.prepared,
+        model_dir=paths.pretrained_model,
+        labels=params.prepare.labels,
+        max_length=params.finetune.max_length,
+    )
+    with stage_run(params, "finetune", system_metrics=True) as run:
         run.log_params(
             {"hparams": hparams.as_dict(), "hparams_source": source, "max_length_effective": max_length}
         )
+        metrics = MetricsCallback(
+            run, log_every_n_steps=params.tracking.log_every_n_steps, loss_key="train_loss"
+        )
         module, trainer = fit_classifier(
-            params,
+            fit_config(params),
             model_dir=paths.pretrained_model,
             splits=splits,
             hparams=hparams,
             max_epochs=params.finetune.max_epochs,
-            callbacks=[MetricsLogger(run, every_n_steps=params.tracking.log_every_n_steps)],
+            callbacks=[metrics],
             quiet=quiet,
         )
         if not trainer.is_global_zero:
@@ -201,13 +120,9 @@ def run_finetune(params: Params, *, paths: ProjectPaths, quiet: bool = False) ->
                 f"learning rate (lr={hparams.lr:g}, from {source}) or raise finetune.warmup_ratio"
             )
         report = {**final, "epochs": int(trainer.current_epoch), "global_step": int(trainer.global_step)}
-
-        target = paths.classifier
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
-        try:
-            # The folder's own name is what MLflow shows for the artifact: keep it clean.
-            model_dir = staging / MODEL_ARTIFACT_PATH
+        with publish(paths.classifier) as pub:
+            # MLflow names the artifact after the folder's own name: keep it clean.
+            model_dir = pub.staged(paths.classifier, name=MODEL_ARTIFACT_PATH)
             module.model.cpu()
             save_classifier(
                 module.model,
@@ -222,14 +137,16 @@ def run_finetune(params: Params, *, paths: ProjectPaths, quiet: bool = False) ->
                 },
             )
             run.flush()
-            info = log_pyfunc_model(run, params, model_dir, input_texts=_example_texts(paths))
+            info = log_pyfunc_model(
+                run, model_dir, tracking_uri=tracking_uri(params.tracking), input_texts=_example_texts(paths)
+            )
             run.set_tags({"bigmodel_ops.model_uri": info.model_uri})
-            replace_dir(model_dir, target)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
         write_json_atomic(paths.finetune_report, report)
         _logger.info(
-            "finetune: val_acc %.4f, val_loss %.4f -> %s", final["val_acc"], final["val_loss"], target
+            "finetune: val_acc %.4f, val_loss %.4f -> %s",
+            final["val_acc"],
+            final["val_loss"],
+            paths.classifier,
         )
     return report
 

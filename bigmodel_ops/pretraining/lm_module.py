@@ -18,7 +18,6 @@ Nothing here imports pydantic or MLflow (the GPU benchmark runs this module bare
 from __future__ import annotations
 
 import math
-import os
 import random
 from dataclasses import dataclass
 from typing import Any
@@ -29,12 +28,10 @@ import torch
 
 from bigmodel_ops.errors import TrainingDiverged
 from bigmodel_ops.model import ModelConfig, TransformerLM, parameter_groups
+from bigmodel_ops.trainer import perplexity
 
 CHECKPOINT_KEY = "bigmodel_ops"
 CHECKPOINT_FORMAT = "bigmodel_ops.pretrain-ckpt/1"
-# Test-only hook: multiply the training loss by NaN at this global step (exercises the
-# divergence path end to end). Never set it outside tests.
-NAN_AT_STEP_ENV = "BIGMODEL_OPS_TEST_NAN_AT_STEP"
 
 
 @dataclass(frozen=True)
@@ -140,8 +137,6 @@ class LMModule(pl.LightningModule):
         self._val_sum: torch.Tensor | None = None
         self._val_count = 0
         self.last_val_loss: float | None = None
-        nan_at = os.environ.get(NAN_AT_STEP_ENV)
-        self._nan_at_step = int(nan_at) if nan_at else None
 
     # -- steps -----------------------------------------------------------------------------
 
@@ -155,8 +150,6 @@ class LMModule(pl.LightningModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self._loss(batch)
-        if self._nan_at_step is not None and self.global_step == self._nan_at_step:
-            loss = loss * float("nan")
         detached = loss.detach()
         if self.train_loss_sum is None:
             self.train_loss_sum = torch.zeros((), device=detached.device, dtype=torch.float32)
@@ -189,6 +182,13 @@ class LMModule(pl.LightningModule):
                 f"validation loss is {self.last_val_loss} at step {self.global_step}; the last good "
                 "checkpoint is kept (lower pretrain.lr or raise pretrain.warmup_steps)"
             )
+
+    @property
+    def last_val(self) -> dict[str, float]:
+        """The latest validation metrics, as MetricsCallback logs them ({} before any)."""
+        if self.last_val_loss is None:
+            return {}
+        return {"val/loss": self.last_val_loss, "val/perplexity": perplexity(self.last_val_loss)}
 
     # -- divergence ------------------------------------------------------------------------
 

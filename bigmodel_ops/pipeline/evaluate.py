@@ -1,4 +1,4 @@
-"""The evaluate stage: test-split metrics, then registration and the promotion gate.
+"""Evaluate the classifier on the test split, register it and promote it past the gate.
 
 1. Load the exported classifier (safetensors) and the test split (labels checked against
    ``prepare.labels`` and against the classifier's own labels).
@@ -21,125 +21,34 @@ from __future__ import annotations
 
 import json
 import logging
-import re
-import shutil
-import tempfile
-from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-from bigmodel_ops.classification import (
-    confusion_matrix,
-    load_classifier,
-    metrics_from_confusion,
-    read_labeled_split,
-)
+from bigmodel_ops.classification.export import load_classifier
+from bigmodel_ops.classification.inputs import read_labeled_split
 from bigmodel_ops.config import Params
+from bigmodel_ops.contract import CONFIG_FILE
 from bigmodel_ops.errors import CheckpointError
-from bigmodel_ops.fsutil import replace_dir, write_json_atomic
+from bigmodel_ops.evaluation import evaluate_texts, plot_confusion, write_predictions
+from bigmodel_ops.fsutil import publish
 from bigmodel_ops.paths import ProjectPaths
-from bigmodel_ops.progress import progress
+from bigmodel_ops.pipeline._common import stage_run
 
 _logger = logging.getLogger(__name__)
 
 GATE_METRIC = "test_acc"
 
 
-def _metric_key(label: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]", "_", label)
+def run(params: Params, *, paths: ProjectPaths, quiet: bool = False) -> dict[str, Any]:
+    """Evaluate the classifier on the test split, register it and promote it past the gate.
 
-
-def evaluate_texts(
-    classifier: Any, texts: list[str], targets: torch.Tensor, *, batch_size: int, quiet: bool
-) -> dict[str, Any]:
-    """Predictions and metrics for texts with true class ids ``targets``."""
-    chunks = []
-    for start in progress(
-        range(0, len(texts), batch_size),
-        desc="evaluate",
-        total=-(-len(texts) // batch_size),
-        unit="batch",
-        quiet=quiet,
-    ):
-        chunks.append(classifier.logits(texts[start : start + batch_size], batch_size=batch_size))
-    logits = torch.cat(chunks)
-    probs = torch.softmax(logits, dim=-1)
-    scores, preds = probs.max(dim=-1)
-    cm = confusion_matrix(preds, targets, len(classifier.labels))
-    summary = metrics_from_confusion(cm)
-    metrics: dict[str, float] = {
-        "test_acc": summary["accuracy"],
-        "test_f1": summary["macro_f1"],
-        "test_loss": float(F.cross_entropy(logits, targets)),
-    }
-    for label, precision, recall in zip(
-        classifier.labels, summary["precision"], summary["recall"], strict=True
-    ):
-        metrics[f"test_precision_{_metric_key(label)}"] = precision
-        metrics[f"test_recall_{_metric_key(label)}"] = recall
-    return {"metrics": metrics, "confusion": cm, "preds": preds, "scores": scores}
-
-
-def plot_confusion(cm: torch.Tensor, labels: list[str], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    size = max(3.0, 0.6 * len(labels) + 2)
-    figure, axes = plt.subplots(figsize=(size, size))
-    try:
-        axes.imshow(cm.numpy(), cmap="Blues")
-        axes.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
-        axes.set_yticks(range(len(labels)), labels)
-        axes.set_xlabel("predicted")
-        axes.set_ylabel("true")
-        peak = int(cm.max()) if cm.numel() else 0
-        for (i, j), count in zip(
-            ((i, j) for i in range(len(labels)) for j in range(len(labels))),
-            cm.flatten().tolist(),
-            strict=True,
-        ):
-            axes.text(
-                j, i, str(count), ha="center", va="center", color="white" if count > peak / 2 else "black"
-            )
-        axes.set_title("confusion matrix (test)")
-        figure.savefig(path, bbox_inches="tight", dpi=100)
-    finally:
-        plt.close(figure)
-
-
-def _write_predictions(
-    path: Path,
-    texts: list[str],
-    labels: list[str],
-    targets: torch.Tensor,
-    preds: torch.Tensor,
-    scores: torch.Tensor,
-) -> None:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    table = pa.table(
-        {
-            "text": pa.array(texts, pa.string()),
-            "label": pa.array([labels[i] for i in targets.tolist()], pa.string()),
-            "pred": pa.array([labels[i] for i in preds.tolist()], pa.string()),
-            "score": pa.array(scores.tolist(), pa.float32()),
-        }
-    )
-    pq.write_table(table, path)
-
-
-def run_evaluate(params: Params, *, paths: ProjectPaths, quiet: bool = False) -> dict[str, Any]:
-    """Evaluate on the test split, register and gate the model; return the report."""
-    from bigmodel_ops.registry import promote_if_better, register_run_model
-    from bigmodel_ops.tracking import stage_run
+    Returns the report. Outputs are published only after registration and the gate succeeded.
+    """
+    from bigmodel_ops.tracking.registry import promote_if_better, register_run_model
 
     classifier = load_classifier(paths.classifier)
-    config_file = paths.classifier / "config.json"
+    config_file = paths.classifier / CONFIG_FILE
     if classifier.labels != list(params.prepare.labels):
         raise CheckpointError(
             f"{config_file}: the classifier was trained on labels {classifier.labels}, but prepare.labels is "
@@ -157,10 +66,9 @@ def run_evaluate(params: Params, *, paths: ProjectPaths, quiet: bool = False) ->
     metrics = result["metrics"]
     labels = classifier.labels
 
-    target = paths.evaluate_dir
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
-    try:
+    with publish(paths.evaluate_dir, paths.evaluate_report) as pub:
+        staging = pub.staged(paths.evaluate_dir)
+        staging.mkdir()
         plot_confusion(result["confusion"], labels, staging / "confusion_matrix.png")
         (staging / "confusion_matrix.json").write_text(
             json.dumps(
@@ -173,12 +81,12 @@ def run_evaluate(params: Params, *, paths: ProjectPaths, quiet: bool = False) ->
                 indent=2,
             )
         )
-        _write_predictions(
+        write_predictions(
             staging / "predictions.parquet", texts, labels, targets, result["preds"], result["scores"]
         )
 
         name = f"{params.project.name}-classifier"
-        with stage_run(params, stage="evaluate") as run:
+        with stage_run(params, "evaluate") as run:
             run.log_metrics(metrics, step=0)
             run.log_artifact(staging / "confusion_matrix.png", "evaluate")
             run.log_artifact(staging / "confusion_matrix.json", "evaluate")
@@ -221,8 +129,7 @@ def run_evaluate(params: Params, *, paths: ProjectPaths, quiet: bool = False) ->
                 }
             )
             report = {**metrics, "promoted": int(promoted), "model_version": int(version.version)}
-            replace_dir(staging, target)
-            write_json_atomic(paths.evaluate_report, report)
+            pub.staged(paths.evaluate_report).write_text(json.dumps(report, indent=2) + "\n")
         _logger.info(
             "evaluate: test_acc %.4f; %s v%s -> %s (%s)",
             metrics["test_acc"],
@@ -231,6 +138,4 @@ def run_evaluate(params: Params, *, paths: ProjectPaths, quiet: bool = False) ->
             alias,
             reason,
         )
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return report

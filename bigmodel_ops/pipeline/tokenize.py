@@ -1,56 +1,25 @@
-"""The `tokenize` stage itself: train, pack, report, log to MLflow, publish atomically."""
+"""Train a WordPiece or byte-level BPE tokenizer on the pretraining pool and pack the pool into memory-mapped token shards.
+
+Outputs, published together after MLflow logging succeeded: ``outputs/tokenizer/tokenizer.json``,
+``outputs/shards/`` (shards + index.json) and the report ``outputs/metrics/tokenize.json``.
+The algorithms are in :mod:`bigmodel_ops.tokenizer`.
+"""
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import shutil
-import tempfile
 import time
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 from bigmodel_ops.config import Params, TokenizerParams
+from bigmodel_ops.fsutil import publish
 from bigmodel_ops.paths import ProjectPaths
+from bigmodel_ops.pipeline._common import stage_run
 from bigmodel_ops.shards import ShardIndex
 from bigmodel_ops.tokenizer.pack import PackStats, pack_shards
 from bigmodel_ops.tokenizer.pool import POOL_FILE, TextPool
 from bigmodel_ops.tokenizer.split import SplitPlan, plan_split
 from bigmodel_ops.tokenizer.train import check_vocab_size, tokenizer_sha256, train_tokenizer
-
-
-@contextlib.contextmanager
-def _staging(parent: Path) -> Iterator[Path]:
-    """A temp folder next to the outputs; removed on failure (and after the moves on success)."""
-    created = not parent.exists()
-    parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".tokenize.tmp-", dir=parent))
-    try:
-        yield staging
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        if created:
-            with contextlib.suppress(OSError):
-                parent.rmdir()  # only if empty: we made it, and nothing else landed there
-        raise
-    shutil.rmtree(staging, ignore_errors=True)
-
-
-def _move_into_place(staged: Path, target: Path) -> None:
-    """Replace `target` by `staged` (same filesystem); the old target is removed only afterwards."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    if not target.exists():
-        os.replace(staged, target)
-        return
-    old = target.with_name(f".{target.name}.old-{os.getpid()}")
-    os.replace(target, old)
-    os.replace(staged, target)
-    if old.is_dir():
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        old.unlink(missing_ok=True)
 
 
 def _report(
@@ -106,30 +75,29 @@ def _numeric(report: dict[str, Any], prefix: str = "") -> dict[str, float]:
     return out
 
 
-def run_tokenize(params: Params, *, paths: ProjectPaths, quiet: bool = False) -> dict[str, Any]:
-    """Train the tokenizer, pack the shards, write the report; returns the report.
+def run(params: Params, *, paths: ProjectPaths, quiet: bool = False) -> dict[str, Any]:
+    """Train a WordPiece or byte-level BPE tokenizer on the pretraining pool and pack the pool into memory-mapped token shards.
 
-    Bad input raises DataError before any output exists: a missing pool ("run the prepare stage
+    Returns the report. Bad input raises DataError before any output exists: a missing pool ("run the prepare stage
     first"), no `text` column, no documents (or only one), a vocab too small for the alphabet.
     """
-    from bigmodel_ops.tracking import stage_run
-
     tp = params.tokenizer
     check_vocab_size(tp)
     pool = TextPool.open(paths.prepared / POOL_FILE)
     plan = plan_split(pool, seed=params.project.seed, val_fraction=tp.val_fraction)
 
-    with stage_run(params, stage="tokenize") as run, _staging(paths.outputs) as staging:
+    outputs = (paths.tokenizer_dir, paths.shards, paths.tokenize_report)
+    with stage_run(params, "tokenize") as run, publish(*outputs) as pub:
         began = time.perf_counter()
         tokenizer = train_tokenizer(tp, pool=pool, plan=plan, batch_rows=tp.encode_batch_size, quiet=quiet)
         train_seconds = time.perf_counter() - began
-        tokenizer_dir = staging / "tokenizer"
+        tokenizer_dir = pub.staged(paths.tokenizer_dir)
         tokenizer_dir.mkdir()
         tokenizer_file = tokenizer_dir / paths.tokenizer_file.name
         tokenizer.save(str(tokenizer_file))
         sha = tokenizer_sha256(tokenizer_file)
 
-        shards_dir = staging / "shards"
+        shards_dir = pub.staged(paths.shards)
         index, stats = pack_shards(
             tokenizer,
             pool=pool,
@@ -150,7 +118,7 @@ def run_tokenize(params: Params, *, paths: ProjectPaths, quiet: bool = False) ->
             sha=sha,
             skipped=plan.rows - plan.documents,
         )
-        report_file = staging / paths.tokenize_report.name
+        report_file = pub.staged(paths.tokenize_report)
         report_file.write_text(json.dumps(report, indent=2) + "\n")
 
         run.log_params({"tokenizer": tp.model_dump(mode="json")})
@@ -159,10 +127,6 @@ def run_tokenize(params: Params, *, paths: ProjectPaths, quiet: bool = False) ->
         run.log_metrics(_numeric({k: v for k, v in report.items() if k != "vocab_size_requested"}), step=0)
         run.log_artifact(tokenizer_file, "tokenizer")
         run.log_artifact(index.directory / "index.json", "shards")
-        run.log_artifact(report_file, "metrics")
+        run.log_dict(report, f"metrics/{paths.tokenize_report.name}")
         run.flush()
-
-        _move_into_place(tokenizer_dir, paths.tokenizer_dir)
-        _move_into_place(shards_dir, paths.shards)
-        _move_into_place(report_file, paths.tokenize_report)
     return report

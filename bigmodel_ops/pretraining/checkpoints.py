@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from bigmodel_ops.errors import CheckpointError
-from bigmodel_ops.training.lm_module import CHECKPOINT_FORMAT, CHECKPOINT_KEY
+from bigmodel_ops.pretraining.lm_module import CHECKPOINT_FORMAT, CHECKPOINT_KEY
 
 _logger = logging.getLogger(__name__)
 

@@ -1,0 +1,65 @@
+"""The tokenizer and model-folder contract shared by every stage.
+
+The tokenize stage writes a ``tokenizer.json`` whose special tokens sit at fixed ids; the
+pretrain stage exports a model folder; fine-tuning, tuning, evaluation and serving read both.
+What they agree on lives here, once:
+
+- special token ids: pad=0, unk=1, cls=2, sep=3, mask=4 (``sep`` also ends every document in
+  the packed pretraining stream; the tokenizer's post-processor wraps a text as
+  ``[CLS] text [SEP]`` for fine-tuning);
+- a model folder holds ``model.safetensors`` (weights, never pickle), ``config.json`` and
+  ``tokenizer.json``;
+- :func:`load_tokenizer` is the one loader, and :func:`check_model_dir` the one completeness check.
+
+Imports neither Lightning nor pydantic nor MLflow: a served model depends on this module.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from bigmodel_ops.errors import BigModelOpsError, CheckpointError, DataError
+
+SPECIAL_NAMES = ("pad", "unk", "cls", "sep", "mask")
+# Fixed ids, in the order of config.SpecialTokens.as_list(): every consumer may rely on them.
+SPECIAL_IDS = {name: index for index, name in enumerate(SPECIAL_NAMES)}
+PAD_ID, UNK_ID, CLS_ID, SEP_ID, MASK_ID = (SPECIAL_IDS[name] for name in SPECIAL_NAMES)
+
+TOKENIZER_FILE = "tokenizer.json"
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+MODEL_FILES = (WEIGHTS_FILE, CONFIG_FILE, TOKENIZER_FILE)
+
+
+def load_tokenizer(
+    path: Path | str, *, max_length: int | None = None, error: type[BigModelOpsError] = DataError
+) -> Any:
+    """Load a ``tokenizers`` file; ``error`` (DataError by default) names the file when it is
+    missing or not a tokenizer.
+
+    With ``max_length``, padding is off (batches are padded by the caller, to their longest
+    row) and texts are truncated to ``max_length`` tokens, special tokens included.
+    """
+    from tokenizers import Tokenizer
+
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{path}: tokenizer file not found (run the tokenize stage first)")
+    try:
+        tokenizer = Tokenizer.from_file(str(path))
+    except Exception as raised:  # noqa: BLE001 - tokenizers raises a bare Exception on a bad file
+        raise error(f"{path}: not a valid tokenizers file: {raised}") from None
+    if max_length is not None:
+        tokenizer.no_padding()
+        tokenizer.enable_truncation(max_length=max_length)
+    return tokenizer
+
+
+def check_model_dir(directory: Path, *, what: str = "pretrained model", stage: str = "pretrain") -> None:
+    """CheckpointError naming the path when a model folder is absent or incomplete."""
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory}: {what} not found (run the {stage} stage first)")
+    for name in MODEL_FILES:
+        if not (directory / name).is_file():
+            raise CheckpointError(f"{directory / name}: missing from the {what} folder")

@@ -1,0 +1,176 @@
+"""Search fine-tuning hyperparameters with Optuna (pruned trials, nested MLflow runs).
+
+The study lives in ``tune.storage`` (an Optuna storage URL) or, by default, in the journal file
+``outputs/tune/study.journal`` (persisted by DVC, so an interrupted ``dvc repro`` continues the
+study). Trials already COMPLETE or PRUNED count towards ``tune.n_trials`` and only the remainder
+runs; FAILED trials do not count (they are retried).
+
+MLflow: the stage run ``tune`` gets one nested run per trial, ``tune/trial-<number>``, with the
+trial's params, its metrics and tags ``optuna.state`` / ``optuna.trial``. A pruned trial's run
+ends FINISHED with ``bigmodel_ops.outcome = TrialPruned``; a diverged or failed one ends FAILED.
+
+Outputs (only when at least one trial completed): ``best_params.json`` (the dependency of
+``finetune``) and the optimisation-history plot in ``outputs/tune/``, the report
+``outputs/metrics/tune.json``. With no completed trial the stage fails and writes neither (the
+journal stays, so finished trials are not lost). The algorithms are in :mod:`bigmodel_ops.tuning`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+from typing import Any
+
+import optuna
+
+from bigmodel_ops.classification.inputs import load_splits
+from bigmodel_ops.config import Params
+from bigmodel_ops.contract import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE
+from bigmodel_ops.errors import BigModelOpsError
+from bigmodel_ops.fsutil import write_json_atomic
+from bigmodel_ops.paths import ProjectPaths
+from bigmodel_ops.pipeline._common import stage_run
+from bigmodel_ops.pipeline._finetuning import fit_config
+from bigmodel_ops.tuning.study import (
+    fail_stale_trials,
+    make_pruner,
+    make_sampler,
+    make_storage,
+    objective_factory,
+    save_history_plot,
+    study_name,
+    study_summary,
+)
+
+_logger = logging.getLogger(__name__)
+
+JOURNAL_FILE = "study.journal"
+PLOT_FILE = "optimization_history.png"
+
+
+def name_of_study(params: Params, paths: ProjectPaths) -> str:
+    """The study of this setup: search space, budget, metric, the non-tuned fine-tuning settings,
+    seed, labels, precision, and the contents of the pretrained model and the train/val data."""
+    fit = fit_config(params)
+    setup = {
+        "search_space": params.tune.search_space.model_dump(mode="json"),
+        "max_epochs": params.tune.max_epochs,
+        "metric": params.tune.metric,
+        "finetune": {
+            k: getattr(params.finetune, k)
+            for k in ("max_length", "warmup_ratio", "freeze_backbone", "grad_clip")
+        },
+        "seed": params.project.seed,
+        "labels": params.prepare.labels,
+        "precision": fit.precision,
+    }
+    model = paths.pretrained_model
+    inputs = {
+        "weights": model / WEIGHTS_FILE,
+        "config": model / CONFIG_FILE,
+        "tokenizer": model / TOKENIZER_FILE,
+        "train": paths.prepared / "train.parquet",
+        "val": paths.prepared / "val.parquet",
+    }
+    return study_name(params.project.name, setup=setup, inputs=inputs)
+
+
+def _open_study(params: Params, paths: ProjectPaths, name: str, direction: str) -> optuna.Study:
+    storage = make_storage(params.tune.storage, journal=paths.tune_dir / JOURNAL_FILE)
+    probe = optuna.create_study(storage=storage, study_name=name, direction=direction, load_if_exists=True)
+    stale = fail_stale_trials(probe)
+    if stale:
+        _logger.warning("tune: trials %s were left RUNNING by an ended process; marked failed", stale)
+    return optuna.load_study(
+        study_name=name,
+        storage=storage,
+        sampler=make_sampler(
+            params.tune.sampler, seed=params.project.seed, n_existing=len(probe.get_trials(deepcopy=False))
+        ),
+        pruner=make_pruner(params.tune),
+    )
+
+
+def run(params: Params, *, paths: ProjectPaths, quiet: bool = False) -> dict[str, Any]:
+    """Search fine-tuning hyperparameters with Optuna (pruned trials, nested MLflow runs).
+
+    Runs (or continues) the study; writes best_params.json and the report, and returns the report.
+    Raises BigModelOpsError when no trial completed.
+    """
+    tune = params.tune
+    splits = load_splits(
+        prepared=paths.prepared,
+        model_dir=paths.pretrained_model,
+        labels=params.prepare.labels,
+        max_length=params.finetune.max_length,
+    )
+    name = name_of_study(params, paths)
+    direction = "maximize" if tune.metric == "val_acc" else "minimize"
+    study = _open_study(params, paths, name, direction)
+    done_states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    n_done = len(study.get_trials(deepcopy=False, states=done_states))
+    remaining = max(0, tune.n_trials - n_done)
+    if n_done:
+        _logger.info("tune: study %s has %d finished trial(s); running %d more", name, n_done, remaining)
+
+    with stage_run(params, "tune") as run:
+        run.set_tags({"optuna.study": name, "optuna.direction": direction, "optuna.metric": tune.metric})
+        if remaining:
+            objective = objective_factory(
+                tune,
+                fit=fit_config(params),
+                model_dir=paths.pretrained_model,
+                splits=splits,
+                run=run,
+                study=name,
+                quiet=quiet,
+            )
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                study.optimize(
+                    objective,
+                    n_trials=remaining,
+                    timeout=tune.timeout_s,
+                    # A trial that runs out of memory or hits a numerical error fails alone;
+                    # user errors (BigModelOpsError) stop the stage.
+                    catch=(RuntimeError, FloatingPointError),
+                    gc_after_trial=True,
+                )
+        report, best = _summarise(study, run=run, name=name, paths=paths)
+        plot = paths.tune_dir / PLOT_FILE
+        save_history_plot(study, plot)
+        run.log_artifact(plot, "plots")
+        run.log_dict(best, "best_params.json")
+        write_json_atomic(paths.best_params, best)
+        write_json_atomic(paths.tune_report, report)
+        _logger.info("tune: best %s = %.4f (trial %d)", tune.metric, best["value"], best["trial"])
+    return report
+
+
+def _summarise(study: optuna.Study, *, run: Any, name: str, paths: ProjectPaths) -> tuple[dict, dict]:
+    """(report, best trial's params); logs counts and failures; error when nothing completed."""
+    summary = study_summary(study)
+    counts = {k: summary[k] for k in ("n_complete", "n_pruned", "n_failed")}
+    run.log_metrics({k: float(v) for k, v in counts.items()}, step=0)
+    reasons = "; ".join(f"trial {n}: {why}" for n, why in summary["failures"].items())
+    if summary["failures"]:
+        _logger.warning("tune: %d failed trial(s): %s", len(summary["failures"]), reasons)
+        run.set_tags({"tune.failures": json.dumps(summary["failures"])})
+    best = summary["best"]
+    if best is None:
+        raise BigModelOpsError(
+            f"tune: no trial of study {name!r} completed ({counts['n_complete']} complete, "
+            f"{counts['n_pruned']} pruned, {counts['n_failed']} failed{': ' + reasons if reasons else ''}); "
+            f"{paths.best_params} was not written. Check the search space (tune.search_space), the "
+            "pruner settings (tune.pruner / tune.prune_threshold) or raise tune.n_trials."
+        )
+    report = {
+        "best_value": float(best["value"]),
+        "best_trial": int(best["trial"]),
+        "n_trials": counts["n_complete"] + counts["n_pruned"] + counts["n_failed"],
+        **counts,
+    }
+    run.log_metrics({"best_value": report["best_value"]}, step=0)
+    run.log_params({f"best.{k}": v for k, v in best.items() if k not in ("value", "trial")})
+    return report, best

@@ -1,0 +1,265 @@
+"""The handle on one MLflow run: what a stage (or a tuning trial) logs through.
+
+:class:`StageRun` queues metrics, params and tags on its transport and logs artifacts at once
+(spooled during an outage); ``child_run`` nests a run such as ``tune/trial-7``. Non-zero ranks
+get the same class over a transport that sends nothing. How a run ends is decided here for
+stage and child runs alike (:func:`status_for`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import tempfile
+import time
+import traceback
+import warnings
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from mlflow.tracking import MlflowClient
+from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_TAG_VAL_LENGTH
+
+from bigmodel_ops.config import flatten
+from bigmodel_ops.tracking.sender import dataset_input
+from bigmodel_ops.tracking.spool import TrackingOfflineWarning, is_offline_id
+from bigmodel_ops.tracking.transport import SenderStats, Transport
+
+_logger = logging.getLogger(__name__)
+
+STAGE_TAG = "bigmodel_ops.stage"
+
+
+class TerminatedBySignal(SystemExit):
+    """Raised in the main thread when the stage receives SIGTERM (exit status 128 + signal)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(128 + signum)
+        self.signum = signum
+
+
+def status_for(
+    error: BaseException | None, finished_on: tuple[type[BaseException], ...] = (), *, signalled: bool = False
+) -> str:
+    """FINISHED, FAILED or KILLED for a run that ended with ``error`` (None: normally)."""
+    if error is None or isinstance(error, finished_on):
+        return "FINISHED"
+    if signalled or isinstance(error, KeyboardInterrupt | TerminatedBySignal):
+        return "KILLED"
+    if isinstance(error, SystemExit) and error.code in (0, None):
+        return "FINISHED"
+    return "FAILED"
+
+
+class StageRun:
+    """Handle on the MLflow run of one stage (or of a child run such as a tuning trial).
+
+    Every logging call returns at once; ``flush()`` waits until the data reached the store (or,
+    during an outage, the local spool).
+    """
+
+    def __init__(
+        self,
+        transport: Transport,
+        *,
+        run_id: str,
+        run_name: str,
+        stage: str,
+        experiment: str,
+        artifact_location: str | None = None,
+        inherited_tags: Mapping[str, str] | None = None,
+    ) -> None:
+        self._transport = transport
+        self._run_id = run_id
+        self.run_name = run_name
+        self.stage = stage
+        self._experiment = (experiment, artifact_location)
+        self._inherited_tags = dict(inherited_tags or {})
+
+    @property
+    def run_id(self) -> str:
+        """The MLflow run id (a placeholder ``offline-...`` until an offline run is created)."""
+        return self._transport.resolve(self._run_id)
+
+    @property
+    def client(self) -> MlflowClient:
+        return self._transport.client
+
+    @property
+    def offline(self) -> bool:
+        """True while the tracking server is unreachable and data goes to the spool."""
+        return self._transport.offline
+
+    def sender_stats(self) -> SenderStats:
+        """Counters of the background sender (mode, pid, CPU spent sending as of the last flush)."""
+        return self._transport.stats()
+
+    # ---- queued ----------------------------------------------------------------------------
+
+    def log_params(self, values: Mapping[str, Any]) -> None:
+        """Log params flattened to dotted keys. Values longer than MLflow's limit (6000 chars)
+        become artifacts ``params/<key>.txt`` and the param says so."""
+        items: list[tuple[str, str]] = []
+        for key, value in flatten(dict(values)).items():
+            text = value if isinstance(value, str) else json.dumps(value) if isinstance(value, list) else str(value)
+            if len(text) > MAX_PARAM_VAL_LENGTH:
+                self.log_text(text, f"params/{key}.txt")
+                text = f"<{len(text)} chars: see artifact params/{key}.txt>"
+            items.append((key, text))
+        if items:
+            self._transport.enqueue_params(self._run_id, items)
+
+    def log_metrics(self, values: Mapping[str, Any], *, step: int, epoch: int | None = None) -> None:
+        """Queue metrics at the global optimizer step (the x-axis everywhere); ``epoch`` is
+        logged as its own metric. Values may be numbers or 0-d tensors."""
+        floats = {key: value if type(value) is float else float(value) for key, value in values.items()}
+        if epoch is not None:
+            floats["epoch"] = float(epoch)
+        self._transport.enqueue_metrics(self._run_id, floats, int(step), int(time.time() * 1000))
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        items = [(str(k), str(v)[:MAX_TAG_VAL_LENGTH]) for k, v in tags.items()]
+        if items:
+            self._transport.enqueue_tags(self._run_id, items)
+
+    def flush(self) -> None:
+        """Block until everything logged so far has reached the store (or the spool)."""
+        self._transport.flush()
+
+    # ---- at once (spooled during an outage) --------------------------------------------------
+
+    def log_artifact(self, path: Path | str, artifact_path: str | None = None) -> None:
+        self._transport.log_artifact(self._run_id, Path(path), artifact_path)
+
+    def log_artifacts(self, directory: Path | str, artifact_path: str | None = None) -> None:
+        self._transport.log_artifact(self._run_id, Path(directory), artifact_path)
+
+    def log_dict(self, data: Any, artifact_file: str) -> None:
+        self.log_text(json.dumps(data, indent=2, default=str), artifact_file)
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            target = Path(tmp) / Path(artifact_file).name
+            target.write_text(text, encoding="utf-8")
+            folder = str(Path(artifact_file).parent)
+            self.log_artifact(target, None if folder == "." else folder)
+
+    def log_input(
+        self,
+        *,
+        name: str,
+        source: str,
+        digest: str,
+        context: str = "train",
+        profile: Mapping[str, Any] | None = None,
+        schema: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Record a dataset the run used (the UI's "Datasets"): metadata only, nothing is loaded.
+
+        ``digest`` is cut to the store's 36 characters; ``schema`` is MLflow's JSON form of a
+        schema (``{"mlflow_colspec": [...]}``); ``profile`` any JSON-able summary.
+        """
+        record = {
+            "op": "input",
+            "context": context,
+            "dataset": {
+                "name": name,
+                "digest": digest[:36],
+                "source_type": "local" if "://" not in source else source.split("://", 1)[0],
+                "source": json.dumps({"uri": source}),
+                "schema": json.dumps(dict(schema)) if schema else None,
+                "profile": json.dumps(dict(profile)) if profile else None,
+            },
+        }
+        self._transport.call(self._run_id, lambda rid: self.client.log_inputs(rid, [dataset_input(record)]), record)
+
+    def log_model_dir(
+        self,
+        local_dir: Path | str,
+        *,
+        artifact_path: str = "model",
+        registered_model_name: str | None = None,
+        alias: str | None = None,
+        tags: Mapping[str, str] | None = None,
+    ) -> Any:
+        """Log a model folder (safetensors + config) and optionally register it.
+
+        Returns the ModelVersion when registered, else None. Registration needs the server:
+        during an outage the folder is spooled and registration is skipped with a warning.
+        """
+        from bigmodel_ops.tracking.registry import register_run_model
+
+        self.log_artifacts(local_dir, artifact_path)
+        if registered_model_name is None or not self._transport.active:
+            return None
+        if self.offline or is_offline_id(self.run_id):
+            warnings.warn(
+                f"tracking server unreachable: {registered_model_name} not registered "
+                f"(the model folder is spooled with run {self._run_id})",
+                TrackingOfflineWarning,
+                stacklevel=2,
+            )
+            return None
+        self.flush()  # the registry checks that the artifacts are there
+        version = register_run_model(
+            self.client, run_id=self.run_id, artifact_path=artifact_path, name=registered_model_name, tags=tags
+        )
+        if alias is not None:
+            self.client.set_registered_model_alias(registered_model_name, alias, version.version)
+        return version
+
+    # ---- nested runs and the end of a run ----------------------------------------------------
+
+    @contextlib.contextmanager
+    def child_run(
+        self,
+        name: str,
+        *,
+        tags: Mapping[str, Any] | None = None,
+        finished_on: tuple[type[BaseException], ...] = (),
+    ) -> Iterator[StageRun]:
+        """A nested run named ``<this run's name>/<name>`` (e.g. ``tune/trial-7``).
+
+        Ends FINISHED, or FAILED/KILLED on an exception (re-raised). An exception listed in
+        ``finished_on`` (e.g. ``optuna.TrialPruned``) ends it FINISHED with the tag
+        ``bigmodel_ops.outcome = <exception name>``.
+        """
+        run_name = f"{self.run_name}/{name}"
+        child_tags = {**self._inherited_tags, STAGE_TAG: self.stage, "mlflow.runName": run_name}
+        child_tags.update({str(k): str(v) for k, v in (tags or {}).items()})
+        child_tags["mlflow.parentRunId"] = self.run_id
+        experiment, location = self._experiment
+        child_id = self._transport.create_run(
+            experiment=experiment, artifact_location=location, run_name=run_name, tags=child_tags
+        )
+        child = StageRun(
+            self._transport,
+            run_id=child_id,
+            run_name=run_name,
+            stage=self.stage,
+            experiment=experiment,
+            artifact_location=location,
+            inherited_tags=self._inherited_tags,
+        )
+        try:
+            yield child
+        except BaseException as error:
+            child._end(status_for(error, finished_on), error)
+            raise
+        child._end("FINISHED")
+
+    def _end(self, status: str, error: BaseException | None = None) -> None:
+        """Record why the run ended (the traceback, or the exception that counts as a normal
+        finish), send what is queued, and end the run with ``status``."""
+        try:
+            if error is not None and status == "FINISHED":
+                self.set_tags({"bigmodel_ops.outcome": type(error).__name__})
+            elif error is not None:
+                text = "".join(traceback.format_exception(type(error), error, error.__traceback__))
+                self.log_text(text, "error/traceback.txt")
+                self.set_tags({"bigmodel_ops.error": f"{type(error).__name__}: {error}"[:1000]})
+        except Exception:  # the original error matters more than its report
+            _logger.exception("could not log the traceback of run %s", self._run_id)
+        self._transport.terminate(self._run_id, status)

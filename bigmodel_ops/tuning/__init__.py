@@ -1,0 +1,1 @@
+"""Hyperparameter search for fine-tuning (Optuna): :mod:`.study`."""
