@@ -3,7 +3,7 @@
 #
 # Runs on a bare GPU machine with torch, lightning, tokenizers, safetensors and numpy only:
 # --no-tracking skips the MLflow variant, and the modules the benchmark imports
-# (bigmodel_ops.training.{data,lm_module,callbacks,engine,flops}, model, shards) import
+# (bigmodel_ops.pretraining.{data,lm_module,flops}, bigmodel_ops.trainer, model, shards) import
 # neither mlflow nor pydantic.
 #
 # Targets (H200, bf16, torch.compile, flash SDPA, fused AdamW):

@@ -116,7 +116,13 @@ def main() -> int:
         global_step = 0
         block_flushes_s = 0.0
         start = time.perf_counter()
-        with stage_run(params, stage="bench", log_stage_params=False) as run:
+        with stage_run(
+            params.tracking,
+            experiment=params.experiment_name,
+            stage="bench",
+            params=params.model_dump(mode="json"),
+            log_stage_params=False,
+        ) as run:
             setup_s = time.perf_counter() - start
             # The sender opens its store connection in the background; let it finish before the
             # timed rounds, or its start-up lands in the first (unlogged) block and biases it.
@@ -149,7 +155,7 @@ def main() -> int:
             t_flush = time.perf_counter()
             run.flush()
             flush_s = time.perf_counter() - t_flush
-            sender_cpu_s = run._sender.send_cpu_s
+            sender_cpu_s = run.sender_stats().send_cpu_s  # as of that flush
             # The caller's own share, without training around it: CPU of this process (all its
             # threads) per log_metrics call, the same 4 metrics, under a separate metric name.
             calls = 0 if args.control else 20_000
@@ -159,7 +165,7 @@ def main() -> int:
             caller_cpu_s = time.process_time() - cpu_start
             run.flush()
             run_id = run.run_id
-            sender_mode = run._sender.mode
+            sender_mode = run.sender_stats().mode
         from mlflow.tracking import MlflowClient
 
         logged_points = len(MlflowClient(params.tracking.uri).get_metric_history(run_id, "train/loss"))

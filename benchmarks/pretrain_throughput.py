@@ -9,7 +9,7 @@ random-token shards, model config, batch, optimizer (AdamW + param groups, fused
 schedule (warmup + cosine) and gradient clipping:
 
 - lightning+tracking: our LMModule + Trainer (build_trainer, as the stage builds it) with
-  the TrainingMetrics callback logging to a real sqlite MLflow store through stage_run
+  the stage's MetricsCallback logging to a real sqlite MLflow store through stage_run
   (skipped with --no-tracking or when mlflow / pydantic are not installed);
 - lightning: the same without the metrics callback (tracking off);
 - plain: a hand-written loop (the nanoGPT way) over the same data loader.
@@ -33,6 +33,7 @@ import statistics
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -40,15 +41,51 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import lightning.pytorch as pl  # noqa: E402
+from lightning.pytorch.callbacks import Callback  # noqa: E402
+
 from bigmodel_ops.model import PRESETS, TransformerLM, config_from_preset, parameter_groups  # noqa: E402
+from bigmodel_ops.pretraining.data import DataSpec, ResumableBatchLoader, TokenStream, TrainBatches  # noqa: E402
+from bigmodel_ops.pretraining.flops import cuda_device_name, mfu, peak_flops, training_flops_per_token  # noqa: E402
+from bigmodel_ops.pretraining.lm_module import LMModule, OptimConfig, _LRLambda  # noqa: E402
 from bigmodel_ops.shards import ShardIndex, ShardWriter, dtype_for_vocab  # noqa: E402
-from bigmodel_ops.training.callbacks import StepTimer, TrainingMetrics  # noqa: E402
-from bigmodel_ops.training.data import DataSpec, ResumableBatchLoader, TokenStream, TrainBatches  # noqa: E402
-from bigmodel_ops.training.engine import build_trainer, configure_torch  # noqa: E402
-from bigmodel_ops.training.flops import cuda_device_name, mfu, peak_flops, training_flops_per_token  # noqa: E402
-from bigmodel_ops.training.lm_module import LMModule, OptimConfig, _LRLambda  # noqa: E402
+from bigmodel_ops.trainer import MetricsCallback, build_trainer, configure_torch  # noqa: E402
 
 DEFAULT_VOCAB = {"gpt2-124m": 50257, "bert-base": 30522}
+
+
+class StepTimer(Callback):
+    """Wall time between the end of optimizer step `start` and of step `stop`, and the time the
+    loop waited on the loader in between.
+
+    Synchronises CUDA at both marks so queued kernels are counted.
+    """
+
+    def __init__(self, *, start: int, stop: int) -> None:
+        self.start, self.stop = start, stop
+        self.t_start = self.t_stop = 0.0
+        self.fetch_start = self.fetch_stop = 0.0
+
+    def _mark(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[float, float]:
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize(pl_module.device)
+        loader = trainer.fit_loop._combined_loader
+        fetch = sum(item.fetch_seconds for item in loader.flattened if isinstance(item, ResumableBatchLoader))
+        return time.perf_counter(), fetch
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
+        if trainer.global_step == self.start and self.t_start == 0.0:
+            self.t_start, self.fetch_start = self._mark(trainer, pl_module)
+        elif trainer.global_step == self.stop and self.t_stop == 0.0:
+            self.t_stop, self.fetch_stop = self._mark(trainer, pl_module)
+
+    @property
+    def seconds(self) -> float:
+        return self.t_stop - self.t_start
+
+    @property
+    def data_wait_fraction(self) -> float:
+        return (self.fetch_stop - self.fetch_start) / max(self.seconds, 1e-12)
 
 
 def make_shards(directory: Path, *, vocab: int, tokens: int, seed: int) -> ShardIndex:
@@ -81,7 +118,7 @@ def run_lightning(module, loader, args, *, sink, log_every, tokens_per_step, flo
     callbacks = []
     if sink is not False:
         callbacks.append(
-            TrainingMetrics(
+            MetricsCallback(
                 sink,
                 log_every_n_steps=log_every,
                 tokens_per_step=tokens_per_step,
@@ -99,15 +136,21 @@ def run_lightning(module, loader, args, *, sink, log_every, tokens_per_step, flo
         max_steps=args.steps,
         accumulate_grad_batches=1,
         gradient_clip_val=1.0,
-        val_every_n_steps=None,
+        validate=None,
         callbacks=[*callbacks, timer],
         quiet=True,
         enable_checkpointing=False,
         default_root_dir=args.tmp,
+        use_distributed_sampler=False,  # as the stage: the loader shards batches by rank itself
     )
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    trainer.fit(module, train_dataloaders=loader)
+    with warnings.catch_warnings():
+        # Validation is off here on purpose (the stage validates; its cost is measured elsewhere).
+        warnings.filterwarnings(
+            "ignore", message="You defined a `validation_step` but have no `val_dataloader`"
+        )
+        trainer.fit(module, train_dataloaders=loader)
     steps = args.steps - args.warmup
     return {
         "tokens_per_s": steps * tokens_per_step / timer.seconds,
@@ -187,7 +230,13 @@ def tracking_run(args):
     cwd = os.getcwd()
     os.chdir(args.tmp)  # spool and artifacts stay in the temp dir
     try:
-        with stage_run(params, stage="benchmark-pretrain", log_stage_params=False) as run:
+        with stage_run(
+            params.tracking,
+            experiment=params.experiment_name,
+            stage="benchmark-pretrain",
+            params=params.model_dump(mode="json"),
+            log_stage_params=False,
+        ) as run:
             yield run, params.tracking.log_every_n_steps
     finally:
         os.chdir(cwd)

@@ -3,12 +3,12 @@
 One pydantic v2 model validates the whole file before any stage does work.
 Unknown keys are refused, numbers are range-checked and cross-field rules are
 enforced, so a typo fails in milliseconds instead of after an hour of training.
-Stages receive the typed sub-objects they need; nothing re-reads YAML later.
+Stages receive the validated params and pass typed sub-objects down; nothing re-reads
+params.yaml later (the tracking layer hashes the validated params it is given).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -352,10 +352,10 @@ class Params(_Strict):
 
     def section_hash(self, *sections: str) -> str:
         """A short, stable hash of the named top-level sections (all when none are named)."""
+        from bigmodel_ops.fsutil import short_hash
+
         data = self.model_dump(mode="json")
-        picked = {k: data[k] for k in (sections or sorted(data))}
-        blob = json.dumps(picked, sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+        return short_hash({k: data[k] for k in (sections or sorted(data))})
 
 
 def _format_validation_error(path: Path, error: ValidationError, raw: dict[str, Any]) -> str:

@@ -133,12 +133,6 @@ def write_json_atomic(path: Path, data: Mapping[str, Any]) -> None:
         pub.staged(path).write_text(json.dumps(dict(data), indent=2, default=str) + "\n")
 
 
-def replace_dir(staging: Path, target: Path) -> None:
-    """Move a finished staging folder to target; an older target is removed only once the new one is there."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    _swap(staging, target)
-
-
 def short_hash(value: Any, *, length: int = 12) -> str:
     """sha256 (hex, first ``length`` characters) of a JSON value, key order ignored.
 

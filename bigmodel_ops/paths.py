@@ -1,7 +1,8 @@
 """Where each stage reads and writes, relative to the project root.
 
 dvc.yaml names the same paths; keeping them in one place in code means a stage
-and its DVC declaration cannot drift apart silently (tests/test_dvc_yaml.py checks).
+and its DVC declaration cannot drift apart silently (tests/test_dvc_deps.py checks
+that every output here is declared in dvc.yaml and the other way round).
 """
 
 from __future__ import annotations

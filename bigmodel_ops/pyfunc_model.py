@@ -25,13 +25,17 @@ BATCH_SIZE = 64
 
 class TextClassifierModel(PythonModel):
     def load_context(self, context: Any) -> None:
-        from bigmodel_ops.classification import load_classifier
+        from bigmodel_ops.classification.export import load_classifier
 
         self._classifier = load_classifier(context.artifacts[ARTIFACT_KEY])
 
-    # No type hints on predict: MLflow would try to derive a signature from them; the logged
-    # signature (string column `text` -> label, score) is the contract.
-    def predict(self, context, model_input, params=None):
+    # pd.DataFrame is a hint MLflow derives no signature or validation from (it would otherwise
+    # warn "Add type hints to the `predict` method" whenever this class is defined): the logged
+    # signature (string column `text` -> label, score) stays the contract, and MLflow's schema
+    # enforcement hands predict a DataFrame. A Series or a list, passed directly, also work.
+    def predict(
+        self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None
+    ) -> pd.DataFrame:
         if isinstance(model_input, pd.DataFrame):
             if "text" not in model_input.columns:
                 raise ValueError(f"input needs a 'text' column, got columns {list(model_input.columns)}")

@@ -6,13 +6,23 @@ stages' Trainer on a machine without pydantic or MLflow.
 - :func:`build_trainer`: accelerator / precision resolution, the clear FSDP-on-CPU error, DDP
   with bucket-view gradients, validation every N optimizer steps, each epoch, or never;
 - :class:`MetricsCallback`: sends training metrics to any object with
-  ``log_metrics(mapping, *, step)`` (a tracking StageRun) at the global step, from global rank 0.
+  ``log_metrics(mapping, *, step)`` (a tracking StageRun) at the global step, from global rank 0;
+- :class:`StepProgressBar`: the progress bar of a step budget (pretraining): optimizer steps
+  against ``max_steps`` with a rate and an ETA, continuous across epochs and resumes.
+
+Lightning's console chatter that says nothing about this run (tips for Lightning's cloud products,
+which accelerators exist, a deprecation inside Lightning itself) is silenced here, by exact
+message, for every Trainer built by :func:`build_trainer`.
 """
 
 from __future__ import annotations
 
+import logging
 import math
+import re
+import sys
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -20,6 +30,7 @@ from typing import Any, Literal, Protocol
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback, TQDMProgressBar
+from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 
 from bigmodel_ops.errors import FSDP_NEEDS_GPU, ConfigError
 from bigmodel_ops.pretraining.flops import mfu
@@ -65,6 +76,97 @@ def _strategy(strategy: str, accelerator: str) -> object:
     return strategy  # "auto" or "fsdp"
 
 
+class _LightningChatter(logging.Filter):
+    """Drops Lightning's info lines that are not about this run (rank_zero_info messages)."""
+
+    PATTERN = re.compile(
+        r"💡 Tip:"  # advertisements for litlogger / litmodels
+        r"|[GTHI]PU available: "  # "GPU available: False, used: False", "TPU available: ..."
+    )
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not self.PATTERN.match(record.getMessage())
+
+
+_chatter_filter = _LightningChatter()
+
+
+def quiet_lightning() -> None:
+    """Silence Lightning's chatter (see the module doc); idempotent.
+
+    Lightning logs through whichever of its two rank-zero loggers was imported last, so the filter
+    goes on both. Lightning 2.6 on torch >= 2.10 builds a ``torch.utils._pytree.LeafSpec``, which
+    torch deprecates with a FutureWarning on every fit: ignored for that message from that module.
+    """
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logger = logging.getLogger(name)
+        if _chatter_filter not in logger.filters:
+            logger.addFilter(_chatter_filter)
+    warnings.filterwarnings(
+        "ignore",
+        message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+        category=FutureWarning,
+        module=r"lightning\.pytorch\.utilities\._pytree",
+    )
+
+
+class StepProgressBar(TQDMProgressBar):
+    """Optimizer steps against ``max_steps``, with a rate and an ETA, for a run with a step budget.
+
+    Lightning's bar counts batches of the current epoch (``0/?`` for an iterable loader) and
+    starts again at every epoch. This one counts ``trainer.global_step`` (optimizer steps, so
+    gradient accumulation is accounted for), runs across epochs, and a resumed run starts at the
+    resumed step with a rate (and so an ETA) measured on this process's steps only. The postfix
+    shows the epoch and the latest train / validation loss that :class:`MetricsCallback` logged
+    (no extra device sync). Validation keeps Lightning's own transient bar.
+    """
+
+    def __init__(self, refresh_rate: int = 1) -> None:
+        super().__init__(refresh_rate=refresh_rate)
+        self._metrics: MetricsCallback | None = None
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._metrics = next((c for c in trainer.callbacks if isinstance(c, MetricsCallback)), None)
+        self.train_progress_bar = Tqdm(
+            desc="Training",
+            total=trainer.max_steps if trainer.max_steps > 0 else None,
+            initial=trainer.global_step,  # a resume starts where it left off; the rate counts from here
+            unit="step",
+            position=2 * self.process_position,
+            disable=self.is_disabled,
+            leave=True,
+            dynamic_ncols=True,
+            file=sys.stdout,
+            smoothing=0,  # the rate (and ETA) is the average since the start
+            mininterval=0.1 if sys.stdout.isatty() else 10.0,  # a log file: a line every 10 s at most
+            bar_format=self.BAR_FORMAT,
+        )
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, *_: Any) -> None:
+        pass  # one bar for the whole run
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        bar, step = self.train_progress_bar, trainer.global_step
+        if bar.disable or step == bar.n:  # a micro-batch: no optimizer step yet
+            return
+        if step % self.refresh_rate == 0 or step == bar.total:
+            bar.set_postfix(self.get_metrics(trainer, pl_module), refresh=False)
+            bar.update(step - bar.n)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        pass  # the bar goes on into the next epoch
+
+    def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, int | str | float]:
+        values: dict[str, int | str | float] = {"epoch": trainer.current_epoch}
+        last = self._metrics.last if self._metrics is not None else {}
+        for key, label in (("train/loss", "loss"), ("val/loss", "val_loss")):
+            if key in last:
+                values[label] = f"{last[key]:.3f}"
+        return values
+
+
 def build_trainer(
     *,
     accelerator: str,
@@ -82,7 +184,7 @@ def build_trainer(
     enable_checkpointing: bool = False,
     default_root_dir: Path | str | None = None,
     progress_refresh: int = 10,
-    limit_train_batches: float = 1.0,
+    limit_train_batches: float | int | None = None,
     use_distributed_sampler: bool = True,
 ) -> pl.Trainer:
     """A Trainer for either stage.
@@ -93,11 +195,18 @@ def build_trainer(
     ``"epoch"`` at the end of each epoch, None never. With ``max_steps`` and no ``max_epochs``
     training runs over as many epochs as the step budget needs. The pretraining loader shards
     batches by rank itself (``use_distributed_sampler=False``); fine-tuning uses Lightning's.
-    Raises ConfigError for FSDP on a CPU-only machine.
+    ``limit_train_batches``: Lightning's (None or 1.0: every batch). The progress bar counts
+    optimizer steps against ``max_steps`` (:class:`StepProgressBar`) for a step budget without
+    ``max_epochs``, batches per epoch otherwise. Raises ConfigError for FSDP on a CPU-only machine.
     """
+    quiet_lightning()
     callbacks = list(callbacks)
     if not quiet:
-        callbacks.append(TQDMProgressBar(refresh_rate=progress_refresh))
+        step_budget = max_steps > 0 and max_epochs is None
+        bar = StepProgressBar if step_budget else TQDMProgressBar
+        callbacks.append(bar(refresh_rate=progress_refresh))
+    if isinstance(limit_train_batches, float) and limit_train_batches == 1.0:
+        limit_train_batches = None  # Lightning's default; an explicit 1.0 prints an info line
     val_kwargs: dict[str, Any]
     if validate is None:
         val_kwargs = {"limit_val_batches": 0}
@@ -151,6 +260,10 @@ class MetricsCallback(Callback):
     attribute), and MFU when ``flops_per_token`` and ``peak_flops`` (per device) are known.
     Its counters (training wall time, the last validated step) are part of the checkpoint, so
     they continue across a resume. ``last`` holds the latest value of every metric (for reports).
+
+    Validation metrics go at the global step, or with ``val_step="epoch"`` at the epoch number
+    (how Optuna trials are reported); with ``epoch_key`` the epoch is logged beside them under
+    that name (fine-tuning's ``epoch`` metric).
     """
 
     def __init__(
@@ -164,8 +277,12 @@ class MetricsCallback(Callback):
         flops_per_token: float | None = None,
         peak_flops: float | None = None,
         world_size: int = 1,
+        val_step: Literal["global", "epoch"] = "global",
+        epoch_key: str | None = None,
     ) -> None:
         self.sink = sink
+        self.val_step = val_step
+        self.epoch_key = epoch_key
         self.every = log_every_n_steps
         self.loss_key = loss_key
         self.lr_key = lr_key
@@ -191,10 +308,10 @@ class MetricsCallback(Callback):
         self.train_seconds = float(state.get("train_seconds", 0.0))
         self.last_val_step = int(state.get("last_val_step", -1))
 
-    def _log(self, trainer: pl.Trainer, values: dict[str, float]) -> None:
+    def _log(self, trainer: pl.Trainer, values: dict[str, float], *, step: int | None = None) -> None:
         self.last.update(values)
         if self.sink is not None and trainer.is_global_zero:
-            self.sink.log_metrics(values, step=trainer.global_step)
+            self.sink.log_metrics(values, step=trainer.global_step if step is None else step)
 
     @staticmethod
     def _fetch_seconds(trainer: pl.Trainer) -> float:
@@ -269,7 +386,9 @@ class MetricsCallback(Callback):
         if not values:
             return
         self.last_val_step = trainer.global_step
-        self._log(trainer, values)
+        if self.epoch_key is not None:
+            values[self.epoch_key] = float(trainer.current_epoch)
+        self._log(trainer, values, step=trainer.current_epoch if self.val_step == "epoch" else None)
 
 
 def perplexity(loss: float) -> float:

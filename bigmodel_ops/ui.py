@@ -19,7 +19,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bigmodel_ops.config import Params
+from bigmodel_ops.config import TrackingParams
 from bigmodel_ops.errors import ConfigError
 
 
@@ -27,8 +27,8 @@ def experiment_url(base: str, experiment_id: str | None) -> str:
     return f"{base}/#/experiments/{experiment_id}/runs" if experiment_id else f"{base}/"
 
 
-def server_command(params: Params, *, host: str, port: int, uri: str) -> list[str]:
-    location = params.tracking.artifact_location
+def server_command(tracking: TrackingParams, *, host: str, port: int, uri: str) -> list[str]:
+    location = tracking.artifact_location
     artifacts = location if "://" in location else Path(location).resolve().as_uri()
     return [
         sys.executable,
@@ -49,30 +49,30 @@ def server_command(params: Params, *, host: str, port: int, uri: str) -> list[st
     ]
 
 
-def run_ui(params: Params, *, host: str = "127.0.0.1", port: int = 5000) -> int:
-    """Serve the MLflow UI for this project; see the module docstring."""
+def run_ui(tracking: TrackingParams, *, experiment: str, host: str = "127.0.0.1", port: int = 5000) -> int:
+    """Serve the MLflow UI for the tracking store and experiment; see the module docstring."""
     from mlflow.tracking import MlflowClient
 
     from bigmodel_ops.tracking.runs import tracking_uri
 
-    uri = tracking_uri(params)
+    uri = tracking_uri(tracking)
     if uri.startswith(("http://", "https://")):
-        experiment = _experiment_id(MlflowClient(uri), params.experiment_name)
-        print(f"tracking server already at {uri}: open {experiment_url(uri.rstrip('/'), experiment)}")
+        experiment_id = _experiment_id(MlflowClient(uri), experiment)
+        print(f"tracking server already at {uri}: open {experiment_url(uri.rstrip('/'), experiment_id)}")
         return 0
     if not 0 < port < 65536:
         raise ConfigError(f"--port {port}: not a TCP port (1-65535)")
-    experiment = _experiment_id(MlflowClient(uri), params.experiment_name)
+    experiment_id = _experiment_id(MlflowClient(uri), experiment)
     base = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
-    if experiment is None:
-        print(f"no experiment {params.experiment_name!r} yet in {uri}; run a stage first", flush=True)
-    print(f"MLflow UI for {params.experiment_name!r}: {experiment_url(base, experiment)}", flush=True)
+    if experiment_id is None:
+        print(f"no experiment {experiment!r} yet in {uri}; run a stage first", flush=True)
+    print(f"MLflow UI for {experiment!r}: {experiment_url(base, experiment_id)}", flush=True)
     env = os.environ.copy()
     # The GenAI job runner (a pool of huey workers) is not needed to browse training runs.
     env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
     # Own process group: `mlflow server` forks uvicorn workers that must end with it.
     process = subprocess.Popen(
-        server_command(params, host=host, port=port, uri=uri), env=env, start_new_session=True
+        server_command(tracking, host=host, port=port, uri=uri), env=env, start_new_session=True
     )
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:

@@ -16,8 +16,10 @@ import pyarrow.parquet as pq
 import yaml
 
 from bigmodel_ops.config import Params, parse_params
-from bigmodel_ops.model import TransformerLM, config_from_preset, save_pretrained
+from bigmodel_ops.model import TransformerLM, save_pretrained
 from bigmodel_ops.paths import ProjectPaths
+from tests.tiny import merge, tiny_model_config
+from tests.tiny import tiny_params as base_params
 
 LABELS = ["negative", "positive"]
 _GOOD = ["great", "wonderful", "superb", "lovely", "brilliant", "moving"]
@@ -80,41 +82,29 @@ def make_pretrained(directory: Path, texts: list[str], *, objective: str, seed: 
     train_tokenizer(texts, directory / "tokenizer.json")
     vocab = Tokenizer.from_file(str(directory / "tokenizer.json")).get_vocab_size()
     torch.manual_seed(seed)
-    model = TransformerLM(config_from_preset("tiny", vocab_size=vocab, objective=objective, block_size=32))
+    model = TransformerLM(tiny_model_config(vocab_size=vocab, objective=objective))
     save_pretrained(model, directory)
     return model
 
 
 def tiny_params(**overrides: Any) -> dict[str, Any]:
-    """A params mapping for a tiny, fast run; overrides are {section: {key: value}} merged in."""
-    raw: dict[str, Any] = {
-        "project": {"name": "ft-test", "seed": 7},
-        "tracking": {"system_metrics": False, "log_every_n_steps": 2},
-        "prepare": {"source": {"kind": "csv", "path": "unused.csv"}, "labels": list(LABELS)},
-        "profile": "cpu",
-        "profiles": {
-            "cpu": {"model_preset": "tiny", "accelerator": "cpu", "precision": "32-true", "max_steps": 10}
+    """The tiny params (tests/tiny.py) of a tune / finetune / evaluate test; overrides are
+    {section: {key: value}} merged in."""
+    raw = base_params(project={"name": "ft-test"}, model={"objective": "masked"})
+    raw["prepare"] = {"source": {"kind": "csv", "path": "unused.csv"}, "labels": list(LABELS)}
+    raw["tune"] = {
+        "n_trials": 2,
+        "max_epochs": 1,
+        "sampler": "random",
+        "pruner": "none",
+        "search_space": {
+            "lr": {"low": 1e-3, "high": 3e-3, "log": True},
+            "batch_size": [16],
         },
-        "model": {"objective": "masked"},
-        "tune": {
-            "n_trials": 2,
-            "max_epochs": 1,
-            "sampler": "random",
-            "pruner": "none",
-            "search_space": {
-                "lr": {"low": 1e-3, "high": 3e-3, "log": True},
-                "batch_size": [16],
-            },
-        },
-        "finetune": {"max_epochs": 2, "batch_size": 16, "lr": 3e-3, "max_length": 24, "use_tuned": False},
-        "evaluate": {"batch_size": 32, "min_accuracy": 0.0},
     }
-    for section, values in overrides.items():
-        if isinstance(values, dict) and isinstance(raw.get(section), dict):
-            raw[section] = {**raw[section], **values}
-        else:
-            raw[section] = values
-    return raw
+    raw["finetune"] = {"max_epochs": 2, "batch_size": 16, "lr": 3e-3, "max_length": 24, "use_tuned": False}
+    raw["evaluate"] = {"batch_size": 32, "min_accuracy": 0.0}
+    return merge(raw, overrides)
 
 
 def make_project(
@@ -131,7 +121,7 @@ def make_project(
     write_split(paths.prepared / "test.parquet", make_texts(n_eval, seed=3))
     make_pretrained(paths.pretrained_model, [t for t, _ in train], objective=objective)
     raw = tiny_params(**overrides)
-    raw["model"] = {"objective": objective}
+    raw["model"]["objective"] = objective
     params_file = root / "params.yaml"
     params_file.write_text(yaml.safe_dump(raw, sort_keys=False))
     return parse_params(raw), paths, params_file

@@ -6,7 +6,6 @@ ShardIndex), only small: a few thousand tokens, a vocabulary of ~100.
 
 from __future__ import annotations
 
-import copy
 import functools
 import hashlib
 import random
@@ -19,8 +18,8 @@ import yaml
 from bigmodel_ops.config import Params, parse_params
 from bigmodel_ops.paths import ProjectPaths
 from bigmodel_ops.shards import ShardIndex, ShardWriter, dtype_for_vocab
+from tests.tiny import merge, tiny_params
 
-REPO = Path(__file__).resolve().parents[1]
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 _SUBJECTS = ["the cat", "a dog", "my friend", "the old man", "a small bird", "the teacher"]
 _VERBS = ["sees", "likes", "finds", "follows", "watches", "hears"]
@@ -106,32 +105,16 @@ def write_shards(
 
 def write_params(root: Path, **overrides: Any) -> Path:
     path = root / "params.yaml"
-    path.write_text(yaml.safe_dump(raw_params(**copy.deepcopy(overrides)), sort_keys=False))
+    path.write_text(yaml.safe_dump(raw_params(**overrides), sort_keys=False))
     return path
 
 
 def raw_params(**overrides: Any) -> dict[str, Any]:
-    """params.yaml for a 2-layer model at block 32 on CPU; sections can be overridden."""
-    raw = yaml.safe_load((REPO / "params.yaml").read_text())
-    raw["project"] = {"name": "pt-test", "seed": 7}
-    raw["tracking"].update(
-        {"log_every_n_steps": 2, "system_metrics": False, "flush_interval_s": 0.2, "spool_dir": "spool"}
-    )
-    raw["profile"] = "cpu"
-    raw["profiles"] = {
-        "cpu": {
-            "model_preset": "tiny",
-            "accelerator": "cpu",
-            "devices": 1,
-            "precision": "32-true",
-            "batch_size": 4,
-            "max_steps": 12,
-            "num_workers": 0,
-        }
-    }
-    raw["model"] = {"objective": "causal", "block_size": 32, "n_embd": 32, "n_head": 2, "n_layer": 2}
-    raw["pretrain"].update(
-        {
+    """The tiny params (tests/tiny.py) of a pretraining test; sections can be overridden."""
+    raw = tiny_params(
+        project={"name": "pt-test"},
+        tracking={"spool_dir": "spool"},
+        pretrain={
             "lr": 3e-3,
             "min_lr": 3e-4,
             "warmup_steps": 2,
@@ -139,17 +122,9 @@ def raw_params(**overrides: Any) -> dict[str, Any]:
             "val_batches": 2,
             "checkpoint_every_n_steps": 4,
             "register_model": True,
-        }
+        },
     )
-    for section, values in overrides.items():
-        if isinstance(values, dict) and isinstance(raw.get(section), dict):
-            if section == "profiles":
-                raw["profiles"]["cpu"].update(values)
-            else:
-                raw[section].update(values)
-        else:
-            raw[section] = values
-    return raw
+    return merge(raw, overrides)
 
 
 def make_project(
@@ -159,7 +134,7 @@ def make_project(
     paths = ProjectPaths(root=root)
     train_tokenizer(paths.tokenizer_file)
     write_shards(paths, train_docs=train_docs, val_docs=val_docs)
-    raw = raw_params(**copy.deepcopy(overrides))
+    raw = raw_params(**overrides)
     params_file = root / "params.yaml"
     params_file.write_text(yaml.safe_dump(raw, sort_keys=False))
     return parse_params(raw), paths, params_file

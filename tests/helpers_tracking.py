@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -11,11 +12,13 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
 
 from bigmodel_ops.config import Params, parse_params
+from bigmodel_ops.tracking import StageRun, stage_run
 
 REPO = Path(__file__).resolve().parents[1]
 GIT = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com"]
@@ -52,6 +55,17 @@ def raw_params(tmp_path: Path, **tracking: object) -> dict:
 
 def make_params(tmp_path: Path, **tracking: object) -> Params:
     return parse_params(raw_params(tmp_path, **tracking))
+
+
+def tracked_run(params: Params, *, stage: str, **kwargs: Any) -> contextlib.AbstractContextManager[StageRun]:
+    """``stage_run`` with the tracking settings, experiment and params of ``params``."""
+    return stage_run(
+        params.tracking,
+        experiment=params.experiment_name,
+        stage=stage,
+        params=params.model_dump(mode="json"),
+        **kwargs,
+    )
 
 
 def make_project(root: Path, raw: dict | None = None, *, dvc: bool = False) -> Path:

@@ -13,17 +13,18 @@ from bigmodel_ops.classification.inputs import collate, load_splits, read_labele
 from bigmodel_ops.classification.metrics import confusion_matrix, metrics_from_confusion
 from bigmodel_ops.classification.model import SequenceClassifier
 from bigmodel_ops.classification.training import build_classifier
+from bigmodel_ops.config import parse_params
 from bigmodel_ops.contract import check_model_dir as check_pretrained_dir
 from bigmodel_ops.contract import load_tokenizer
-from bigmodel_ops.config import parse_params
 from bigmodel_ops.errors import CheckpointError, DataError
-from bigmodel_ops.model import TransformerLM, config_from_preset
+from bigmodel_ops.model import TransformerLM
 from tests.helpers_finetune import LABELS, make_pretrained, make_project, make_texts, tiny_params, write_split
+from tests.tiny import tiny_model_config
 
 
 def _classifier(objective: str, *, num_labels: int = 3) -> SequenceClassifier:
     torch.manual_seed(0)
-    backbone = TransformerLM(config_from_preset("tiny", vocab_size=100, objective=objective, block_size=32))
+    backbone = TransformerLM(tiny_model_config(vocab_size=100, objective=objective))
     return SequenceClassifier(backbone, num_labels=num_labels, dropout=0.1).eval()
 
 
@@ -175,8 +176,11 @@ def test_export_roundtrip_gives_the_same_logits(tmp_path: Path, objective: str):
         expected = model(batch["idx"], batch["lengths"])
     texts = read_labeled_split(paths.prepared / "val.parquet", LABELS)[0]
     torch.testing.assert_close(loaded.logits(texts, batch_size=3), expected, atol=1e-5, rtol=1e-5)
-    labels, scores = loaded.predict(texts)
-    assert set(labels) <= set(LABELS) and all(0.5 <= s <= 1.0 for s in scores)
+    # predict = the most probable label and its softmax probability, of the logits computed above
+    labels, scores = loaded.predict(texts, batch_size=3)
+    probs = torch.softmax(expected, dim=-1)
+    assert labels == [LABELS[i] for i in probs.argmax(dim=-1).tolist()]
+    assert scores == pytest.approx(probs.max(dim=-1).values.tolist(), abs=1e-5)
 
 
 def test_load_classifier_refuses_a_backbone_export(tmp_path: Path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from mlflow.tracking import MlflowClient
 
 from bigmodel_ops.cli import main
 from bigmodel_ops.config import Params, flatten, load_params, parse_params
@@ -51,7 +52,7 @@ def test_bad_params_name_the_field(repo_params, mutate, expected):
     assert expected in str(info.value)
 
 
-def test_cli_refuses_bad_params_before_any_work(tmp_path, repo_params, monkeypatch, capsys):
+def test_cli_refuses_bad_params_before_any_work(tmp_path, repo_params, monkeypatch, capsys, mlflow_store):
     monkeypatch.chdir(tmp_path)
     repo_params["model"]["objective"] = "denoising"
     path = write_params(tmp_path, repo_params)
@@ -61,7 +62,13 @@ def test_cli_refuses_bad_params_before_any_work(tmp_path, repo_params, monkeypat
         assert f"bigmodel-ops {stage}: error: {path}: invalid parameters" in err
         assert 'model.objective = "denoising"' in err
     assert not (tmp_path / "outputs").exists()
-    assert not (tmp_path / "mlflow.db").exists()
+    # Nothing was tracked: the store the stages log to (conftest's, through MLFLOW_TRACKING_URI)
+    # still holds only MLflow's Default experiment and no run, and no other store, spool or
+    # artifact folder appeared next to the params file.
+    client = MlflowClient(mlflow_store)
+    assert [e.name for e in client.search_experiments()] == ["Default"]
+    assert not client.search_runs(["0"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mlflow-store", "params.yaml"]
 
 
 def test_missing_and_non_yaml_params(tmp_path, capsys):
@@ -96,7 +103,7 @@ def test_help_lists_every_stage(capsys):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
 def test_fsdp_on_auto_accelerator_without_cuda_is_refused_before_training(tmp_path):
-    from bigmodel_ops.training.engine import build_trainer
+    from bigmodel_ops.trainer import build_trainer
 
     with pytest.raises(
         ConfigError, match="accelerator 'auto' resolved to cpu: strategy 'fsdp' needs CUDA GPUs"
@@ -110,7 +117,7 @@ def test_fsdp_on_auto_accelerator_without_cuda_is_refused_before_training(tmp_pa
             max_steps=1,
             accumulate_grad_batches=1,
             gradient_clip_val=1.0,
-            val_every_n_steps=None,
+            validate=None,
             callbacks=[],
             quiet=True,
             enable_checkpointing=False,

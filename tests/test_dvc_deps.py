@@ -102,3 +102,21 @@ def test_the_import_walk_sees_function_level_imports() -> None:
     assert "bigmodel_ops/classification/training.py" in files
     assert "bigmodel_ops/pipeline/prepare.py" not in files
     assert not any(f.startswith("bigmodel_ops/tracking/") for f in files)
+
+
+def test_every_output_path_in_code_is_declared_in_dvc_yaml() -> None:
+    from bigmodel_ops.paths import ProjectPaths
+
+    paths = ProjectPaths(Path("."))
+    derived = {"outputs", "tokenizer_file", "best_params"}  # a parent folder, or files inside outputs
+    in_code = {
+        getattr(paths, name).as_posix()
+        for name, value in vars(ProjectPaths).items()
+        if isinstance(value, property) and name not in derived
+    }
+    declared = set()
+    for stage in _stages().values():
+        for key in ("outs", "metrics", "plots"):
+            for entry in stage.get(key, []):
+                declared.add(entry if isinstance(entry, str) else next(iter(entry)))
+    assert in_code == declared

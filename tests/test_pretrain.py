@@ -7,7 +7,9 @@ model on CPU, a sqlite MLflow store (conftest), safetensors export.
 from __future__ import annotations
 
 import json
+import logging
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +20,7 @@ from mlflow.tracking import MlflowClient
 from bigmodel_ops.config import parse_params
 from bigmodel_ops.errors import CheckpointError, DataError, TrainingDiverged
 from bigmodel_ops.model import IGNORE_INDEX, ModelConfig, TransformerLM, load_pretrained, parameter_groups
-from bigmodel_ops.shards import ShardIndex
+from bigmodel_ops.pipeline.pretrain import run as run_pretrain
 from bigmodel_ops.pretraining.checkpoints import find_resume_point
 from bigmodel_ops.pretraining.data import (
     DataSpec,
@@ -30,7 +32,8 @@ from bigmodel_ops.pretraining.data import (
 )
 from bigmodel_ops.pretraining.flops import mfu, peak_flops
 from bigmodel_ops.pretraining.lm_module import lr_factor
-from bigmodel_ops.pipeline.pretrain import run as run_pretrain
+from bigmodel_ops.shards import ShardIndex
+from tests.faults import PoisonAtStep
 from tests.helpers_pretrain import ckpt_dir, make_project, raw_params, train_tokenizer, write_shards
 
 
@@ -427,9 +430,10 @@ def test_nan_loss_stops_keeps_last_good_checkpoint_and_fails_the_run(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mlflow_store: str
 ):
     params, paths = _project(tmp_path, monkeypatch, tracking={"log_every_n_steps": 5})
-    monkeypatch.setenv("BIGMODEL_OPS_TEST_NAN_AT_STEP", "5")  # the loss of the 6th step
+    poison = PoisonAtStep(5)  # the loss of the 6th step
     with pytest.raises(TrainingDiverged, match="NaN/inf .* last good checkpoint is kept"):
-        run_pretrain(params, paths=paths, quiet=True)
+        run_pretrain(params, paths=paths, quiet=True, callbacks=[poison])
+    assert poison.fired
     # Checkpoint at step 4 is the last one: the step-8 checkpoint of the NaN state was refused.
     names = sorted(p.name for p in ckpt_dir(paths).glob("*.ckpt"))
     assert names == ["last.ckpt", "step-00000004.ckpt"]
@@ -459,3 +463,69 @@ def test_corrupt_last_checkpoint_falls_back_to_newest_loadable(
     more = parse_params(raw_params(profiles={"max_steps": 6}, pretrain={"register_model": False}))
     report = run_pretrain(more, paths=paths, quiet=True)
     assert report["resumed_from_step"] == 4 and report["global_step"] == 6
+
+
+# ---------------------------------------------------------------------------------------------
+# The console
+# ---------------------------------------------------------------------------------------------
+
+
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def _bar_states(out: str) -> list[str]:
+    """The states the training bar was drawn in (tqdm redraws a line with carriage returns)."""
+    return [part.strip() for part in re.split(r"[\r\n]", out) if part.strip().startswith("Training")]
+
+
+def test_progress_bar_counts_optimizer_steps_across_epochs_and_resumes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+):
+    # 60 train docs: a few batches per epoch, so 8 steps x 2 accumulated batches cross epochs.
+    params, paths = _project(
+        tmp_path,
+        monkeypatch,
+        train_docs=60,
+        profiles={"max_steps": 8},
+        tracking={"log_every_n_steps": 2},
+        pretrain={"grad_accum": 2, "register_model": False},
+    )
+    handler = _Records()
+    loggers = [logging.getLogger(f"lightning.{p}.utilities.rank_zero") for p in ("pytorch", "fabric")]
+    for logger in loggers:
+        logger.addHandler(handler)
+    try:
+        report = run_pretrain(params, paths=paths, quiet=False)
+    finally:
+        for logger in loggers:
+            logger.removeHandler(handler)
+    states = _bar_states(capsys.readouterr().out)
+    assert report["global_step"] == 8
+    steps = [int(m.group(1)) for s in states if (m := re.search(r"\| (\d+)/8 \[", s))]
+    assert steps and steps[-1] == 8 and steps == sorted(steps), states  # one bar, never restarting
+    assert not [s for s in states if "/?" in s], states
+    assert re.search(
+        r"8/8 \[[\d:]+<00:00, +[\d.]+step/s, epoch=[1-9], loss=[\d.]+, val_loss=[\d.]+\]", states[-1]
+    )
+    # Lightning's own chatter is gone; what it says about this run is not.
+    assert any("`Trainer.fit` stopped" in m for m in handler.messages), handler.messages
+    assert not [m for m in handler.messages if "Tip:" in m or "available: " in m], handler.messages
+
+    # A resumed run's bar starts at the resumed step.
+    more = parse_params(
+        raw_params(
+            profiles={"max_steps": 10},
+            tracking={"log_every_n_steps": 2},
+            pretrain={"grad_accum": 2, "register_model": False},
+        )
+    )
+    assert run_pretrain(more, paths=paths, quiet=False)["resumed_from_step"] == 8
+    states = _bar_states(capsys.readouterr().out)
+    assert states[0].startswith("Training:  80%") and "| 8/10 [" in states[0], states
+    assert "| 10/10 [" in states[-1], states

@@ -1,9 +1,10 @@
 """Exact resume after SIGKILL, and a 2-process DDP run, through the real CLI in subprocesses.
 
-The stage runs as `python -m bigmodel_ops.cli pretrain`, like DVC runs it. A test-only
-environment hook (BIGMODEL_OPS_TEST_KILL_AT_STEP) SIGKILLs the process right after the
-checkpoint of a step has been written; the rerun must continue the same MLflow run and
-end bit-for-bit (within 1e-6) where an uninterrupted run ends, loss curve included.
+The stage runs as `python -m bigmodel_ops.cli pretrain`, like DVC runs it. The run to be killed
+goes through `python -m tests.faults`, the same command with a test callback injected that
+SIGKILLs the process right after the checkpoint of a step has been written; the rerun (the real
+CLI again) must continue the same MLflow run and end bit-for-bit (within 1e-6) where an
+uninterrupted run ends, loss curve included.
 """
 
 from __future__ import annotations
@@ -21,20 +22,20 @@ from mlflow.tracking import MlflowClient
 
 from bigmodel_ops.model import load_pretrained
 from bigmodel_ops.paths import ProjectPaths
+from bigmodel_ops.pretraining.data import DataSpec, TokenStream, TrainBatches
 from bigmodel_ops.shards import ShardIndex
-from bigmodel_ops.training.data import DataSpec, TokenStream, TrainBatches
 from tests.helpers_pretrain import ckpt_dir, make_project
 
 _RANK_VARS = ("RANK", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "SLURM_PROCID", "BIGMODEL_OPS_RUN_ID")
 
 
-def _cli(root: Path, **env_extra: str) -> subprocess.CompletedProcess:
-    env = {
-        k: v for k, v in os.environ.items() if k not in _RANK_VARS and not k.startswith("BIGMODEL_OPS_TEST_")
-    }
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]), **env_extra)
+def _cli(root: Path, *faults: str) -> subprocess.CompletedProcess:
+    """The pretrain stage's command in root; with fault options, through tests/faults.py."""
+    env = {k: v for k, v in os.environ.items() if k not in _RANK_VARS}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    command = ["-m", "tests.faults", *faults] if faults else ["-m", "bigmodel_ops.cli", "pretrain"]
     return subprocess.run(
-        [sys.executable, "-m", "bigmodel_ops.cli", "pretrain", "--params", "params.yaml", "--quiet"],
+        [sys.executable, *command, "--params", "params.yaml", "--quiet"],
         cwd=root,
         env=env,
         capture_output=True,
@@ -72,7 +73,7 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path: Path, mlflow
     straight = _cli(straight_root)
     assert straight.returncode == 0, straight.stderr[-3000:]
 
-    killed = _cli(killed_root, BIGMODEL_OPS_TEST_KILL_AT_STEP="6")
+    killed = _cli(killed_root, "--kill-after-checkpoint-step", "6")
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     paths = ProjectPaths(root=killed_root)
     assert not paths.pretrained_model.exists()

@@ -9,10 +9,16 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from bigmodel_ops.tracking import stage_run
-from bigmodel_ops.tracking.logger import TrackingOfflineWarning
 from bigmodel_ops.tracking.spool import is_offline_id
-from tests.helpers_tracking import clear_run_env, free_port, make_params, start_server, stop_server
+from bigmodel_ops.tracking.store import TrackingOfflineWarning
+from tests.helpers_tracking import (
+    clear_run_env,
+    free_port,
+    make_params,
+    start_server,
+    stop_server,
+    tracked_run,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -49,7 +55,7 @@ def test_server_stopped_and_restarted_mid_run(tmp_path: Path, server_env: dict) 
     params = make_params(tmp_path)
     server = _start(server_env)
     try:
-        with stage_run(params, stage="pretrain") as run:
+        with tracked_run(params, stage="pretrain") as run:
             _log_steps(run, range(0, 150))
             run.flush()
             stop_server(server)
@@ -78,7 +84,7 @@ def test_server_stopped_and_restarted_mid_run(tmp_path: Path, server_env: dict) 
 def test_server_down_at_start_then_replayed_by_the_next_stage(tmp_path: Path, server_env: dict) -> None:
     params = make_params(tmp_path)
     with pytest.warns(TrackingOfflineWarning):
-        with stage_run(params, stage="prepare") as offline_run:
+        with tracked_run(params, stage="prepare") as offline_run:
             assert is_offline_id(offline_run.run_id)  # no server: a placeholder, training continues
             offline_run.log_params({"rows": 120})
             _log_steps(offline_run, range(100))
@@ -87,7 +93,7 @@ def test_server_down_at_start_then_replayed_by_the_next_stage(tmp_path: Path, se
 
     server = _start(server_env)
     try:
-        with stage_run(params, stage="tokenize") as next_run:  # replays the spool in the background
+        with tracked_run(params, stage="tokenize") as next_run:  # replays the spool in the background
             _log_steps(next_run, range(10))
         assert not list((tmp_path / "spool").glob("*.jsonl"))
         real = offline_run.run_id

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -15,12 +16,11 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from bigmodel_ops.config import parse_params
-from bigmodel_ops.tracking import stage_run
-from bigmodel_ops.tracking.logger import LogSender, chunk_batch
 from bigmodel_ops.tracking.pipeline import read_registry
-from bigmodel_ops.tracking.runs import NoOpStageRun
 from bigmodel_ops.tracking.spool import Spool
-from tests.helpers_tracking import clear_run_env, make_params, make_project, raw_params
+from bigmodel_ops.tracking.store import chunk_batch
+from bigmodel_ops.tracking.transport import LogSender
+from tests.helpers_tracking import clear_run_env, make_params, make_project, raw_params, tracked_run
 
 
 @pytest.fixture(autouse=True)
@@ -45,9 +45,9 @@ def test_stage_runs_are_children_of_one_pipeline_run_and_record_their_outputs(
 ) -> None:
     client = MlflowClient(mlflow_store)
     params = make_params(tmp_path)
-    with stage_run(params, stage="prepare") as prep:
+    with tracked_run(params, stage="prepare") as prep:
         prep.log_metrics({"rows": 10}, step=0)
-    with stage_run(params, stage="tokenize") as tok:
+    with tracked_run(params, stage="tokenize") as tok:
         pass
     runs = _runs(client)
     parents = [name for name in runs if name.startswith("pipeline-")]
@@ -68,7 +68,7 @@ def test_stage_runs_are_children_of_one_pipeline_run_and_record_their_outputs(
     raw = raw_params(tmp_path)
     raw["tokenizer"]["vocab_size"] = 500
     (project / "params.yaml").write_text(json.dumps(raw))
-    with stage_run(parse_params(raw), stage="tokenize") as tok2:
+    with tracked_run(parse_params(raw), stage="tokenize") as tok2:
         pass
     runs = _runs(client)
     parents = sorted(
@@ -84,12 +84,12 @@ def test_stage_runs_are_children_of_one_pipeline_run_and_record_their_outputs(
 def test_resume_reattaches_to_the_same_run(tmp_path: Path, project: Path, mlflow_store: str) -> None:
     client = MlflowClient(mlflow_store)
     params = make_params(tmp_path)
-    with pytest.raises(RuntimeError), stage_run(params, stage="pretrain") as first:
+    with pytest.raises(RuntimeError), tracked_run(params, stage="pretrain") as first:
         for step in range(5):
             first.log_metrics({"train/loss": 5.0 - step}, step=step)
         raise RuntimeError("preempted")
     assert client.get_run(first.run_id).info.status == "FAILED"
-    with stage_run(params, stage="pretrain", resume_run_id=first.run_id) as second:
+    with tracked_run(params, stage="pretrain", resume_run_id=first.run_id) as second:
         assert second.run_id == first.run_id
         assert client.get_run(first.run_id).info.status == "RUNNING"
         for step in range(5, 8):
@@ -104,7 +104,7 @@ def test_unknown_resume_id_starts_a_new_run_with_a_warning(
     tmp_path: Path, project: Path, mlflow_store: str
 ) -> None:
     with pytest.warns(RuntimeWarning, match="cannot resume"):
-        with stage_run(make_params(tmp_path), stage="pretrain", resume_run_id="0" * 32) as run:
+        with tracked_run(make_params(tmp_path), stage="pretrain", resume_run_id="0" * 32) as run:
             pass
     assert MlflowClient(mlflow_store).get_run(run.run_id).info.status == "FINISHED"
 
@@ -113,7 +113,7 @@ def test_exception_marks_failed_and_logs_the_traceback(
     tmp_path: Path, project: Path, mlflow_store: str
 ) -> None:
     client = MlflowClient(mlflow_store)
-    with pytest.raises(ValueError, match="boom"), stage_run(make_params(tmp_path), stage="finetune") as run:
+    with pytest.raises(ValueError, match="boom"), tracked_run(make_params(tmp_path), stage="finetune") as run:
         run.log_metrics({"loss": 1.0}, step=3)
         raise ValueError("boom")
     info = client.get_run(run.run_id)
@@ -126,6 +126,25 @@ def test_exception_marks_failed_and_logs_the_traceback(
     assert "bigmodel_ops.stage_run.finetune" not in parent.data.tags  # failed runs produced nothing
 
 
+class _EarlyStop(Exception):
+    pass
+
+
+def test_finished_on_exceptions_end_the_stage_run_normally(
+    tmp_path: Path, project: Path, mlflow_store: str
+) -> None:
+    client = MlflowClient(mlflow_store)
+    with (
+        pytest.raises(_EarlyStop),
+        tracked_run(make_params(tmp_path), stage="tune", finished_on=(_EarlyStop,)) as run,
+    ):
+        raise _EarlyStop()
+    info = client.get_run(run.run_id)
+    assert info.info.status == "FINISHED" and info.data.tags["bigmodel_ops.outcome"] == "_EarlyStop"
+    assert not client.list_artifacts(run.run_id, "error")
+    assert read_registry(project)["tune"]["run_id"] == run.run_id  # a normal finish produced outputs
+
+
 SIGTERM_SCRIPT = textwrap.dedent(
     """
     import json, signal, sys, time
@@ -134,8 +153,9 @@ SIGTERM_SCRIPT = textwrap.dedent(
     from bigmodel_ops.tracking import stage_run
 
     before = signal.getsignal(signal.SIGTERM)
-    raw = json.loads(Path(sys.argv[1]).read_text())
-    with stage_run(parse_params(raw), stage="pretrain") as run:
+    params = parse_params(json.loads(Path(sys.argv[1]).read_text()))
+    tracking = dict(experiment=params.experiment_name, params=params.model_dump(mode="json"))
+    with stage_run(params.tracking, stage="pretrain", **tracking) as run:
         step = 0
         while True:
             run.log_metrics({"train/loss": 1.0}, step=step)
@@ -169,7 +189,7 @@ def test_sigterm_marks_the_run_killed(tmp_path: Path, project: Path, mlflow_stor
 
 def test_signal_handlers_are_restored(tmp_path: Path, project: Path) -> None:
     before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
-    with stage_run(make_params(tmp_path), stage="prepare"):
+    with tracked_run(make_params(tmp_path), stage="prepare"):
         assert signal.getsignal(signal.SIGTERM) is not before[0]
     assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
 
@@ -179,7 +199,7 @@ def test_keyboard_interrupt_marks_killed(tmp_path: Path, project: Path, mlflow_s
     # then installs no KeyboardInterrupt handler; restore Python's normal one for this test.
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
-        with pytest.raises(KeyboardInterrupt), stage_run(make_params(tmp_path), stage="pretrain") as run:
+        with pytest.raises(KeyboardInterrupt), tracked_run(make_params(tmp_path), stage="pretrain") as run:
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(5)
     finally:
@@ -192,36 +212,48 @@ def test_non_zero_ranks_log_nothing_and_share_the_run_id(
 ) -> None:
     params = make_params(tmp_path)
     client = MlflowClient(mlflow_store)
-    with stage_run(params, stage="pretrain") as rank0:
+    with tracked_run(params, stage="pretrain") as rank0:
         exported = os.environ["BIGMODEL_OPS_RUN_ID"]
         assert exported == rank0.run_id
         # What a process started by Lightning's launcher sees: LOCAL_RANK=1, the inherited id.
         monkeypatch.setenv("LOCAL_RANK", "1")
-        with stage_run(params, stage="pretrain") as rank1:
-            assert isinstance(rank1, NoOpStageRun)
+        note = tmp_path / "note.txt"
+        note.write_text("rank 1")
+        with tracked_run(params, stage="pretrain") as rank1:
+            assert rank1.sender_stats().mode == "none"  # a transport that sends nothing
             assert rank1.run_id == rank0.run_id
             rank1.log_metrics({"loss": 1.0}, step=1)
-            rank1.log_params({"a": 1})
+            rank1.log_params({"a": 1, "long": "x" * 7000})
+            rank1.set_tags({"t": 1})
+            rank1.log_artifact(note)
+            rank1.log_artifacts(tmp_path / "repo", "repo")
+            rank1.log_dict({"a": 1}, "a.json")
+            rank1.log_input(name="d", source=str(note), digest="0" * 40)
+            assert rank1.log_model_dir(tmp_path, registered_model_name="m") is None
+            rank1.flush()
             with rank1.child_run("trial-0") as child:
+                assert child.run_id == rank0.run_id
                 child.log_metrics({"x": 1.0}, step=0)
         monkeypatch.delenv("LOCAL_RANK")
         monkeypatch.setenv("RANK", "3")
-        with stage_run(params, stage="pretrain") as rank3:
-            assert isinstance(rank3, NoOpStageRun)
+        with tracked_run(params, stage="pretrain") as rank3:
+            assert rank3.sender_stats().mode == "none"
         monkeypatch.delenv("RANK")
     assert "BIGMODEL_OPS_RUN_ID" not in os.environ
     names = sorted(
         r.info.run_name for r in client.search_runs([client.get_run(rank0.run_id).info.experiment_id])
     )
     assert names.count("pretrain") == 1 and not [n for n in names if "trial" in n]
-    assert "loss" not in client.get_run(rank0.run_id).data.metrics
+    rank0_data = client.get_run(rank0.run_id).data
+    assert "loss" not in rank0_data.metrics and "a" not in rank0_data.params and "t" not in rank0_data.tags
+    assert not client.list_artifacts(rank0.run_id) and not client.search_registered_models()
 
 
 def test_params_are_flattened_and_long_values_become_artifacts(
     tmp_path: Path, project: Path, mlflow_store: str
 ) -> None:
     client = MlflowClient(mlflow_store)
-    with stage_run(make_params(tmp_path), stage="tune", log_stage_params=False) as run:
+    with tracked_run(make_params(tmp_path), stage="tune", log_stage_params=False) as run:
         run.log_params({"optim": {"lr": 0.001, "betas": [0.9, 0.95]}, "prompt": "x" * 7000})
     data = client.get_run(run.run_id).data.params
     assert data["optim.lr"] == "0.001"
@@ -231,14 +263,33 @@ def test_params_are_flattened_and_long_values_become_artifacts(
     assert Path(local).read_text() == "x" * 7000
 
 
+def test_datasets_are_logged_as_inputs(tmp_path: Path, project: Path, mlflow_store: str) -> None:
+    schema = {"mlflow_colspec": [{"type": "string", "name": "text", "required": True}]}
+    with tracked_run(make_params(tmp_path), stage="prepare", log_stage_params=False) as run:
+        run.log_input(
+            name="trk-train",
+            source="data/train.parquet",
+            digest="d" * 40,
+            profile={"num_rows": 3},
+            schema=schema,
+        )
+    (entry,) = MlflowClient(mlflow_store).get_run(run.run_id).inputs.dataset_inputs
+    assert (entry.dataset.name, entry.dataset.digest) == ("trk-train", "d" * 36)
+    assert json.loads(entry.dataset.profile) == {"num_rows": 3} and json.loads(entry.dataset.schema) == schema
+    assert [(t.key, t.value) for t in entry.tags] == [("mlflow.data.context", "train")]
+
+
 def test_child_runs_for_trials(tmp_path: Path, project: Path, mlflow_store: str) -> None:
     import optuna
 
     client = MlflowClient(mlflow_store)
-    with stage_run(make_params(tmp_path), stage="tune") as run:
+    with tracked_run(make_params(tmp_path), stage="tune") as run:
         with run.child_run("trial-0", tags={"optuna.trial": 0}) as t0:
             t0.log_metrics({"val/acc": 0.7}, step=10, epoch=1)
-        with pytest.raises(optuna.TrialPruned), run.child_run("trial-1") as t1:
+        with (
+            pytest.raises(optuna.TrialPruned),
+            run.child_run("trial-1", finished_on=(optuna.TrialPruned,)) as t1,
+        ):
             raise optuna.TrialPruned()
         with pytest.raises(ZeroDivisionError), run.child_run("trial-2") as t2:
             1 / 0  # noqa: B018
@@ -250,24 +301,51 @@ def test_child_runs_for_trials(tmp_path: Path, project: Path, mlflow_store: str)
     assert client.get_metric_history(t0.run_id, "val/acc")[0].step == 10
     assert (r0.info.status, r1.info.status, r2.info.status) == ("FINISHED", "FINISHED", "FAILED")
     assert r1.data.tags["bigmodel_ops.outcome"] == "TrialPruned"
+    assert r2.data.tags["bigmodel_ops.error"].startswith("ZeroDivisionError")
     assert (
         r0.data.tags["bigmodel_ops.git_commit"]
         == client.get_run(run.run_id).data.tags["bigmodel_ops.git_commit"]
     )
 
 
-def test_system_metrics_are_recorded(tmp_path: Path, project: Path, mlflow_store: str) -> None:
+def test_system_metrics_arrive_complete_up_to_the_end_of_the_run(
+    tmp_path: Path, project: Path, mlflow_store: str, caplog: pytest.LogCaptureFixture
+) -> None:
     params = make_params(tmp_path, system_metrics_interval_s=0.2)
-    with stage_run(params, stage="pretrain", system_metrics=True) as run:
-        time.sleep(1.5)
-    metrics = MlflowClient(mlflow_store).get_run(run.run_id).data.metrics
-    assert "system/cpu_utilization_percentage" in metrics
-    off = make_params(tmp_path, system_metrics=False, system_metrics_interval_s=0.2)
-    with stage_run(off, stage="pretrain", run_name="pretrain-off", system_metrics=True) as quiet:
-        time.sleep(0.6)
+    client = MlflowClient(mlflow_store)
+    mlflow_logger = logging.getLogger("mlflow")  # it does not propagate to caplog's root handler
+    mlflow_logger.addHandler(caplog.handler)
+    try:
+        with tracked_run(params, stage="pretrain", system_metrics=True) as run:
+            time.sleep(1.5)
+            ending_ms = int(time.time() * 1000)
+    finally:
+        mlflow_logger.removeHandler(caplog.handler)
+    # MLflow's own loop read BatchMetricsLogger.total_training_time after its first sample and
+    # stopped with "Failed to log system metrics"; the partial sample at finish() was dropped.
     assert not [
-        k for k in MlflowClient(mlflow_store).get_run(quiet.run_id).data.metrics if k.startswith("system/")
+        r for r in caplog.records if "system metrics" in r.getMessage() and r.levelno >= logging.WARNING
     ]
+    history = client.get_metric_history(run.run_id, "system/cpu_utilization_percentage")
+    steps = sorted(m.step for m in history)
+    assert steps == list(range(len(steps))) and len(steps) >= 4  # one sample per 0.2 s, none lost
+    assert max(m.timestamp for m in history) >= ending_ms  # the last sample was taken at the end
+    names = set(client.get_run(run.run_id).data.metrics)
+    assert {"system/system_memory_usage_megabytes", "system/disk_usage_percentage"} <= names
+    assert all(len(client.get_metric_history(run.run_id, name)) == len(steps) for name in names)
+
+    off = make_params(tmp_path, system_metrics=False, system_metrics_interval_s=0.2)
+    with tracked_run(off, stage="pretrain", run_name="pretrain-off", system_metrics=True) as quiet:
+        time.sleep(0.6)
+    assert not [k for k in client.get_run(quiet.run_id).data.metrics if k.startswith("system/")]
+
+    # A resumed run continues the step count where the first part stopped.
+    with tracked_run(params, stage="pretrain", resume_run_id=run.run_id, system_metrics=True):
+        time.sleep(0.5)
+    resumed = sorted(
+        m.step for m in client.get_metric_history(run.run_id, "system/cpu_utilization_percentage")
+    )
+    assert resumed == list(range(len(resumed))) and len(resumed) > len(steps)
 
 
 def test_batches_respect_server_limits() -> None:
@@ -297,7 +375,7 @@ def test_full_queue_spills_to_the_spool_and_loses_nothing(
     assert sender.mode == mode
     for step in range(100):
         sender.enqueue_metrics(run_id, {"a": float(step), "b": 1.0}, step, 1000 + step)
-    assert sender.spilled > 0  # the queue overflowed: the caller wrote to the spool, did not block
+    assert sender.stats().spilled > 0  # the queue overflowed: the caller wrote to the spool, did not block
     assert sender.close(timeout=None) is True
     assert len(client.get_metric_history(run_id, "a")) == 100
     assert len(client.get_metric_history(run_id, "b")) == 100
@@ -306,7 +384,7 @@ def test_full_queue_spills_to_the_spool_and_loses_nothing(
 
 def test_conflicting_param_is_reported_not_fatal(tmp_path: Path, project: Path, mlflow_store: str) -> None:
     with pytest.warns(RuntimeWarning, match="refused 1 item"):
-        with stage_run(make_params(tmp_path), stage="finetune", log_stage_params=False) as run:
+        with tracked_run(make_params(tmp_path), stage="finetune", log_stage_params=False) as run:
             run.log_params({"lr": 0.1, "other": 1})
             run.flush()
             run.log_params({"lr": 0.2})
@@ -315,54 +393,13 @@ def test_conflicting_param_is_reported_not_fatal(tmp_path: Path, project: Path, 
     assert data.params["lr"] == "0.1" and data.metrics["acc"] == 0.5
 
 
-def test_lightning_logger_uses_the_global_step(tmp_path: Path, project: Path, mlflow_store: str) -> None:
-    import lightning as L
-    import torch
-    from torch.utils.data import DataLoader, TensorDataset
-
-    from bigmodel_ops.tracking.lightning import StageRunLogger
-
-    class Tiny(L.LightningModule):
-        def __init__(self) -> None:
-            super().__init__()
-            self.save_hyperparameters({"hidden": 4, "opt": {"lr": 0.1}})
-            self.layer = torch.nn.Linear(3, 1)
-
-        def training_step(self, batch: list[torch.Tensor], _: int) -> torch.Tensor:
-            loss = torch.nn.functional.mse_loss(self.layer(batch[0]), batch[1])
-            self.log("train/loss", loss)
-            return loss
-
-        def configure_optimizers(self) -> torch.optim.Optimizer:
-            return torch.optim.SGD(self.parameters(), lr=0.1)
-
-    data = DataLoader(TensorDataset(torch.randn(16, 3), torch.randn(16, 1)), batch_size=4)
-    with stage_run(make_params(tmp_path), stage="pretrain", log_stage_params=False) as run:
-        trainer = L.Trainer(
-            max_epochs=2,
-            logger=StageRunLogger(run),
-            log_every_n_steps=1,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            accelerator="cpu",
-            default_root_dir=tmp_path,
-        )
-        trainer.fit(Tiny(), data)
-    client = MlflowClient(mlflow_store)
-    steps = sorted(m.step for m in client.get_metric_history(run.run_id, "train/loss"))
-    assert steps == list(range(8))  # 2 epochs x 4 batches, one point per optimizer step
-    assert client.get_run(run.run_id).data.params["opt.lr"] == "0.1"
-    assert {m.value for m in client.get_metric_history(run.run_id, "epoch")} == {0.0, 1.0}
-
-
 def test_stage_runs_send_from_a_niced_process_that_ends_with_the_run(
     tmp_path: Path, project: Path, mlflow_store: str
 ) -> None:
-    with stage_run(make_params(tmp_path), stage="pretrain", log_stage_params=False) as run:
-        sender = run._sender
-        assert sender.mode == "process"  # the default on Linux
-        pid = sender._process.pid
+    with tracked_run(make_params(tmp_path), stage="pretrain", log_stage_params=False) as run:
+        stats = run.sender_stats()
+        assert stats.mode == "process"  # the default on Linux
+        pid = stats.pid
         # The child lowers its own priority right after the fork.
         deadline = time.monotonic() + 10
         while os.sched_getscheduler(pid) != os.SCHED_IDLE and time.monotonic() < deadline:
@@ -371,7 +408,7 @@ def test_stage_runs_send_from_a_niced_process_that_ends_with_the_run(
         assert os.sched_getscheduler(pid) == os.SCHED_IDLE  # tracking.sender_sched_idle
         for step in range(50):
             run.log_metrics({"train/loss": 1.0 / (step + 1)}, step=step)
-    assert not sender._process.is_alive()
+    assert not _pid_running(pid)
     history = MlflowClient(mlflow_store).get_metric_history(run.run_id, "train/loss")
     assert sorted(m.step for m in history) == list(range(50))
 
@@ -386,14 +423,14 @@ def test_a_sender_process_delivers_what_a_sigkilled_caller_had_queued(
         f"""
         import os, signal, time
         from mlflow.tracking import MlflowClient
-        from bigmodel_ops.tracking.logger import LogSender
+        from bigmodel_ops.tracking.transport import LogSender
         from bigmodel_ops.tracking.spool import Spool
         client = MlflowClient({mlflow_store!r})
         sender = LogSender(client, Spool({str(tmp_path / "spool")!r}, uri={mlflow_store!r}),
                            flush_interval_s=60.0, mode="process")
         for step in range(300):
             sender.enqueue_metrics({run_id!r}, {{"loss": float(step)}}, step, 1000 + step)
-        print(sender._process.pid, flush=True)
+        print(sender.stats().pid, flush=True)
         # Records reach the pipe in groups at least every 0.25 s; a group not yet handed over
         # when SIGKILL lands is lost, so give the hand-off that long.
         time.sleep(1.0)

@@ -16,8 +16,7 @@ from pathlib import Path
 import pytest
 
 from bigmodel_ops.config import parse_params
-from bigmodel_ops.tracking import stage_run
-from tests.helpers_tracking import free_port, make_project, raw_params, wait_http
+from tests.helpers_tracking import free_port, make_project, raw_params, tracked_run, wait_http
 
 pytestmark = pytest.mark.slow
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
@@ -47,7 +46,7 @@ def ui_server(tmp_path_factory: pytest.TempPathFactory, _migrated_store: Path) -
             "BIGMODEL_OPS_RUN_ID",
         ):
             mp.delenv(name, raising=False)
-        with stage_run(params, stage="pretrain") as pre:
+        with tracked_run(params, stage="pretrain") as pre:
             for step in range(20):
                 pre.log_metrics({"train/loss": 3.0 - step * 0.1}, step=step)
             model_dir = root / "model"
@@ -55,7 +54,7 @@ def ui_server(tmp_path_factory: pytest.TempPathFactory, _migrated_store: Path) -
             (model_dir / "config.json").write_text(json.dumps({"n_layer": 1}))
             (model_dir / "model.safetensors").write_bytes(b"\0" * 64)
             version = pre.log_model_dir(model_dir, registered_model_name="trk-test-base", alias="candidate")
-        with stage_run(params, stage="tune") as tune:
+        with tracked_run(params, stage="tune") as tune:
             with tune.child_run("trial-0") as trial:
                 trial.log_metrics({"val/acc": 0.75}, step=8)
     port = free_port()

@@ -31,7 +31,7 @@ from bigmodel_ops.classification.export import save_classifier
 from bigmodel_ops.classification.inputs import effective_max_length, load_splits
 from bigmodel_ops.classification.training import HyperParams, fit_classifier
 from bigmodel_ops.config import Params
-from bigmodel_ops.contract import TOKENIZER_FILE
+from bigmodel_ops.contract import TOKENIZER_FILE, check_model_dir
 from bigmodel_ops.errors import ConfigError, TrainingDiverged
 from bigmodel_ops.fsutil import publish, write_json_atomic
 from bigmodel_ops.model import read_exported_config
@@ -87,6 +87,7 @@ def run(params: Params, *, paths: ProjectPaths, quiet: bool = False) -> dict[str
     from bigmodel_ops.tracking.runs import tracking_uri
 
     hparams, source = resolve_hparams(params, paths)
+    check_model_dir(paths.pretrained_model)
     backbone_config, _ = read_exported_config(paths.pretrained_model)
     max_length = effective_max_length(params.finetune.max_length, backbone_config)
     splits = load_splits(
@@ -100,7 +101,11 @@ def run(params: Params, *, paths: ProjectPaths, quiet: bool = False) -> dict[str
             {"hparams": hparams.as_dict(), "hparams_source": source, "max_length_effective": max_length}
         )
         metrics = MetricsCallback(
-            run, log_every_n_steps=params.tracking.log_every_n_steps, loss_key="train_loss"
+            run,
+            log_every_n_steps=params.tracking.log_every_n_steps,
+            loss_key="train_loss",
+            lr_key="lr",
+            epoch_key="epoch",
         )
         module, trainer = fit_classifier(
             fit_config(params),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -40,6 +41,12 @@ class GuardedCheckpoint(ModelCheckpoint):
             enable_version_counter=False,
         )
         self.after_save = after_save
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        with warnings.catch_warnings():
+            # The folder is per configuration and a rerun resumes from it: not being empty is the design.
+            warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+            super().setup(trainer, pl_module, stage)
 
     def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
         # Never persist a diverged state: raise before anything is written.

@@ -10,8 +10,6 @@ warning instead of crashing or, worse, silently starting from scratch.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +18,7 @@ from typing import Any
 import torch
 
 from bigmodel_ops.errors import CheckpointError
+from bigmodel_ops.fsutil import short_hash
 from bigmodel_ops.pretraining.lm_module import CHECKPOINT_FORMAT, CHECKPOINT_KEY
 
 _logger = logging.getLogger(__name__)
@@ -123,8 +122,7 @@ def checkpoint_dir(root: Path, identity: dict[str, Any]) -> Path:
     the same folder while `dvc exp run -S pretrain.lr=...` trains afresh in its own folder
     instead of resuming a run made with other settings. Other folders are kept, never deleted.
     """
-    blob = json.dumps(identity, sort_keys=True, default=str).encode()
-    return Path(root) / f"config-{hashlib.sha256(blob).hexdigest()[:12]}"
+    return Path(root) / f"config-{short_hash(identity)}"
 
 
 def resume_point_from_file(path: Path | str) -> ResumePoint:

@@ -1,14 +1,18 @@
-"""MLflow integration: stage runs, the pipeline run tree, lineage tags, buffered logging.
+"""MLflow tracking of pipeline stages: runs, the pipeline run tree, lineage, buffered logging.
 
-Stages use exactly one entry point::
+Stages use one entry point::
 
-    with stage_run(params, stage="pretrain") as run:
+    with stage_run(params.tracking, experiment=params.experiment_name, stage="pretrain",
+                   params=params.model_dump(mode="json")) as run:
         run.log_params(...)
         run.log_metrics({"train/loss": 2.3}, step=global_step)
         run.log_artifact(path)
 
-Everything else (parent pipeline run, lineage tags, status on crash/signal,
-buffering and the offline spool) happens behind it.
+Everything else (the pipeline parent run, lineage tags, the status on a crash or signal, the
+background sender and the offline spool) happens behind it. Modules, by role: runs.py (the
+lifecycle of a stage run), handle.py (StageRun, what a stage logs through), transport.py (the
+caller side of the sender), sender.py (its sending side), spool.py (outages and the spool),
+lineage.py, pipeline.py, system_metrics.py, registry.py (model registry helpers).
 
 Names are imported lazily: MLflow imports ``bigmodel_ops.tracking.lineage`` (our run context
 provider) while ``mlflow.tracking`` itself is still initialising, so this package must not
@@ -20,7 +24,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from bigmodel_ops.tracking.runs import StageRun, stage_run
+    from bigmodel_ops.tracking.handle import StageRun
+    from bigmodel_ops.tracking.runs import stage_run
 
 __all__ = ["StageRun", "stage_run"]
 

@@ -3,29 +3,34 @@
 :class:`StageRun` queues metrics, params and tags on its transport and logs artifacts at once
 (spooled during an outage); ``child_run`` nests a run such as ``tune/trial-7``. Non-zero ranks
 get the same class over a transport that sends nothing. How a run ends is decided here for
-stage and child runs alike (:func:`status_for`).
+stage and child runs alike (:func:`status_for`; :func:`signal_guard` turns SIGTERM into an
+exception while a stage runs).
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
+import signal
 import tempfile
+import threading
 import time
 import traceback
 import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 from mlflow.tracking import MlflowClient
 from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_TAG_VAL_LENGTH
 
 from bigmodel_ops.config import flatten
-from bigmodel_ops.tracking.sender import dataset_input
-from bigmodel_ops.tracking.spool import TrackingOfflineWarning, is_offline_id
-from bigmodel_ops.tracking.transport import SenderStats, Transport
+from bigmodel_ops.tracking.spool import is_offline_id
+from bigmodel_ops.tracking.store import TrackingOfflineWarning, dataset_input
+from bigmodel_ops.tracking.transport import LogSender, NullTransport, SenderStats
 
 _logger = logging.getLogger(__name__)
 
@@ -53,6 +58,36 @@ def status_for(
     return "FAILED"
 
 
+@contextlib.contextmanager
+def signal_guard(seen: list[int]) -> Iterator[None]:
+    """SIGTERM -> TerminatedBySignal, SIGINT -> KeyboardInterrupt; both remembered in ``seen``."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def on_term(signum: int, frame: FrameType | None) -> None:
+        seen.append(signum)
+        raise TerminatedBySignal(signum)
+
+    def on_int(signum: int, frame: FrameType | None) -> None:
+        seen.append(signum)
+        handler = previous[signal.SIGINT]
+        if callable(handler) and handler is not signal.default_int_handler:
+            handler(signum, frame)
+        else:
+            raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_term)
+    if previous[signal.SIGINT] is not signal.SIG_IGN:
+        signal.signal(signal.SIGINT, on_int)
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+
+
 class StageRun:
     """Handle on the MLflow run of one stage (or of a child run such as a tuning trial).
 
@@ -62,7 +97,7 @@ class StageRun:
 
     def __init__(
         self,
-        transport: Transport,
+        transport: LogSender | NullTransport,
         *,
         run_id: str,
         run_name: str,
@@ -103,7 +138,7 @@ class StageRun:
         become artifacts ``params/<key>.txt`` and the param says so."""
         items: list[tuple[str, str]] = []
         for key, value in flatten(dict(values)).items():
-            text = value if isinstance(value, str) else json.dumps(value) if isinstance(value, list) else str(value)
+            text = json.dumps(value) if isinstance(value, list) else str(value)
             if len(text) > MAX_PARAM_VAL_LENGTH:
                 self.log_text(text, f"params/{key}.txt")
                 text = f"<{len(text)} chars: see artifact params/{key}.txt>"
@@ -173,7 +208,9 @@ class StageRun:
                 "profile": json.dumps(dict(profile)) if profile else None,
             },
         }
-        self._transport.call(self._run_id, lambda rid: self.client.log_inputs(rid, [dataset_input(record)]), record)
+        self._transport.call(
+            self._run_id, lambda rid: self.client.log_inputs(rid, [dataset_input(record)]), record
+        )
 
     def log_model_dir(
         self,
@@ -204,7 +241,11 @@ class StageRun:
             return None
         self.flush()  # the registry checks that the artifacts are there
         version = register_run_model(
-            self.client, run_id=self.run_id, artifact_path=artifact_path, name=registered_model_name, tags=tags
+            self.client,
+            run_id=self.run_id,
+            artifact_path=artifact_path,
+            name=registered_model_name,
+            tags=tags,
         )
         if alias is not None:
             self.client.set_registered_model_alias(registered_model_name, alias, version.version)
@@ -234,15 +275,8 @@ class StageRun:
         child_id = self._transport.create_run(
             experiment=experiment, artifact_location=location, run_name=run_name, tags=child_tags
         )
-        child = StageRun(
-            self._transport,
-            run_id=child_id,
-            run_name=run_name,
-            stage=self.stage,
-            experiment=experiment,
-            artifact_location=location,
-            inherited_tags=self._inherited_tags,
-        )
+        child = copy.copy(self)  # same transport, experiment, stage and inherited tags
+        child._run_id, child.run_name = child_id, run_name
         try:
             yield child
         except BaseException as error:

@@ -1,27 +1,18 @@
 """The pipeline run tree: one parent run per pipeline version, one child run per stage.
 
-A *pipeline id* (lineage.pipeline_id: git commit + dirty flag + hash of the whole params file)
-names one version of the pipeline. Its parent run is called ``pipeline-<id>`` and carries the
-tags ``bigmodel_ops.pipeline_id = <id>`` and ``bigmodel_ops.role = pipeline``; every stage run is
-a child (``mlflow.parentRunId``) of the parent of the pipeline version it ran in.
+A pipeline id (lineage.py: git commit + dirty flag + hash of all params) names one version of
+the pipeline; its parent run ``pipeline-<id>`` is tagged ``bigmodel_ops.pipeline_id = <id>`` and
+``bigmodel_ops.role = pipeline``, and ends with the status of the stage that ended last.
 
-Which run produced the current outputs? DVC skips a stage whose deps and params are unchanged,
-so such a stage creates no run at all in a new pipeline version. To still show the producer:
+Which run produced the current outputs? DVC skips a stage whose deps and params did not change,
+so a new pipeline version may have no run of it. A successful stage therefore tags the parent
+``bigmodel_ops.stage_run.<stage> = <run id>`` and records itself in ``.bigmodel_ops/stage_runs.json``
+(next to dvc.yaml; not a DVC output), and a new parent copies every recorded stage run as its
+tags (``bigmodel_ops.stage_from.<stage>``: that run's pipeline id).
 
-- at the end of a successful stage, the parent gets ``bigmodel_ops.stage_run.<stage> = <run id>``
-  and the local registry ``.bigmodel_ops/stage_runs.json`` (next to dvc.yaml; not a DVC output,
-  so DVC neither deletes nor caches it) records ``{stage: {run_id, pipeline_id, finished}}``;
-- a newly created parent copies every registry entry as its ``bigmodel_ops.stage_run.<stage>``
-  tag, so stages skipped in this version point at the earlier run whose outputs are still in
-  place (``bigmodel_ops.stage_from.<stage>`` names that run's pipeline id).
-
-Concurrency: find-or-create holds an exclusive ``flock`` on ``.bigmodel_ops/pipeline.lock``,
-which serialises processes of one working copy. Processes on other machines sharing a server
-can still race; after creating a parent we search again and, if an older parent of the same id
-exists, delete ours and use that one (oldest start time, then run id, wins).
-
-Parent status: RUNNING while a stage runs, then FINISHED, FAILED or KILLED like the stage that
-ended last.
+Find-or-create holds a ``flock`` on ``.bigmodel_ops/pipeline.lock`` (processes of one working
+copy). Machines sharing a server can still race: after creating a parent we search again and,
+if an older parent of the same id exists, delete ours and use that one.
 """
 
 from __future__ import annotations
@@ -30,12 +21,13 @@ import contextlib
 import datetime as dt
 import fcntl
 import json
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from mlflow.tracking import MlflowClient
+
+from bigmodel_ops.fsutil import write_json_atomic
 
 PIPELINE_TAG = "bigmodel_ops.pipeline_id"
 ROLE_TAG = "bigmodel_ops.role"
@@ -50,10 +42,7 @@ def _locked(root: Path) -> Iterator[None]:
     lock_path.parent.mkdir(parents=True, exist_ok=True)
     with lock_path.open("a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+        yield  # closing the file releases the lock
 
 
 def read_registry(root: Path) -> dict[str, dict[str, Any]]:
@@ -70,15 +59,9 @@ def record_stage(root: Path, *, stage: str, run_id: str, pipeline_id: str | None
     """Atomically record the run that produced a stage's current outputs."""
     with _locked(root):
         stages = read_registry(root)
-        stages[stage] = {
-            "run_id": run_id,
-            "pipeline_id": pipeline_id,
-            "finished": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        }
-        target = root / REGISTRY_FILE
-        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"stages": stages}, indent=2, sort_keys=True))
-        os.replace(tmp, target)
+        finished = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+        stages[stage] = {"run_id": run_id, "pipeline_id": pipeline_id, "finished": finished}
+        write_json_atomic(root / REGISTRY_FILE, {"stages": dict(sorted(stages.items()))})
 
 
 def _search(client: MlflowClient, experiment_id: str, pipeline_id: str) -> list[Any]:

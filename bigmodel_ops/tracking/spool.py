@@ -1,62 +1,34 @@
-"""Offline mode: what counts as an outage, and the on-disk spool that keeps data until it ends.
+"""Offline mode: what counts as an outage, and the spool that keeps data on disk until it ends.
 
-One JSON-lines file per run, ``<spool_dir>/<run_id>.jsonl``. The first line names the tracking
-URI it belongs to; the others are records, replayed in order:
-
-- ``{"op": "create", ...}``: a run started while the server was down; its id is a placeholder
-  ``offline-<hex>`` until replay creates it, and ``idmap.json`` then maps it to the real id;
-- ``{"op": "batch", "metrics": [[key, value, timestamp_ms, step], ...], "params": [[k, v]],
-  "tags": [[k, v]]}``;
-- ``{"op": "artifact", "file": <copy inside the spool>, "artifact_path": ...}``;
-- ``{"op": "input", "dataset": {...}, "context": ...}``: a dataset the run used;
-- ``{"op": "terminate", "status": ..., "end_time": ...}`` and ``{"op": "update", "status": ...}``.
+One JSON-lines file per run, ``<spool_dir>/<run_id>.jsonl``: a first line naming its tracking
+URI, then records replayed in order: ``create`` (a run started while the server was down: its
+id is a placeholder ``offline-<hex>`` until replay creates it and ``idmap.json`` maps it),
+``batch`` (metrics ``[key, value, timestamp_ms, step]``, params, tags), ``artifact`` (a copy
+inside the spool), ``input`` (a dataset), ``update`` and ``terminate`` (the run's status).
 
 Replay renames the file to ``.replaying`` first (new records go to a fresh file meanwhile) and
-keeps a ``.done`` counter of records already sent, so a replay interrupted by a second outage
-resumes where it stopped instead of logging metrics twice. A file is deleted once fully sent;
-a truncated last line (process killed mid-write) is ignored.
-
-:class:`StoreLink` is what the caller side (transport.py) and the sending side (sender.py) of
-the log sender share: the offline flag, the id map, and going offline with one warning.
+keeps a ``.done`` count of records sent, so a replay cut by a second outage resumes where it
+stopped instead of logging metrics twice. A truncated last line (a process killed mid-write)
+is skipped.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import logging
 import os
 import shutil
 import threading
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from mlflow.exceptions import MlflowException
-
-try:
-    import fcntl
-except ImportError:  # Windows: threads only
-    fcntl = None  # type: ignore[assignment]
-
 _logger = logging.getLogger(__name__)
 
 OFFLINE_PREFIX = "offline-"
-# Error codes that mean "the server looked at the data and refused it": retrying cannot help.
-_DATA_ERRORS = {"INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "RESOURCE_ALREADY_EXISTS", "BAD_REQUEST"}
-
-
-class TrackingOfflineWarning(UserWarning):
-    """The tracking server could not be reached; data is spooled locally and replayed later."""
-
-
-def is_outage(error: BaseException) -> bool:
-    """True when an error means the store is unreachable or busy, not that the data is bad."""
-    if isinstance(error, MlflowException):
-        return error.error_code not in _DATA_ERRORS
-    return isinstance(error, OSError | TimeoutError | ConnectionError) or "OperationalError" in type(error).__name__
 
 
 def new_offline_id() -> str:
@@ -68,12 +40,8 @@ def is_offline_id(run_id: str | None) -> bool:
 
 
 class Spool:
-    """Append-only per-run record files under one directory.
-
-    Safe across threads and processes (a sender process replays while the training process may
-    append): appends and the rename that claims a file for replay hold a thread lock and an
-    advisory ``flock`` on ``<directory>/.lock``.
-    """
+    """Append-only per-run record files under one directory, safe across threads and processes
+    (appends and the rename that claims a file for replay hold a lock and a ``flock``)."""
 
     def __init__(self, directory: Path | str, *, uri: str) -> None:
         self.directory = Path(directory)
@@ -85,47 +53,33 @@ class Spool:
         with self._thread_lock:
             self.directory.mkdir(parents=True, exist_ok=True)
             with open(self.directory / ".lock", "a+b") as handle:
-                if fcntl is not None:
-                    fcntl.flock(handle, fcntl.LOCK_EX)
+                fcntl.flock(handle, fcntl.LOCK_EX)
                 yield  # closing the file releases the flock
 
     def _file(self, run_id: str, suffix: str = "") -> Path:
         return self.directory / f"{run_id}{suffix}.jsonl"
 
     def append(self, run_id: str, record: dict[str, Any]) -> None:
-        line = json.dumps(record, separators=(",", ":"))
-        with self._lock():
-            path = self._file(run_id)
-            new = not path.exists()
-            with path.open("a", encoding="utf-8") as handle:
-                if new:
-                    handle.write(json.dumps({"op": "meta", "uri": self.uri, "run_id": run_id}) + "\n")
-                handle.write(line + "\n")
+        with self._lock(), self._file(run_id).open("a", encoding="utf-8") as handle:
+            if handle.tell() == 0:
+                handle.write(json.dumps({"op": "meta", "uri": self.uri, "run_id": run_id}) + "\n")
+            handle.write(json.dumps(record, separators=(",", ":")) + "\n")
 
     def add_artifact(self, run_id: str, local: Path, artifact_path: str | None) -> None:
         """Copy a file or folder into the spool now (the original may change) and record it."""
         target = self.directory / f"{run_id}.files" / uuid.uuid4().hex[:12] / local.name
         target.parent.mkdir(parents=True, exist_ok=True)
-        if local.is_dir():
-            shutil.copytree(local, target)
-        else:
-            shutil.copy2(local, target)
+        (shutil.copytree if local.is_dir() else shutil.copy2)(local, target)
         self.append(run_id, {"op": "artifact", "file": str(target), "artifact_path": artifact_path})
 
     def pending(self) -> list[str]:
         """Run ids with spooled records for this spool's tracking URI."""
-        if not self.directory.is_dir():
-            return []
-        paths = self.directory.glob("*.jsonl")
+        paths = self.directory.glob("*.jsonl") if self.directory.is_dir() else []
         return sorted({p.name.split(".", 1)[0] for p in paths if _uri_of(p) == self.uri})
 
     def count_records(self) -> int:
-        total = 0
-        for run_id in self.pending():
-            for path in (self._file(run_id, ".replaying"), self._file(run_id)):
-                if path.exists():
-                    total += max(0, len(_read_records(path)) - _done(path))
-        return total
+        paths = [self._file(r, suffix) for r in self.pending() for suffix in (".replaying", "")]
+        return sum(max(0, len(_read_records(p)) - _done(p)) for p in paths if p.exists())
 
     @contextlib.contextmanager
     def _claim(self, run_id: str) -> Iterator[Path | None]:
@@ -154,9 +108,9 @@ class Spool:
                     if records[index].get("op") != "meta":
                         send(run_id, records[index])
                         sent += 1
-                    _done_file(path).write_text(str(index + 1))
+                    path.with_suffix(".done").write_text(str(index + 1))
                 path.unlink()
-                _done_file(path).unlink(missing_ok=True)
+                path.with_suffix(".done").unlink(missing_ok=True)
         if not self._file(run_id).exists() and not self._file(run_id, ".replaying").exists():
             shutil.rmtree(self.directory / f"{run_id}.files", ignore_errors=True)
         return sent
@@ -172,9 +126,7 @@ def _uri_of(path: Path) -> str | None:
 
 def _read_records(path: Path) -> list[dict[str, Any]]:
     records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if not line.strip():
-            continue
+    for line in filter(str.strip, path.read_text(encoding="utf-8").splitlines()):
         try:
             records.append(json.loads(line))
         except ValueError:
@@ -182,23 +134,16 @@ def _read_records(path: Path) -> list[dict[str, Any]]:
     return records
 
 
-def _done_file(path: Path) -> Path:
-    return path.with_suffix(".done")
-
-
 def _done(path: Path) -> int:
     try:
-        return int(_done_file(path).read_text())
+        return int(path.with_suffix(".done").read_text())
     except (OSError, ValueError):
         return 0
 
 
 class IdMap:
-    """Placeholder run id -> real run id, kept in ``<spool dir>/idmap.json``.
-
-    Shared by every process that uses the spool: a placeholder unknown here may have been
-    created by another process's replay, so unknown placeholders are looked up on disk again.
-    """
+    """Placeholder run id -> real run id, kept in ``<spool dir>/idmap.json`` and shared by every
+    process that uses the spool: unknown placeholders are looked up on disk again."""
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
@@ -209,10 +154,8 @@ class IdMap:
 
     def resolve(self, run_id: str) -> str:
         """The real id of a placeholder once its run exists; any other id unchanged."""
-        real = self._mapping.get(run_id)
-        if real is not None or not is_offline_id(run_id):
-            return real or run_id
-        self._mapping.update(_load_idmap(self.directory))
+        if run_id not in self._mapping and is_offline_id(run_id):
+            self._mapping.update(_load_idmap(self.directory))
         return self._mapping.get(run_id, run_id)
 
     def record(self, placeholder: str, real: str) -> None:
@@ -229,69 +172,3 @@ def _load_idmap(directory: Path) -> dict[str, str]:
         return json.loads((directory / "idmap.json").read_text())
     except (OSError, ValueError):
         return {}
-
-
-class SharedStatus:
-    """The offline flag and the time of the last replay attempt, shared by caller and sender.
-
-    Backed by a 2-slot array of doubles: a ``multiprocessing`` shared array for a sender process,
-    a plain list for a sender thread. ``time.monotonic`` is system-wide on Linux, so both
-    processes compare the same clock.
-    """
-
-    def __init__(self, slots: Any) -> None:
-        self._slots = slots
-
-    @property
-    def offline(self) -> bool:
-        return self._slots[0] != 0.0
-
-    @offline.setter
-    def offline(self, value: bool) -> None:
-        self._slots[0] = 1.0 if value else 0.0
-
-    @property
-    def last_retry(self) -> float:
-        return self._slots[1]
-
-    @last_retry.setter
-    def last_retry(self, value: float) -> None:
-        self._slots[1] = value
-
-
-class StoreLink:
-    """One side of the log sender: a spool, the shared status and the id map.
-
-    Subclasses say how a warning reaches the user (``warn``): the caller emits it, the sending
-    side hands it to the caller (the warnings module is neither thread- nor process-shared).
-    """
-
-    def __init__(self, spool: Spool, status: SharedStatus) -> None:
-        self.spool = spool
-        self.status = status
-        self._idmap = IdMap(spool.directory)
-
-    @property
-    def offline(self) -> bool:
-        """True while the tracking server is unreachable and data goes to the spool."""
-        return self.status.offline
-
-    def resolve(self, run_id: str) -> str:
-        """The real run id of a placeholder once the run exists (see :class:`IdMap`)."""
-        return self._idmap.resolve(run_id)
-
-    def go_offline(self, error: BaseException) -> None:
-        """The server was found unreachable: spool from now on; warn once per outage."""
-        self.status.last_retry = time.monotonic()
-        if self.status.offline:
-            return
-        self.status.offline = True
-        self.warn(
-            f"tracking server unreachable ({type(error).__name__}: {(str(error).splitlines() or [''])[0][:300]}); "
-            f"training continues and metrics are spooled to {self.spool.directory}, "
-            "to be replayed when it is back",
-            TrackingOfflineWarning,
-        )
-
-    def warn(self, message: str, category: type[Warning]) -> None:
-        raise NotImplementedError

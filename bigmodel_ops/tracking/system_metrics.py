@@ -59,8 +59,9 @@ class SystemMetrics(SystemMetricsMonitor):
             self._process = None
 
 
-def start_system_metrics(run: Any, *, interval_s: float, resumed: bool, uri: str) -> SystemMetrics | None:
-    """Start sampling for ``run``; None (with a warning) when that is not possible."""
+def start_system_metrics(run: Any, interval_s: float, resumed: bool, uri: str) -> SystemMetrics | None:
+    """Start sampling for ``run`` (a resumed run continues its step count); None (with a
+    warning) when that is not possible."""
     try:
         monitor = SystemMetrics(run, interval_s=interval_s, resumed=resumed, uri=uri)
         monitor.start()

@@ -1,22 +1,13 @@
 """The caller side of logging: what a :class:`StageRun` sends through.
 
-:class:`Transport` sends nothing; it is what non-zero ranks get. :class:`LogSender` is the real
-one. Its ``enqueue_*`` calls cost a list append: records are handed to the sending side
-(sender.py) in groups of 256, or every 0.25 s by a small hand-off thread. Store calls that
-must happen now (create a run, log an artifact, end a run) go through ``call``, which spools
-them during an outage. The sending side runs:
-
-- with ``mode="process"`` (what stages use on Linux) in a forked child at the lowest CPU
-  priority (nice 19, and SCHED_IDLE unless told otherwise). MLflow's sqlalchemy store spends
-  ~0.3 ms of Python per metric; on a thread that time holds the GIL the training loop needs.
-  The child is forked, not spawned: a fresh interpreter spends seconds importing MLflow;
-- with ``mode="thread"`` on a daemon thread, where fork is unavailable or the process may not
-  have children (a daemonic worker), or when asked for.
-
-Nothing is dropped: when the queue is full the caller appends to the spool file itself instead
-of waiting. When the training process dies without closing (SIGKILL), a sender process sees EOF
-on a pipe only the caller holds, sends what was queued, and exits; only the group not yet handed
-over (at most the last 0.25 s of records) is lost.
+:class:`LogSender` queues records in groups (a list append per call; 256 records, or what waits
+every 0.25 s, go to the sending side, sender.py) and makes the store calls that cannot wait
+(create or end a run, log an artifact), spooling them during an outage. The sending side runs
+in a forked child at the lowest CPU priority (``mode="process"``, what stages use on Linux), so
+that MLflow's ~0.3 ms of Python per metric neither holds the GIL training needs nor takes its
+CPU, or on a thread where fork is unavailable. Nothing is dropped: a full queue spills to the
+spool, and a sender process whose caller was SIGKILLed still sends what was queued (all but the
+group not yet handed over, at most 0.25 s). :class:`NullTransport` sends nothing.
 """
 
 from __future__ import annotations
@@ -26,11 +17,9 @@ import contextlib
 import dataclasses
 import itertools
 import logging
-import multiprocessing
-import multiprocessing.util  # imported before our atexit hook, so that hook runs first
+import multiprocessing.util  # noqa: F401 - imported before our atexit hook, which must run first
 import os
 import queue
-import sys
 import threading
 import time
 import warnings
@@ -41,12 +30,21 @@ from typing import Any, Literal
 
 from mlflow.tracking import MlflowClient
 
-from bigmodel_ops.tracking.sender import WARNING_CATEGORIES, Pending, SenderLoop, ensure_experiment, process_main
-from bigmodel_ops.tracking.spool import SharedStatus, Spool, StoreLink, is_offline_id, is_outage, new_offline_id
+from bigmodel_ops.tracking.sender import SenderLoop, can_fork, start_process
+from bigmodel_ops.tracking.spool import Spool, is_offline_id, new_offline_id
+from bigmodel_ops.tracking.store import (
+    Pending,
+    SharedStatus,
+    StoreLink,
+    TrackingOfflineWarning,
+    ensure_experiment,
+    is_outage,
+)
 
 _logger = logging.getLogger(__name__)
 
 RUN_ID_ENV = "BIGMODEL_OPS_RUN_ID"  # rank 0's run id, inherited by the processes it launches
+_WARNINGS = {"TrackingOfflineWarning": TrackingOfflineWarning, "RuntimeWarning": RuntimeWarning}
 _open_senders: weakref.WeakSet[LogSender] = weakref.WeakSet()  # closed at interpreter exit
 
 
@@ -61,16 +59,15 @@ class SenderStats:
     spilled: int  # records the caller wrote to the spool because the queue was full
 
 
-class Transport:
-    """Sends nothing. Non-zero ranks get it, so a method added here is a no-op for them;
-    every run id resolves to rank 0's (``BIGMODEL_OPS_RUN_ID``)."""
+class NullTransport:
+    """What non-zero ranks log through: every transport call (``enqueue_*``, ``call``,
+    ``create_run``, ``flush``... and any added later) does nothing; every run id is rank 0's."""
 
-    active = False
-    offline = False
+    active = offline = False
 
-    def __init__(self, uri: str, client: MlflowClient | None = None) -> None:
+    def __init__(self, uri: str) -> None:
         self._uri = uri
-        self._client = client
+        self._client: MlflowClient | None = None
 
     @property
     def client(self) -> MlflowClient:
@@ -81,35 +78,16 @@ class Transport:
     def resolve(self, run_id: str) -> str:
         return os.environ.get(RUN_ID_ENV, "")
 
-    def enqueue_metrics(self, run_id: str, values: dict[str, float], step: int, timestamp_ms: int) -> None:
-        pass
-
-    def enqueue_params(self, run_id: str, items: list[tuple[str, str]]) -> None:
-        pass
-
-    def enqueue_tags(self, run_id: str, items: list[tuple[str, str]]) -> None:
-        pass
-
-    def call(self, run_id: str, fn: Callable[[str], Any], record: dict[str, Any] | None) -> Any:
-        return None
-
-    def log_artifact(self, run_id: str, local: Path, artifact_path: str | None) -> None:
-        pass
-
-    def create_run(self, *, experiment: str, artifact_location: str | None, run_name: str, tags: dict[str, str]) -> str:
-        return ""
-
-    def terminate(self, run_id: str, status: str) -> None:
-        pass
-
-    def flush(self, timeout: float | None = None) -> bool:
-        return True
-
     def stats(self) -> SenderStats:
         return SenderStats("none", None, 0.0, 0, 0)
 
+    def __getattr__(self, name: str) -> Callable[..., None]:
+        if name.startswith("_"):  # no protocol (copy, pickle) may mistake it for a hook
+            raise AttributeError(name)
+        return lambda *args, **kwargs: None
 
-class LogSender(StoreLink, Transport):
+
+class LogSender(StoreLink):
     """The background sender for one tracking URI, shared by a stage run and its child runs."""
 
     active = True
@@ -119,78 +97,53 @@ class LogSender(StoreLink, Transport):
         client: MlflowClient,
         spool: Spool,
         *,
-        max_queue: int = 50_000,
-        flush_interval_s: float = 2.0,
-        retry_interval_s: float = 5.0,
         mode: Literal["process", "thread"] = "thread",
         nice: int = 19,
         sched_idle: bool = True,
-        replay_leftovers: bool = False,
+        flush_interval_s: float = 2.0,
+        retry_interval_s: float = 5.0,
+        max_queue: int = 50_000,
         handoff_items: int = 256,
         handoff_interval_s: float = 0.25,
+        replay_leftovers: bool = False,
     ) -> None:
-        Transport.__init__(self, spool.uri, client)
+        self.client, self.mode = client, mode if mode == "process" and can_fork() else "thread"
         self._intervals = {"flush_interval_s": flush_interval_s, "retry_interval_s": retry_interval_s}
         self._experiments: dict[str, str] = {}
-        self._tokens = itertools.count(1)
-        self._acked = 0
         self._counters = {"send_cpu_s": 0.0, "sent_metrics": 0}
-        self.spilled = 0
-        self._flush_lock = threading.Lock()
-        self._next_reply_check = 0.0
-        # One queue put (and one wake-up of the queue's feeder thread, which needs the GIL)
-        # per group of records instead of per step.
+        self._tokens, self._acked, self.spilled = itertools.count(1), 0, 0
+        self._flush_lock, self._buffer_lock = threading.Lock(), threading.Lock()
         self._buffer: list[tuple[Any, ...]] = []
-        self._buffer_lock = threading.Lock()
-        self._handoff_items = max(1, handoff_items)
-        max_groups = max(1, max_queue // self._handoff_items)
+        self._handoff_items, self._next_reply_check = max(1, handoff_items), 0.0
         self._warned_full = self._closed = False
-        self._process: multiprocessing.process.BaseProcess | None = None
-        self._worker: Any = None
-        self.mode = "thread"
-        if mode == "process" and _can_fork():
+        self._process: Any = None
+        groups = max(1, max_queue // self._handoff_items)  # the queue holds groups of records
+        if self.mode == "process":
             try:
-                self._start_process(spool, max_groups, nice=nice, sched_idle=sched_idle)
-                self.mode = "process"
+                status, self._requests, self._replies, self._process, self._alive = start_process(
+                    spool, groups=groups, nice=nice, sched_idle=sched_idle, **self._intervals
+                )
+                self._worker = self._process
             except Exception as error:  # noqa: BLE001 - a thread still logs everything
                 _logger.warning("cannot start a log sender process (%s); using a thread", error)
+                self.mode = "thread"
         if self.mode == "thread":
-            StoreLink.__init__(self, spool, SharedStatus([0.0, 0.0]))
-            self._requests, self._replies = queue.Queue(maxsize=max_groups), queue.Queue()
-            loop = SenderLoop(client, spool, self.status, self._replies, **self._intervals)
-            self._worker = threading.Thread(target=loop.run, args=(self._requests,), name="bigmodel_ops-log-sender", daemon=True)
-            self._worker.start()
+            status = SharedStatus([0.0, 0.0])
+            self._requests, self._replies = queue.Queue(maxsize=groups), queue.Queue()
+            loop = SenderLoop(client, spool, status, self._replies, **self._intervals)
+            self._worker = _daemon(loop.run, self._requests, name="bigmodel_ops-log-sender")
+        super().__init__(client, spool, status, retry_interval_s)
         if replay_leftovers and spool.pending():  # an earlier process's leftovers: replay them
             self.status.offline, self.status.last_retry = True, 0.0
         _open_senders.add(self)
-        # Hands over a group that is waiting but not full, so that a quiet stretch of training
-        # does not hold its last metrics back.
         self._handoff_stop = threading.Event()
-        self._handoff = threading.Thread(target=self._handoff_loop, args=(handoff_interval_s,), name="bigmodel_ops-log-handoff", daemon=True)
-        self._handoff.start()
-
-    def _start_process(self, spool: Spool, max_groups: int, *, nice: int, sched_idle: bool) -> None:
-        context = multiprocessing.get_context("fork")
-        slots = context.RawArray("d", 2)
-        StoreLink.__init__(self, spool, SharedStatus(slots))
-        self._requests, self._replies = context.Queue(maxsize=max_groups), context.Queue()
-        alive_reader, self._alive_writer = context.Pipe(duplex=False)
-        config = {"uri": spool.uri, "spool_dir": str(spool.directory), "nice": nice, "sched_idle": sched_idle}
-        args = ({**config, **self._intervals}, slots, self._requests, self._replies, alive_reader, self._alive_writer)
-        process = context.Process(target=process_main, args=args, name="bigmodel_ops-log-sender", daemon=True)
-        with warnings.catch_warnings():
-            # Python >= 3.12 warns on fork of a multi-threaded process. The child only runs the
-            # sender loop: it never touches torch or a lock another thread could hold.
-            warnings.simplefilter("ignore", DeprecationWarning)
-            process.start()
-        alive_reader.close()
-        self._worker = self._process = process
+        self._handoff = _daemon(self._handoff_loop, handoff_interval_s, name="bigmodel_ops-log-handoff")
 
     def warn(self, message: str, category: type[Warning]) -> None:
         _logger.warning(message)
         warnings.warn(message, category, stacklevel=4)
 
-    # ---- queued (the training thread's hot path) ---------------------------------------
+    # ---- queued: the training thread's hot path ---------------------------------------------
 
     def enqueue_metrics(self, run_id: str, values: dict[str, float], step: int, timestamp_ms: int) -> None:
         self._put(("m", run_id, values, step, timestamp_ms))
@@ -214,6 +167,7 @@ class LogSender(StoreLink, Transport):
         self._hand_over(group)
 
     def _handoff_loop(self, interval_s: float) -> None:
+        """Hands over a group that waits but is not full: a quiet stretch keeps nothing back."""
         while not self._handoff_stop.wait(interval_s):
             self._hand_over_buffer()
 
@@ -237,10 +191,10 @@ class LogSender(StoreLink, Transport):
                 self.spool.append(run_id, pending.record())
             self.spilled += len(group)
 
-    # ---- synchronous store calls, spooled during an outage ----------------------------
+    # ---- store calls that cannot wait, spooled during an outage -----------------------------
 
     def call(self, run_id: str, fn: Callable[[str], Any], record: dict[str, Any] | None) -> Any:
-        """Run a store call now; on an outage spool ``record`` (when given) instead."""
+        """Run ``fn(real run id)`` now; during an outage spool ``record`` (when given) instead."""
         real = self.resolve(run_id)
         if not is_offline_id(real) and not self.offline:
             try:
@@ -277,13 +231,20 @@ class LogSender(StoreLink, Transport):
                 self.go_offline(error)
         return self._experiments.get(name)
 
-    def create_run(self, *, experiment: str, artifact_location: str | None, run_name: str, tags: dict[str, str]) -> str:
-        """Create a run now, or (server down) a placeholder whose creation is spooled."""
+    def create_run(
+        self, *, experiment: str, artifact_location: str | None, run_name: str, tags: dict[str, str]
+    ) -> str:
+        """Create a run now, or (server down, or a parent not created yet) spool its creation
+        and return a placeholder id."""
         start = int(time.time() * 1000)
         experiment_id = self.experiment_id(experiment, artifact_location)
-        if experiment_id is not None and not self.offline:
+        if (
+            experiment_id is not None
+            and not self.offline
+            and not is_offline_id(tags.get("mlflow.parentRunId"))
+        ):
             try:
-                return self.client.create_run(experiment_id, start_time=start, tags=tags, run_name=run_name).info.run_id
+                return self.client.create_run(experiment_id, start, tags, run_name).info.run_id
             except Exception as error:
                 if not is_outage(error):
                     raise
@@ -295,26 +256,19 @@ class LogSender(StoreLink, Transport):
         return placeholder
 
     def terminate(self, run_id: str, status: str) -> None:
-        """Send everything queued for the run, then end it with ``status``."""
+        """Send everything queued, then end the run with ``status``."""
         self.flush()
         end = int(time.time() * 1000)
         record = {"op": "terminate", "status": status, "end_time": end}
         self.call(run_id, lambda rid: self.client.set_terminated(rid, status=status, end_time=end), record)
 
-    # ---- flush and close ---------------------------------------------------------------
+    # ---- flush and close --------------------------------------------------------------------
 
     def flush(self, timeout: float | None = None) -> bool:
-        """Wait until everything enqueued so far was sent or spooled; then try the spool.
-
-        True when nothing is left in the spool for this URI (False also when the sender did not
-        answer within ``timeout`` seconds or is gone).
-        """
+        """Wait until everything enqueued so far was sent or spooled; then try the spool. True
+        when nothing is left in the spool (False also when the sender did not answer in time)."""
         if self._closed:  # after close: replay on the caller's thread
-            replies: queue.Queue[tuple[Any, ...]] = queue.Queue()
-            empty = SenderLoop(self.client, self.spool, self.status, replies, **self._intervals).replay_all(force=True)
-            while not replies.empty():
-                self._handle(replies.get_nowait())
-            return empty
+            return self.replay_all(force=True)
         return self._control("flush", timeout) and not self.spool.pending()
 
     def close(self, timeout: float | None = 60.0) -> bool:
@@ -329,7 +283,7 @@ class LogSender(StoreLink, Transport):
                 if self._process.is_alive():  # it ignores SIGTERM (see process_main)
                     self._process.kill()
                     self._process.join(timeout=5)
-                self._alive_writer.close()
+                self._alive.close()
         return not self.spool.pending()
 
     def _control(self, kind: str, timeout: float | None) -> bool:
@@ -347,33 +301,35 @@ class LogSender(StoreLink, Transport):
                     self._handle(self._replies.get(timeout=wait))
                 except queue.Empty:
                     if not self._worker.is_alive():
-                        message = "the bigmodel_ops log sender stopped unexpectedly; metrics queued since the last flush may be missing"
-                        warnings.warn(message, RuntimeWarning, stacklevel=4)
+                        lost = "metrics queued since the last flush may be missing"
+                        warnings.warn(
+                            f"the log sender stopped unexpectedly; {lost}", RuntimeWarning, stacklevel=4
+                        )
                         return False
         self._poll_replies()
         return True
 
     def _poll_replies(self) -> None:
-        while True:
-            try:
+        with contextlib.suppress(queue.Empty):
+            while True:
                 self._handle(self._replies.get_nowait())
-            except queue.Empty:
-                return
 
     def _handle(self, reply: tuple[Any, ...]) -> None:
         if reply[0] == "warn":
-            warnings.warn(reply[1], WARNING_CATEGORIES.get(reply[2], RuntimeWarning), stacklevel=5)
+            warnings.warn(reply[1], _WARNINGS.get(reply[2], RuntimeWarning), stacklevel=5)
         elif reply[0] == "ack":
             self._acked = max(self._acked, reply[1])
             self._counters = reply[2]
 
     def stats(self) -> SenderStats:
         pid = self._process.pid if self._process is not None else None
-        return SenderStats(self.mode, pid, self._counters["send_cpu_s"], self._counters["sent_metrics"], self.spilled)
+        return SenderStats(self.mode, pid, **self._counters, spilled=self.spilled)
 
 
-def _can_fork() -> bool:
-    return sys.platform == "linux" and "fork" in multiprocessing.get_all_start_methods() and not multiprocessing.current_process().daemon
+def _daemon(target: Callable[[Any], Any], arg: Any, *, name: str) -> threading.Thread:
+    thread = threading.Thread(target=target, args=(arg,), name=name, daemon=True)
+    thread.start()
+    return thread
 
 
 @atexit.register

@@ -157,7 +157,13 @@ def objective_factory(
                         max_epochs=tune.max_epochs,
                         callbacks=[
                             pruning,
-                            MetricsCallback(child, log_every_n_steps=10, loss_key="train_loss"),
+                            MetricsCallback(
+                                child,
+                                log_every_n_steps=10,
+                                loss_key="train_loss",
+                                lr_key="lr",
+                                val_step="epoch",
+                            ),
                         ],
                         quiet=quiet,
                         single_device=True,
