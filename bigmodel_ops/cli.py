@@ -65,7 +65,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         from bigmodel_ops.ui import run_ui
 
-        return run_ui(params, host=args.host, port=args.port)
+        return run_ui(params.tracking, experiment=params.experiment_name, host=args.host, port=args.port)
 
     return guarded(args.command, action)
 

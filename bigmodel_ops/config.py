@@ -10,6 +10,7 @@ params.yaml later (the tracking layer hashes the validated params it is given).
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -284,37 +285,220 @@ class TuneParams(_Strict):
         return self
 
 
+LORA_TARGETS = ["attn.qkv", "attn.proj", "mlp.fc", "mlp.proj"]
+
+
+class LoraParams(_Strict):
+    """LoRA adapters (finetune.method: lora), through peft."""
+
+    # Rank of the low-rank update of each targeted layer.
+    rank: PositiveInt = 8
+    # Scaling numerator: the update is multiplied by alpha / rank.
+    alpha: float = Field(default=16.0, gt=0.0)
+    # Dropout on the adapters' input.
+    dropout: float = Field(default=0.05, ge=0.0, lt=1.0)
+    # Linear layers of the backbone's blocks that get adapters: attn.qkv / attn.proj (attention),
+    # mlp.fc / mlp.proj (MLP), or any dotted suffix of a layer's name ("proj" = both projections).
+    # An entry that matches no layer is refused before training.
+    target_modules: list[str] = Field(default_factory=lambda: list(LORA_TARGETS), min_length=1)
+
+
 class FinetuneParams(_Strict):
     max_epochs: PositiveInt = 3
     batch_size: PositiveInt = 32
+    # Peak learning rate of the backbone (linear warmup, then linear decay to 0).
     lr: float = Field(default=5e-4, gt=0.0, le=1.0)
+    # The classification head's learning rate is lr * head_lr_mult.
+    head_lr_mult: float = Field(default=1.0, gt=0.0, le=1000.0)
+    # Layer-wise LR decay: block i of n gets lr * layer_lr_decay ** (n - i), the embeddings
+    # lr * layer_lr_decay ** (n + 1); 1.0 turns it off.
+    layer_lr_decay: float = Field(default=1.0, gt=0.0, le=1.0)
+    # AdamW weight decay of the Linear matrices (never norms, biases or embeddings).
     weight_decay: float = Field(default=0.01, ge=0.0)
+    # Dropout of the backbone and of the head.
     dropout: Fraction = 0.1
+    # Fraction of the optimizer steps spent warming the learning rate up.
     warmup_ratio: float = Field(default=0.1, ge=0.0, lt=1.0)
     # Texts are truncated to this many tokens (at most the model's block_size).
     max_length: PositiveInt = 128
+    # One vector per text for the head: cls (masked backbone), last (causal backbone), mean
+    # (either: the mean of the real tokens), auto = cls for masked, last for causal. Checked
+    # against the backbone's objective once the backbone is known.
+    pooling: Literal["auto", "cls", "mean", "last"] = "auto"
     # Use the tune stage's best hyperparameters instead of the values above.
     use_tuned: bool = True
     # Freeze the pretrained backbone and train only the classification head.
     freeze_backbone: bool = False
+    # Freeze the embeddings and the first k transformer blocks (0 = off; at most n_layer).
+    freeze_layers: int = Field(default=0, ge=0)
     # Gradient-norm clipping; 0 turns it off.
     grad_clip: float = Field(default=1.0, ge=0.0)
+    # Label smoothing of the training cross-entropy (val_loss stays the plain cross-entropy).
+    label_smoothing: float = Field(default=0.0, ge=0.0, lt=1.0)
+    # Class weights of the training loss: none, balanced (n / (k * count) on the train split), or
+    # one positive weight per label of prepare.labels, in that order.
+    class_weights: Literal["none", "balanced"] | list[Annotated[float, Field(gt=0.0)]] = "none"
+    # Train the same architecture from random init (seeded) instead of the pretrained weights.
+    from_scratch: bool = False
+    # scratch: also train the from-scratch control with the same recipe and report its val
+    # metrics (control_val_acc, ...) beside the pretrained classifier's; none: do not.
+    control: Literal["none", "scratch"] = "none"
+    # full: train every (unfrozen) weight; lora: LoRA adapters (peft), merged into the weights at
+    # export, so the exported model is the same plain classifier.
+    method: Literal["full", "lora"] = "full"
+    lora: LoraParams = LoraParams()
+    # Stop after this many epochs without a better val_acc; 0 or null = off. Either way the
+    # best epoch's weights (by val_acc) are exported, not the last epoch's.
+    early_stopping_patience: int | None = Field(default=0, ge=0)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> FinetuneParams:
+        if self.freeze_backbone and self.freeze_layers:
+            raise ValueError(
+                "freeze_backbone and freeze_layers are both set: freeze_backbone freezes everything, "
+                "freeze_layers the embeddings and the first k blocks; keep one"
+            )
+        if self.from_scratch and self.control == "scratch":
+            raise ValueError(
+                "control: scratch compares with a from-scratch model, but from_scratch is already true"
+            )
+        return self
+
+
+def metric_key(label: str) -> str:
+    """The form a label takes inside a metric name (``test_recall_<key>``)."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", label)
+
+
+# What the evaluate stage computes (bigmodel_ops/evaluation, checked by tests/test_evaluate_metrics.py),
+# by the direction in which a value is better. The gate names metrics from these lists.
+EVALUATE_HIGHER_IS_BETTER = (
+    "test_acc",
+    "test_f1",  # macro F1
+    "test_f1_micro",
+    "test_roc_auc",  # binary; one-vs-rest macro for more classes
+    "baseline_test_acc",
+    "baseline_test_f1",
+    "baseline_test_f1_micro",
+    "baseline_test_roc_auc",
+    "test_acc_minus_baseline",
+    "test_f1_minus_baseline",
+    "test_roc_auc_minus_baseline",
+)
+EVALUATE_LOWER_IS_BETTER = (
+    "test_log_loss",
+    "test_ece",  # expected calibration error, 15 equal-width bins of the top-class confidence
+    "baseline_test_log_loss",
+    "baseline_test_ece",
+    "latency_b1_median_ms",
+    "latency_b1_p95_ms",
+    "latency_b32_median_ms",
+    "latency_b32_p95_ms",
+    "model_size_mb",
+)
+# Per label: test_<kind>_<metric_key(label)>; support is a count, not a score.
+EVALUATE_PER_LABEL = ("precision", "recall", "f1")
+EVALUATE_PER_LABEL_COUNTS = ("support",)
+
+
+def evaluate_metric_names(labels: list[str] | tuple[str, ...]) -> dict[str, tuple[str, ...]]:
+    """{"higher": names where higher is better, "lower": ..., "counts": ...} for these labels."""
+    keys = [metric_key(label) for label in labels]
+    return {
+        "higher": EVALUATE_HIGHER_IS_BETTER
+        + tuple(f"test_{k}_{key}" for k in EVALUATE_PER_LABEL for key in keys),
+        "lower": EVALUATE_LOWER_IS_BETTER,
+        "counts": tuple(f"test_{k}_{key}" for k in EVALUATE_PER_LABEL_COUNTS for key in keys),
+    }
+
+
+class GateParams(_Strict):
+    # The metric that decides promotion (one where higher is better, see EVALUATE_HIGHER_IS_BETTER or
+    # test_<precision|recall|f1>_<label>) and its floor.
+    metric: str = "test_acc"
+    min: float = 0.6
+    # A version must reach the current champion's `metric` plus this margin (0: a tie promotes).
+    min_margin_over_champion: float = 0.0
+    # Ceilings on other computed metrics, each `name: value` (the version fails above it).
+    max: dict[str, float] = Field(default_factory=lambda: {"test_ece": 0.2})
+
+
+class BaselineParams(_Strict):
+    """TF-IDF + logistic regression (scikit-learn), trained on the train split in every evaluation."""
+
+    ngram_max: int = Field(default=2, ge=1, le=5)
+    C: float = Field(default=10.0, gt=0.0)
+    sublinear_tf: bool = True
+    min_df: PositiveInt = 1
+    max_features: PositiveInt | None = None
+    max_iter: PositiveInt = 1000
 
 
 class EvaluateParams(_Strict):
     batch_size: PositiveInt = 64
-    # The promotion gate: the new classifier gets `promote_alias` only if its test
-    # accuracy reaches this and is not worse than the current holder of the alias.
-    min_accuracy: Fraction = 0.6
+    # The registered model's name; default `<project.name>-classifier`.
+    registered_model: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+    # The promotion gate. Every new version gets `challenger_alias`; one that passes also gets
+    # `promote_alias`. `min_accuracy` (old name) is still read as gate.min for gate.metric test_acc.
+    gate: GateParams = GateParams()
     promote_alias: str = Field(default="champion", pattern=r"^[A-Za-z][A-Za-z0-9_-]{0,254}$")
-    # The alias a registered classifier gets when it does not pass the gate.
     challenger_alias: str = Field(default="challenger", pattern=r"^[A-Za-z][A-Za-z0-9_-]{0,254}$")
+    baseline: BaselineParams = BaselineParams()
+    # CPU latency of batches of 1 and 32 texts: median and p95 over `latency_repeats` timed calls.
+    latency_repeats: PositiveInt = 20
+    latency_warmup: int = Field(default=2, ge=0)
+    # The most confident misclassified test examples kept in outputs/evaluate/worst_errors.csv.
+    worst_errors: int = Field(default=20, ge=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_min_accuracy(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or "min_accuracy" not in data:
+            return data
+        data = dict(data)
+        value = data.pop("min_accuracy")
+        gate = dict(data.get("gate") or {})
+        if gate.get("metric", "test_acc") != "test_acc":
+            raise ValueError(
+                f"min_accuracy is the old name of gate.min for gate.metric test_acc, but gate.metric is "
+                f"{gate['metric']!r}: set gate.min instead"
+            )
+        if not isinstance(value, int | float) or not 0.0 <= value <= 1.0:
+            raise ValueError(f"min_accuracy must be a number in [0, 1], got {value!r}")
+        gate["min"] = value
+        data["gate"] = gate
+        return data
 
     @model_validator(mode="after")
-    def _distinct_aliases(self) -> EvaluateParams:
+    def _check(self) -> EvaluateParams:
         if self.promote_alias == self.challenger_alias:
             raise ValueError("promote_alias and challenger_alias must differ")
+        # Label-independent names here; per-label names are checked against prepare.labels in Params.
+        self.check_gate_metrics(labels=None)
         return self
+
+    def check_gate_metrics(self, labels: list[str] | None) -> None:
+        """ValueError when the gate names a metric the stage does not compute (per-label names are
+        only checked when ``labels`` is given)."""
+        names = evaluate_metric_names(labels or [])
+        per_label = re.compile(rf"^test_({'|'.join(EVALUATE_PER_LABEL)})_.+$")
+
+        def unknown(name: str, allowed: tuple[str, ...]) -> bool:
+            return name not in allowed and (labels is not None or not per_label.match(name))
+
+        higher = names["higher"]
+        if unknown(self.gate.metric, higher):
+            raise ValueError(
+                f"evaluate.gate.metric {self.gate.metric!r} is not a computed metric where higher is "
+                f"better; choose one of {list(higher)}"
+            )
+        everything = higher + names["lower"] + names["counts"]
+        for name in self.gate.max:
+            if unknown(name, everything):
+                raise ValueError(
+                    f"evaluate.gate.max names {name!r}, which the evaluate stage does not compute; "
+                    f"computed metrics: {list(everything)}"
+                )
 
 
 class Params(_Strict):
@@ -339,6 +523,13 @@ class Params(_Strict):
             )
         if len(set(self.tokenizer.special_tokens.as_list())) != 5:
             raise ValueError("tokenizer.special_tokens must be five distinct strings")
+        weights = self.finetune.class_weights
+        if isinstance(weights, list) and len(weights) != len(self.prepare.labels):
+            raise ValueError(
+                f"finetune.class_weights has {len(weights)} weight(s) but prepare.labels has "
+                f"{len(self.prepare.labels)} labels: give one weight per label, in label order"
+            )
+        self.evaluate.check_gate_metrics(labels=list(self.prepare.labels))
         return self
 
     @property

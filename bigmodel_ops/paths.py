@@ -93,5 +93,27 @@ class ProjectPaths:
 
     @property
     def evaluate_dir(self) -> Path:
-        """Confusion matrix plot and per-example predictions."""
+        """Tables (predictions.parquet, per_class.csv, worst_errors.csv, confusion_matrix.json),
+        figures (PNG) and promotion.json."""
         return self.outputs / "evaluate"
+
+    # evaluate: DVC plots (JSON lists of rows, declared with templates in dvc.yaml; git-tracked)
+    @property
+    def roc_curve(self) -> Path:
+        """Rows {fpr, tpr, threshold}."""
+        return self.outputs / "plots" / "roc.json"
+
+    @property
+    def pr_curve(self) -> Path:
+        """Rows {recall, precision, threshold}."""
+        return self.outputs / "plots" / "precision_recall.json"
+
+    @property
+    def reliability_curve(self) -> Path:
+        """Rows {confidence, accuracy, count, bin_lower, bin_upper}: one per non-empty bin."""
+        return self.outputs / "plots" / "reliability.json"
+
+    @property
+    def confusion_rows(self) -> Path:
+        """Rows {actual, predicted}: one per test example (DVC's confusion template)."""
+        return self.outputs / "plots" / "confusion.json"

@@ -33,7 +33,10 @@ def test_finetune_evaluate_register_and_gate(tmp_path: Path, monkeypatch, mlflow
     import mlflow
 
     monkeypatch.chdir(tmp_path)
-    params, paths, _ = make_project(tmp_path, n_train=48, n_eval=16, finetune={"use_tuned": True})
+    fast_evaluate = {"gate": {"max": {}}, "latency_repeats": 2, "latency_warmup": 0}
+    params, paths, _ = make_project(
+        tmp_path, n_train=48, n_eval=16, finetune={"use_tuned": True}, evaluate=fast_evaluate
+    )
     # the tune stage's output, fabricated: finetune must take these values over params.finetune
     paths.tune_dir.mkdir(parents=True)
     tuned = {"lr": 0.004, "dropout": 0.05, "weight_decay": 0.02, "batch_size": 8, "value": 0.9, "trial": 3}
@@ -61,8 +64,11 @@ def test_finetune_evaluate_register_and_gate(tmp_path: Path, monkeypatch, mlflow
     epochs = client.get_metric_history(ft_run.info.run_id, "epoch")
     assert len(val_acc) == 2 and [m.value for m in epochs][-2:] == [0.0, 1.0]
     assert val_acc[-1].step == report["global_step"] == 2 * 6  # 48 texts / batch 8, 2 epochs
-    assert val_acc[-1].value == report["val_acc"]
-    assert ft_run.data.metrics["val_loss"] == report["val_loss"]
+    # the report (and the export) is the best epoch's, by val_acc (the first of equals)
+    best = max(range(len(val_acc)), key=lambda i: (val_acc[i].value, -i))
+    assert report["best_epoch"] == best and val_acc[best].value == report["val_acc"]
+    assert ft_run.data.metrics["best_val_loss"] == report["val_loss"]
+    assert ft_run.data.metrics["best_val_acc"] == report["val_acc"]
     assert client.get_metric_history(ft_run.info.run_id, "train_loss")
 
     # the servable model: loads through MLflow (models from code + safetensors) and predicts
@@ -76,26 +82,37 @@ def test_finetune_evaluate_register_and_gate(tmp_path: Path, monkeypatch, mlflow
     assert out["score"].tolist() == pytest.approx(probs.max(dim=-1).values.tolist(), abs=1e-5)
     assert served.metadata.get_input_schema().input_names() == ["text"]
 
-    # evaluate, gate passes (min_accuracy 0): version 1 becomes champion
+    # evaluate, gate passes (min_accuracy 0, the old name of gate.min): version 1 becomes champion
     report1 = run_evaluate(params, paths=paths, quiet=True)
     name = "ft-test-classifier"
     champion = client.get_model_version_by_alias(name, "champion")
     assert str(champion.version) == "1" and report1["promoted"] == 1 and report1["model_version"] == 1
+    assert str(client.get_model_version_by_alias(name, "challenger").version) == "1"  # every new version
     assert champion.run_id == ft_run.info.run_id
     assert float(champion.tags["test_acc"]) == report1["test_acc"]
     ev_run = _run(client, "evaluate")
     for key in (
         "test_acc",
         "test_f1",
-        "test_loss",
+        "test_log_loss",
+        "test_ece",
         "test_precision_positive",
         "test_recall_negative",
+        "baseline_test_acc",
+        "test_acc_minus_baseline",
+        "latency_b1_median_ms",
+        "model_size_mb",
         "promoted",
     ):
-        assert ev_run.data.metrics[key] == report1[key], key
+        assert ev_run.data.metrics[key] == pytest.approx(report1[key]), key
+    assert report1["test_acc_minus_baseline"] == pytest.approx(
+        report1["test_acc"] - report1["baseline_test_acc"]
+    )
+    assert champion.tags["finetune_run_id"] == ft_run.info.run_id
     assert json.loads(paths.evaluate_report.read_text()) == report1
     predictions = pq.read_table(paths.evaluate_dir / "predictions.parquet").to_pandas()
-    assert list(predictions.columns) == ["text", "label", "pred", "score"] and len(predictions) == 16
+    assert list(predictions.columns) == ["text", "label", "pred", "score", "prob_negative", "prob_positive"]
+    assert len(predictions) == 16
     assert (predictions["label"] == predictions["pred"]).mean() == pytest.approx(report1["test_acc"])
     matrix = json.loads((paths.evaluate_dir / "confusion_matrix.json").read_text())["matrix"]
     assert sum(map(sum, matrix)) == 16
@@ -104,14 +121,16 @@ def test_finetune_evaluate_register_and_gate(tmp_path: Path, monkeypatch, mlflow
     assert "evaluate/confusion_matrix.png" in artifacts
 
     # gate fails (min_accuracy 1.0 cannot be reached unless perfect): version 2 is challenger
-    strict = parse_params({**tiny_params(evaluate={"min_accuracy": 1.0}), "model": {"objective": "masked"}})
+    strict = parse_params(
+        {**tiny_params(evaluate={**fast_evaluate, "min_accuracy": 1.0}), "model": {"objective": "masked"}}
+    )
     report2 = run_evaluate(strict, paths=paths, quiet=True)
     assert report1["test_acc"] < 1.0, "the fixture assumes an imperfect tiny model"
     assert report2["promoted"] == 0 and report2["model_version"] == 2
     assert str(client.get_model_version_by_alias(name, "challenger").version) == "2"
     assert str(client.get_model_version_by_alias(name, "champion").version) == "1"
     version2 = client.get_model_version(name, "2")
-    assert version2.tags["promoted"] == "false" and "below the minimum" in version2.tags["promotion_reason"]
+    assert version2.tags["promoted"] == "false" and "< min 1" in version2.tags["promotion_reason"]
     assert json.loads((paths.evaluate_dir / "promotion.json").read_text())["alias"] == "challenger"
 
 
@@ -135,7 +154,7 @@ def test_promotion_gate_compares_with_the_current_champion(tmp_path: Path, mlflo
     promoted, reason = promote_if_better(
         client, name="g", version=2, metric="acc", value=0.7, alias="champion", min_value=0.5
     )
-    assert not promoted and "worse than champion v1 (0.8000)" in reason
+    assert not promoted and reason.startswith("failed: acc 0.7000 < champion v1 0.8000")
     assert str(client.get_model_version_by_alias("g", "challenger").version) == "2"
     assert promote_if_better(
         client, name="g", version=3, metric="acc", value=0.9, alias="champion", min_value=0.5

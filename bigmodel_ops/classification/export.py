@@ -118,11 +118,13 @@ def load_classifier(directory: Path | str) -> TextClassifier:
     except (TypeError, ValueError) as error:
         raise CheckpointError(f"{directory / CONFIG_FILE}: invalid model config: {error}") from None
     labels = [str(label) for label in payload["labels"]]
-    model = SequenceClassifier(TransformerLM(config), num_labels=len(labels), dropout=0.0)
-    if payload["pooling"] != model.pooling:
-        raise CheckpointError(
-            f"{directory / CONFIG_FILE}: pooling {payload['pooling']!r} does not fit a {config.objective} backbone"
+    try:
+        # The pooling the classifier was trained with (cls / last / mean), never re-derived.
+        model = SequenceClassifier(
+            TransformerLM(config), num_labels=len(labels), dropout=0.0, pooling=str(payload["pooling"])
         )
+    except ValueError as error:
+        raise CheckpointError(f"{directory / CONFIG_FILE}: {error}") from None
     load_weights(model, directory, what="classifier")
     model.eval()
     tokenizer = load_tokenizer(

@@ -1,41 +1,52 @@
 """Fine-tuning a :class:`~bigmodel_ops.classification.model.SequenceClassifier` with Lightning.
 
-:class:`ClassifierModule` (AdamW, linear warmup + linear decay, optional frozen backbone, val loss /
-accuracy / macro F1 per epoch), :class:`ClassificationDataModule` and :func:`fit_classifier`, shared
-by the tune and finetune stages. Plain objects in (:class:`FitConfig`, :class:`HyperParams`): the
-params schema stays in the stage modules. The Trainer is :func:`bigmodel_ops.trainer.build_trainer`,
-the same builder pretraining uses.
+:class:`ClassifierModule` (AdamW with per-layer groups, linear warmup + linear decay, label
+smoothing, class weights, val loss / accuracy / macro F1 per epoch, best-epoch tracking and early
+stopping), :class:`ClassificationDataModule`, :func:`prepare_model` (pretrained or from-scratch
+backbone, pooling, LoRA, freezing) and :func:`fit_classifier`, shared by the tune and finetune
+stages. Plain objects in (:class:`FitConfig`, :class:`HyperParams`): the params schema stays in the
+stage modules. The Trainer is :func:`bigmodel_ops.trainer.build_trainer`, the same builder
+pretraining uses.
+
+Errors name the ``finetune.*`` setting at fault: HyperParams' fields are the ``finetune`` params'
+keys (``lora_<key>`` for ``finetune.lora.<key>``).
 """
 
 from __future__ import annotations
 
+import math
+import re
 import sys
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
+from dataclasses import replace as _replace
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from bigmodel_ops.classification.inputs import TokenizedSplit, collate
+from bigmodel_ops.classification.lora import apply_lora, is_lora, merge_lora
 from bigmodel_ops.classification.metrics import confusion_matrix, metrics_from_confusion
-from bigmodel_ops.classification.model import SequenceClassifier
-from bigmodel_ops.model import load_pretrained, parameter_groups
+from bigmodel_ops.classification.model import SequenceClassifier, resolve_pooling
+from bigmodel_ops.errors import ConfigError, DataError
+from bigmodel_ops.model import TransformerLM, load_pretrained, read_exported_config
 from bigmodel_ops.trainer import build_trainer
+
+DEFAULT_LORA_TARGETS = ("attn.qkv", "attn.proj", "mlp.fc", "mlp.proj")
 
 
 @dataclass(frozen=True)
 class FitConfig:
-    """How a classifier is fine-tuned, apart from the searched hyperparameters."""
+    """The run's fixed setup: label count, seed and hardware (never searched)."""
 
     num_labels: int
     seed: int
-    warmup_ratio: float = 0.1
-    freeze_backbone: bool = False
-    grad_clip: float = 1.0
     accelerator: str = "cpu"
     devices: int | str = 1
     num_nodes: int = 1
@@ -46,20 +57,76 @@ class FitConfig:
 
 @dataclass(frozen=True)
 class HyperParams:
-    """The tuned fine-tuning hyperparameters."""
+    """Every fine-tuning setting a trial may override (the ``finetune`` params' training keys).
 
-    lr: float
-    dropout: float
-    weight_decay: float
-    batch_size: int
+    Built from params with :meth:`from_dict` (``bigmodel_ops.pipeline._finetuning.hyperparams``);
+    a trial or ``best_params.json`` changes any of them with :meth:`override` (``lora.rank`` and
+    ``lora_rank`` both name :attr:`lora_rank`). Defaults are the schema's defaults.
+    """
 
-    def as_dict(self) -> dict[str, float | int]:
-        return {
-            "lr": self.lr,
-            "dropout": self.dropout,
-            "weight_decay": self.weight_decay,
-            "batch_size": self.batch_size,
-        }
+    lr: float = 5e-4
+    dropout: float = 0.1
+    weight_decay: float = 0.01
+    batch_size: int = 32
+    max_epochs: int = 3
+    warmup_ratio: float = 0.1
+    head_lr_mult: float = 1.0  # the head's LR = lr * head_lr_mult
+    layer_lr_decay: float = 1.0  # block i's LR = lr * decay ** (n_layer - i); embeddings one more
+    grad_clip: float = 1.0
+    pooling: str = "auto"  # auto | cls | mean | last
+    freeze_backbone: bool = False
+    freeze_layers: int = 0  # >0: freeze the embeddings and the first k blocks
+    label_smoothing: float = 0.0
+    class_weights: str | tuple[float, ...] = "none"  # none | balanced | one weight per label
+    from_scratch: bool = False
+    method: str = "full"  # full | lora
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.05
+    lora_target_modules: tuple[str, ...] = DEFAULT_LORA_TARGETS
+    early_stopping_patience: int = 0  # epochs without a better val_acc; 0 = off
+
+    def __post_init__(self) -> None:
+        # Lists (from YAML / JSON) become tuples: the dataclass stays hashable and comparable.
+        if isinstance(self.class_weights, list):
+            object.__setattr__(self, "class_weights", tuple(float(w) for w in self.class_weights))
+        if isinstance(self.lora_target_modules, list | str):
+            targets = self.lora_target_modules
+            object.__setattr__(
+                self, "lora_target_modules", (targets,) if isinstance(targets, str) else tuple(targets)
+            )
+
+    @staticmethod
+    def _flatten(values: Mapping[str, Any]) -> dict[str, Any]:
+        flat: dict[str, Any] = {}
+        for key, value in values.items():
+            if key == "lora" and isinstance(value, Mapping):
+                flat.update({f"lora_{k}": v for k, v in value.items()})
+            else:
+                flat[key.replace(".", "_") if key.startswith("lora.") else key] = value
+        return flat
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> HyperParams:
+        """From a mapping shaped like the ``finetune`` params (a nested ``lora`` section allowed);
+        keys that are not hyperparameters (use_tuned, control, max_length) are ignored."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in cls._flatten(values).items() if k in names and v is not None})
+
+    def override(self, values: Mapping[str, Any]) -> HyperParams:
+        """A copy with values replaced; ValueError naming unknown keys."""
+        flat = self._flatten(values)
+        unknown = sorted(set(flat) - {f.name for f in fields(self)})
+        if unknown:
+            raise ValueError(f"not fine-tuning settings: {unknown}")
+        return _replace(self, **flat)
+
+    def replace(self, **values: Any) -> HyperParams:
+        return self.override(values)
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready values (tuples as lists)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
 
 def linear_warmup_decay(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
@@ -75,42 +142,177 @@ def linear_warmup_decay(total_steps: int, warmup_steps: int) -> Callable[[int], 
     return factor
 
 
+def balanced_class_weights(
+    labels: np.ndarray, num_labels: int, names: Sequence[str] | None = None
+) -> list[float]:
+    """n / (k * count_c) per class (scikit-learn's "balanced"); DataError when a class is absent."""
+    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=num_labels)[:num_labels]
+    missing = [int(i) for i in np.flatnonzero(counts == 0)]
+    if missing:
+        shown = [names[i] if names and i < len(names) else i for i in missing]
+        raise DataError(
+            f"finetune.class_weights: balanced: class(es) {shown} have no example in the training split"
+        )
+    n = float(counts.sum())
+    return [n / (num_labels * float(c)) for c in counts]
+
+
+def class_weight_tensor(
+    setting: str | Sequence[float], train_labels: np.ndarray, num_labels: int
+) -> torch.Tensor | None:
+    """The cross-entropy class weights of a ``class_weights`` setting (None for ``none``)."""
+    if isinstance(setting, str):
+        if setting == "none":
+            return None
+        if setting == "balanced":
+            return torch.tensor(balanced_class_weights(train_labels, num_labels), dtype=torch.float32)
+        raise ConfigError(f"finetune.class_weights: {setting!r} is not none, balanced or a list of weights")
+    weights = [float(w) for w in setting]
+    if len(weights) != num_labels:
+        raise ConfigError(
+            f"finetune.class_weights has {len(weights)} weight(s) but there are {num_labels} labels "
+            "(prepare.labels): give one weight per label, in label order"
+        )
+    if not all(math.isfinite(w) and w > 0 for w in weights):
+        raise ConfigError(f"finetune.class_weights: weights must be finite and > 0, got {weights}")
+    return torch.tensor(weights, dtype=torch.float32)
+
+
+_BLOCK = re.compile(r"(?:^|\.)blocks\.(\d+)\.")
+_EMBEDDING = re.compile(r"(?:^|\.)(?:wte|wpe)\.")
+_HEAD = re.compile(r"(?:^|\.)head\.")
+
+
+def layer_of(name: str, n_layer: int) -> tuple[str, int | None]:
+    """(group, depth) of a parameter name: ("head", None), ("top", 0) for ln_f / lm_head,
+    ("block<i>", n_layer - i) and ("embeddings", n_layer + 1); depth is the LLRD exponent."""
+    if _HEAD.search(name) and ".backbone." not in f".{name}":
+        return "head", None
+    match = _BLOCK.search(name)
+    if match:
+        i = int(match.group(1))
+        return f"block{i}", n_layer - i
+    if _EMBEDDING.search(name):
+        return "embeddings", n_layer + 1
+    return "top", 0
+
+
+def optimizer_groups(
+    model: nn.Module,
+    *,
+    lr: float,
+    weight_decay: float,
+    head_lr_mult: float = 1.0,
+    layer_lr_decay: float = 1.0,
+    n_layer: int,
+) -> list[dict[str, Any]]:
+    """AdamW groups of the trainable parameters, by layer and by decay.
+
+    LR: the head gets ``lr * head_lr_mult``; layer-wise decay gives block i
+    ``lr * layer_lr_decay ** (n_layer - i)``, the embeddings ``lr * layer_lr_decay ** (n_layer + 1)``
+    and the final norm ``lr``. Weight decay applies to the matrices of Linear layers (adapters
+    included), never to norms, biases or embeddings (as in :func:`bigmodel_ops.model.parameter_groups`).
+    Groups are named ``<layer>/<decay|no_decay>``; the first is the base-LR group when present.
+    """
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    decay_ids = {
+        id(m.weight) for m in model.modules() if isinstance(m, nn.Linear) and id(m.weight) not in embeddings
+    }
+    groups: dict[str, dict[str, Any]] = {}
+    for name, param in model.named_parameters():  # yields each shared tensor once
+        if not param.requires_grad:
+            continue
+        layer, depth = layer_of(name, n_layer)
+        scale = head_lr_mult if depth is None else layer_lr_decay**depth
+        decays = id(param) in decay_ids
+        key = f"{layer}/{'decay' if decays else 'no_decay'}"
+        group = groups.setdefault(
+            key,
+            {"name": key, "params": [], "lr": lr * scale, "weight_decay": weight_decay if decays else 0.0},
+        )
+        group["params"].append(param)
+
+    def order(key: str) -> tuple[int, int]:
+        layer = key.split("/")[0]
+        if layer == "top":
+            return (0, 0)
+        if layer.startswith("block"):
+            return (1, -int(layer[5:]))
+        return (2, 0) if layer == "embeddings" else (3, 0)
+
+    return [groups[k] for k in sorted(groups, key=order)]
+
+
+def freeze(model: nn.Module, *, freeze_backbone: bool, freeze_layers: int) -> None:
+    """Stop gradients: the whole backbone, or its embeddings and first ``freeze_layers`` blocks
+    (LoRA adapters in those blocks included). The head always trains."""
+    if not freeze_backbone and not freeze_layers:
+        return
+    for name, param in model.named_parameters():
+        if not (name.startswith("backbone.") or ".backbone." in name):
+            continue
+        if freeze_backbone or _EMBEDDING.search(name):
+            param.requires_grad_(False)
+            continue
+        match = _BLOCK.search(name)
+        if match and int(match.group(1)) < freeze_layers:
+            param.requires_grad_(False)
+
+
 class ClassifierModule(L.LightningModule):
-    """Fine-tunes a SequenceClassifier; logs ``val_loss``, ``val_acc`` and ``val_f1`` per epoch.
+    """Fine-tunes a SequenceClassifier (or its LoRA-wrapped form); logs ``val_loss``, ``val_acc``
+    and ``val_f1`` per epoch.
 
     Validation metrics are computed over the whole validation set at epoch end (gathered
     across ranks under DDP; a DistributedSampler may repeat a few samples to even out ranks).
+    ``val_loss`` is the plain cross-entropy (no smoothing, no class weights), comparable across
+    settings; the training loss is the objective (label smoothing and class weights applied).
+
+    Best epoch: the epoch with the highest ``val_acc`` (the first of equals) is kept in
+    ``best_val`` / ``best_epoch`` with a CPU copy of its trainable weights;
+    :meth:`restore_best` puts them back and :meth:`export_model` returns the plain classifier
+    (best weights, adapters merged). With ``early_stopping_patience`` > 0, training stops after
+    that many epochs without a better ``val_acc``.
     """
 
     def __init__(
         self,
-        model: SequenceClassifier,
+        model: nn.Module,
+        hparams: HyperParams,
         *,
-        lr: float,
-        weight_decay: float,
-        warmup_ratio: float,
-        freeze_backbone: bool = False,
+        num_labels: int,
+        n_layer: int,
+        class_weights: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
         self.model = model
-        self.lr = lr
-        self.weight_decay = weight_decay
-        self.warmup_ratio = warmup_ratio
-        self.freeze_backbone = freeze_backbone
-        if freeze_backbone:
-            self.model.backbone.requires_grad_(False)
+        self.hp = hparams
+        self.num_labels = num_labels
+        self.n_layer = n_layer
+        self.register_buffer("class_weights", class_weights, persistent=False)
         self._val_logits: list[torch.Tensor] = []
         self._val_labels: list[torch.Tensor] = []
         self.last_val: dict[str, float] = {}
+        self.best_val: dict[str, float] = {}
+        self.best_epoch: int | None = None
+        self.epochs_without_improvement = 0
+        self.stopped_early = False
+        self._best_state: dict[str, torch.Tensor] | None = None
         self._train_loss_sum: torch.Tensor | None = None
         self._train_loss_count = 0
 
     def forward(self, idx: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         return self.model(idx, lengths)
 
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The training objective: cross-entropy with label smoothing and class weights."""
+        return F.cross_entropy(
+            logits.float(), labels, weight=self.class_weights, label_smoothing=self.hp.label_smoothing
+        )
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         logits = self(batch["idx"], batch["lengths"])
-        loss = F.cross_entropy(logits.float(), batch["labels"])
+        loss = self.loss(logits, batch["labels"])
         detached = loss.detach()
         self._train_loss_sum = detached if self._train_loss_sum is None else self._train_loss_sum + detached
         self._train_loss_count += 1
@@ -141,7 +343,7 @@ class ClassifierModule(L.LightningModule):
             logits = self.all_gather(logits).flatten(0, 1)
             labels = self.all_gather(labels).flatten(0, 1)
         loss = F.cross_entropy(logits, labels)
-        summary = metrics_from_confusion(confusion_matrix(logits.argmax(-1), labels, self.model.num_labels))
+        summary = metrics_from_confusion(confusion_matrix(logits.argmax(-1), labels, self.num_labels))
         self.last_val = {
             "val_loss": float(loss),
             "val_acc": summary["accuracy"],
@@ -149,12 +351,60 @@ class ClassifierModule(L.LightningModule):
         }
         # Already global: no sync_dist. Shown on the progress bar and seen by Optuna's pruner.
         self.log_dict(self.last_val, prog_bar=True)
+        if not self.trainer.sanity_checking:
+            self._track_best()
+
+    def _track_best(self) -> None:
+        """Keep the best epoch (by val_acc) and stop after ``patience`` epochs without one better.
+
+        Every rank sees the same gathered metrics, so every rank decides alike (no hang under DDP).
+        """
+        current = self.last_val["val_acc"]
+        if self.best_epoch is None or current > self.best_val["val_acc"]:
+            self.best_val = dict(self.last_val)
+            self.best_epoch = int(self.current_epoch)
+            self.epochs_without_improvement = 0
+            self._best_state = {
+                name: param.detach().to("cpu", copy=True)
+                for name, param in self.model.named_parameters()
+                if param.requires_grad  # frozen weights never change
+            }
+            return
+        self.epochs_without_improvement += 1
+        patience = self.hp.early_stopping_patience
+        if patience and self.epochs_without_improvement >= patience:
+            self.stopped_early = True
+            self.trainer.should_stop = True
+
+    def restore_best(self) -> None:
+        """Put the best epoch's weights back into the model (no-op before any validation)."""
+        if self._best_state is None:
+            return
+        params = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for name, value in self._best_state.items():
+                params[name].copy_(value.to(params[name].device))
+
+    def export_model(self) -> SequenceClassifier:
+        """The plain classifier with the best epoch's weights, LoRA adapters merged."""
+        self.restore_best()
+        merged = merge_lora(self.model)
+        self.model = merged
+        return merged
 
     def configure_optimizers(self) -> dict[str, Any]:
-        groups = [g for g in parameter_groups(self.model, weight_decay=self.weight_decay) if g["params"]]
-        optimizer = torch.optim.AdamW(groups, lr=self.lr, betas=(0.9, 0.999))
+        hp = self.hp
+        groups = optimizer_groups(
+            self.model,
+            lr=hp.lr,
+            weight_decay=hp.weight_decay,
+            head_lr_mult=hp.head_lr_mult,
+            layer_lr_decay=hp.layer_lr_decay,
+            n_layer=self.n_layer,
+        )
+        optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=(0.9, 0.999))
         total = int(self.trainer.estimated_stepping_batches)
-        warmup = int(self.warmup_ratio * total)
+        warmup = int(hp.warmup_ratio * total)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_warmup_decay(total, warmup))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
@@ -201,10 +451,77 @@ class ClassificationDataModule(L.LightningDataModule):
         return self._loader("val", shuffle=False)
 
 
-def build_classifier(model_dir: Path, *, num_labels: int, dropout: float) -> SequenceClassifier:
-    """The pretrained backbone (safetensors) with a fresh head; dropout applies to both."""
-    backbone = load_pretrained(model_dir, dropout=dropout)
-    return SequenceClassifier(backbone, num_labels=num_labels, dropout=dropout)
+def build_classifier(
+    model_dir: Path,
+    *,
+    num_labels: int,
+    dropout: float,
+    pooling: str = "auto",
+    from_scratch: bool = False,
+) -> SequenceClassifier:
+    """The backbone with a fresh head; dropout applies to both.
+
+    Pretrained: the weights of model_dir (safetensors). ``from_scratch``: the same architecture
+    (model_dir's config.json) with random init from the current torch seed. A pooling that does
+    not fit the backbone's objective is a ConfigError naming ``finetune.pooling``.
+    """
+    if from_scratch:
+        config, _ = read_exported_config(model_dir)
+        backbone = TransformerLM(_replace(config, dropout=dropout))
+    else:
+        backbone = load_pretrained(model_dir, dropout=dropout)
+    try:
+        return SequenceClassifier(backbone, num_labels=num_labels, dropout=dropout, pooling=pooling)
+    except ValueError as error:
+        if "pooling" in str(error):
+            raise ConfigError(f"finetune.pooling: {error} ({model_dir})") from None
+        raise
+
+
+def check_hparams(hparams: HyperParams, *, n_layer: int, num_labels: int, objective: str) -> None:
+    """The checks that need the backbone or the labels; ConfigError naming the setting."""
+    try:
+        resolve_pooling(hparams.pooling, objective)
+    except ValueError as error:
+        raise ConfigError(f"finetune.pooling: {error}") from None
+    if not 0 <= hparams.freeze_layers <= n_layer:
+        raise ConfigError(
+            f"finetune.freeze_layers = {hparams.freeze_layers}: the backbone has {n_layer} blocks "
+            f"(0..{n_layer}; use finetune.freeze_backbone to freeze everything)"
+        )
+    if hparams.method not in ("full", "lora"):
+        raise ConfigError(f"finetune.method: {hparams.method!r} is not full or lora")
+    if not isinstance(hparams.class_weights, str) and len(hparams.class_weights) != num_labels:
+        class_weight_tensor(hparams.class_weights, np.zeros(0), num_labels)  # raises, naming it
+
+
+def prepare_model(
+    model_dir: Path, *, num_labels: int, hparams: HyperParams, seed: int | None = None
+) -> nn.Module:
+    """The model as it will train: built (pretrained or from scratch), LoRA-wrapped for
+    ``method: lora`` (ConfigError naming ``finetune.lora.target_modules`` when a target matches
+    nothing), frozen as asked. Seeds torch first when ``seed`` is given."""
+    if seed is not None:
+        L.seed_everything(seed, workers=True, verbose=False)
+    config, _ = read_exported_config(model_dir)
+    check_hparams(hparams, n_layer=config.n_layer, num_labels=num_labels, objective=config.objective)
+    model: nn.Module = build_classifier(
+        model_dir,
+        num_labels=num_labels,
+        dropout=hparams.dropout,
+        pooling=hparams.pooling,
+        from_scratch=hparams.from_scratch,
+    )
+    if hparams.method == "lora":
+        model = apply_lora(
+            model,
+            rank=hparams.lora_rank,
+            alpha=hparams.lora_alpha,
+            dropout=hparams.lora_dropout,
+            targets=hparams.lora_target_modules,
+        )
+    freeze(model, freeze_backbone=hparams.freeze_backbone, freeze_layers=hparams.freeze_layers)
+    return model
 
 
 def fit_classifier(
@@ -213,25 +530,24 @@ def fit_classifier(
     model_dir: Path,
     splits: Mapping[str, TokenizedSplit],
     hparams: HyperParams,
-    max_epochs: int,
+    max_epochs: int | None = None,
     callbacks: Sequence[L.Callback] = (),
     quiet: bool = False,
     single_device: bool = False,
     train_fraction: float = 1.0,
 ) -> tuple[ClassifierModule, L.Trainer]:
-    """Seed, build the classifier from the pretrained model and fine-tune it (train + val).
+    """Seed, build the classifier (:func:`prepare_model`) and fine-tune it (train + val).
 
+    ``max_epochs`` overrides ``hparams.max_epochs`` (the tune stage's budget per trial).
     ``single_device`` ignores the devices / nodes / strategy of ``fit`` (one Optuna trial per
-    process); ``train_fraction`` trains each epoch on that share of the batches.
+    process); ``train_fraction`` trains each epoch on that share of the batches. After training
+    the module's model holds the last epoch's weights; ``module.export_model()`` gives the best.
     """
-    L.seed_everything(fit.seed, workers=True, verbose=False)
-    model = build_classifier(model_dir, num_labels=fit.num_labels, dropout=hparams.dropout)
+    model = prepare_model(model_dir, num_labels=fit.num_labels, hparams=hparams, seed=fit.seed)
+    weights = class_weight_tensor(hparams.class_weights, splits["train"].labels, fit.num_labels)
+    config, _ = read_exported_config(model_dir)
     module = ClassifierModule(
-        model,
-        lr=hparams.lr,
-        weight_decay=hparams.weight_decay,
-        warmup_ratio=fit.warmup_ratio,
-        freeze_backbone=fit.freeze_backbone,
+        model, hparams, num_labels=fit.num_labels, n_layer=config.n_layer, class_weights=weights
     )
     data = ClassificationDataModule(
         splits, batch_size=hparams.batch_size, seed=fit.seed, num_workers=fit.num_workers
@@ -244,8 +560,8 @@ def fit_classifier(
     trainer = build_trainer(
         accelerator=fit.accelerator,
         precision=fit.precision,
-        max_epochs=max_epochs,
-        gradient_clip_val=fit.grad_clip,
+        max_epochs=max_epochs or hparams.max_epochs,
+        gradient_clip_val=hparams.grad_clip,
         validate="epoch",
         callbacks=callbacks,
         quiet=quiet or not sys.stderr.isatty(),
@@ -257,3 +573,21 @@ def fit_classifier(
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
         trainer.fit(module, datamodule=data)
     return module, trainer
+
+
+def trainable_parameters(model: nn.Module) -> int:
+    """Number of trainable parameter values (each shared tensor once)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+__all__ = [
+    "ClassificationDataModule",
+    "ClassifierModule",
+    "FitConfig",
+    "HyperParams",
+    "build_classifier",
+    "fit_classifier",
+    "is_lora",
+    "optimizer_groups",
+    "prepare_model",
+]

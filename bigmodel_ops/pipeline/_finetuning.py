@@ -2,20 +2,17 @@
 
 from __future__ import annotations
 
-from bigmodel_ops.classification.training import FitConfig
+from bigmodel_ops.classification.training import FitConfig, HyperParams
 from bigmodel_ops.config import Params
 from bigmodel_ops.trainer import resolve_precision
 
 
 def fit_config(params: Params) -> FitConfig:
-    """The fine-tuning setup (all but the searched hyperparameters) of the tune and finetune stages."""
-    sizing, ft = params.sizing, params.finetune
+    """The run's fixed setup (labels, seed, hardware) of the tune and finetune stages."""
+    sizing = params.sizing
     return FitConfig(
         num_labels=len(params.prepare.labels),
         seed=params.project.seed,
-        warmup_ratio=ft.warmup_ratio,
-        freeze_backbone=ft.freeze_backbone,
-        grad_clip=ft.grad_clip,
         accelerator=sizing.accelerator,
         devices=sizing.devices,
         num_nodes=sizing.num_nodes,
@@ -23,3 +20,9 @@ def fit_config(params: Params) -> FitConfig:
         precision=resolve_precision(sizing.precision, sizing.accelerator),
         num_workers=sizing.num_workers,
     )
+
+
+def hyperparams(params: Params) -> HyperParams:
+    """Every fine-tuning setting of ``params.finetune`` (a trial or best_params.json overrides
+    some of them with :meth:`HyperParams.override`)."""
+    return HyperParams.from_dict(params.finetune.model_dump(mode="json"))

@@ -1,16 +1,25 @@
 """Fine-tune a sequence classifier on the labeled splits from the pretrained backbone.
 
-Hyperparameters: ``finetune`` params, with lr / dropout / weight_decay / batch_size taken from
+Hyperparameters: every ``finetune`` setting (:func:`~bigmodel_ops.pipeline._finetuning.hyperparams`),
+with lr / dropout / weight_decay / batch_size (and any other fine-tuning setting it holds) taken from
 ``<tune_dir>/best_params.json`` when ``finetune.use_tuned`` (a ConfigError naming the file when it
-is missing or malformed). Training runs ``finetune.max_epochs`` epochs on the train split with the
-val split evaluated after each epoch; the active sizing profile decides devices and precision.
+is missing or malformed). Training runs at most ``finetune.max_epochs`` epochs on the train split
+with the val split evaluated after each epoch (``finetune.early_stopping_patience`` stops earlier);
+the active sizing profile decides devices and precision. The BEST epoch (by val_acc) is exported,
+with LoRA adapters merged into the weights (``finetune.method: lora``).
+
+``finetune.control: scratch`` also trains the from-scratch control (the same recipe with
+``from_scratch: true``) and adds its best val metrics to the report and the run as
+``control_val_acc`` / ``control_val_loss`` / ``control_val_f1`` / ``control_best_epoch``, plus
+``pretrained_gain_val_acc`` (ours minus the control's); nothing else of the control is saved.
 
 Outputs, written only after training finished and the model was logged:
 
 - ``paths.classifier/``: model.safetensors (backbone + head), config.json (model config,
   num_labels, labels, max_length, pooling, ``mlflow_run_id`` / ``mlflow_artifact_path`` of the
   logged model), tokenizer.json; built in a temporary folder next to it and renamed into place;
-- ``paths.finetune_report``: final val_acc / val_loss / val_f1 and the epochs trained.
+- ``paths.finetune_report``: the best epoch's val_acc / val_loss / val_f1, ``best_epoch``, the
+  epochs trained, ``stopped_early``, trainable / total parameter counts (and the control's metrics).
 
 MLflow run ``finetune``: params (the effective hyperparameters and where they came from),
 train_loss every ``tracking.log_every_n_steps`` steps and val metrics per epoch at the global
@@ -29,7 +38,12 @@ from typing import Any
 
 from bigmodel_ops.classification.export import save_classifier
 from bigmodel_ops.classification.inputs import effective_max_length, load_splits
-from bigmodel_ops.classification.training import HyperParams, fit_classifier
+from bigmodel_ops.classification.training import (
+    HyperParams,
+    class_weight_tensor,
+    fit_classifier,
+    trainable_parameters,
+)
 from bigmodel_ops.config import Params
 from bigmodel_ops.contract import TOKENIZER_FILE, check_model_dir
 from bigmodel_ops.errors import ConfigError, TrainingDiverged
@@ -37,7 +51,7 @@ from bigmodel_ops.fsutil import publish, write_json_atomic
 from bigmodel_ops.model import read_exported_config
 from bigmodel_ops.paths import ProjectPaths
 from bigmodel_ops.pipeline._common import stage_run
-from bigmodel_ops.pipeline._finetuning import fit_config
+from bigmodel_ops.pipeline._finetuning import fit_config, hyperparams
 from bigmodel_ops.serving import MODEL_ARTIFACT_PATH, log_pyfunc_model
 from bigmodel_ops.trainer import MetricsCallback
 
@@ -48,11 +62,9 @@ _TUNED_KEYS = {"lr": float, "dropout": float, "weight_decay": float, "batch_size
 
 def resolve_hparams(params: Params, paths: ProjectPaths) -> tuple[HyperParams, str]:
     """(hyperparameters, source): source is "tuned" (best_params.json) or "params"."""
-    ft = params.finetune
-    if not ft.use_tuned:
-        return HyperParams(
-            lr=ft.lr, dropout=ft.dropout, weight_decay=ft.weight_decay, batch_size=ft.batch_size
-        ), "params"
+    base = hyperparams(params)
+    if not params.finetune.use_tuned:
+        return base, "params"
     path = paths.best_params
     if not path.is_file():
         raise ConfigError(
@@ -76,7 +88,12 @@ def resolve_hparams(params: Params, paths: ProjectPaths) -> tuple[HyperParams, s
         or values["weight_decay"] < 0
     ):
         raise ConfigError(f"{path}: values out of range: {values}")
-    return HyperParams(**values), "tuned"
+    # Other fine-tuning settings a (future) search space tuned are taken too, when present.
+    others = {k: v for k, v in data.items() if k not in _TUNED_KEYS and k not in ("value", "trial")}
+    try:
+        return base.override({**others, **values}), "tuned"
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"{path}: {error}") from None
 
 
 def run(params: Params, *, paths: ProjectPaths, quiet: bool = False) -> dict[str, Any]:
@@ -89,6 +106,10 @@ def run(params: Params, *, paths: ProjectPaths, quiet: bool = False) -> dict[str
     hparams, source = resolve_hparams(params, paths)
     check_model_dir(paths.pretrained_model)
     backbone_config, _ = read_exported_config(paths.pretrained_model)
+    fit = fit_config(params)
+    # Settings that need the backbone (pooling, freeze_layers, class weights, LoRA targets) fail
+    # here, before the run starts.
+    n_trainable, n_total = _check_setup(fit, hparams, paths)
     max_length = effective_max_length(params.finetune.max_length, backbone_config)
     splits = load_splits(
         prepared=paths.prepared,
@@ -96,6 +117,8 @@ def run(params: Params, *, paths: ProjectPaths, quiet: bool = False) -> dict[str
         labels=params.prepare.labels,
         max_length=params.finetune.max_length,
     )
+    # balanced class weights need every class in the train split: DataError naming the setting
+    class_weight_tensor(hparams.class_weights, splits["train"].labels, fit.num_labels)
     with stage_run(params, "finetune", system_metrics=True) as run:
         run.log_params(
             {"hparams": hparams.as_dict(), "hparams_source": source, "max_length_effective": max_length}
@@ -108,29 +131,46 @@ def run(params: Params, *, paths: ProjectPaths, quiet: bool = False) -> dict[str
             epoch_key="epoch",
         )
         module, trainer = fit_classifier(
-            fit_config(params),
+            fit,
             model_dir=paths.pretrained_model,
             splits=splits,
             hparams=hparams,
-            max_epochs=params.finetune.max_epochs,
             callbacks=[metrics],
             quiet=quiet,
         )
+        final = dict(module.best_val)
+        if not final or not all(math.isfinite(v) for v in {**final, **module.last_val}.values()):
+            raise TrainingDiverged(
+                f"finetune: validation metrics are not finite after training ({module.last_val}); lower "
+                f"the learning rate (lr={hparams.lr:g}, from {source}) or raise finetune.warmup_ratio"
+            )
+        report = {
+            **final,
+            "best_epoch": int(module.best_epoch or 0),
+            "epochs": int(trainer.current_epoch),
+            "global_step": int(trainer.global_step),
+            "stopped_early": bool(module.stopped_early),
+            "trainable_params": n_trainable,
+            "total_params": n_total,
+        }
+        classifier = module.export_model().cpu()  # best epoch, adapters merged
+        del module
+        if params.finetune.control == "scratch":
+            # Every rank trains the control (DDP needs all of them); rank 0 reports it.
+            report.update(_train_control(fit, hparams, paths=paths, splits=splits, ours=final, quiet=quiet))
         if not trainer.is_global_zero:
             return {}
-        final = dict(module.last_val)
-        if not all(math.isfinite(v) for v in final.values()) or not final:
-            raise TrainingDiverged(
-                f"finetune: validation metrics are not finite after training ({final}); lower the "
-                f"learning rate (lr={hparams.lr:g}, from {source}) or raise finetune.warmup_ratio"
-            )
-        report = {**final, "epochs": int(trainer.current_epoch), "global_step": int(trainer.global_step)}
+        run.log_metrics(
+            {f"best_{k}": v for k, v in final.items()}
+            | {"best_epoch": report["best_epoch"]}
+            | {k: v for k, v in report.items() if k.startswith(("control_", "pretrained_gain"))},
+            step=report["global_step"],
+        )
         with publish(paths.classifier) as pub:
             # MLflow names the artifact after the folder's own name: keep it clean.
             model_dir = pub.staged(paths.classifier, name=MODEL_ARTIFACT_PATH)
-            module.model.cpu()
             save_classifier(
-                module.model,
+                classifier,
                 model_dir,
                 labels=params.prepare.labels,
                 max_length=max_length,
@@ -139,6 +179,7 @@ def run(params: Params, *, paths: ProjectPaths, quiet: bool = False) -> dict[str
                     "mlflow_run_id": run.run_id,
                     "mlflow_artifact_path": MODEL_ARTIFACT_PATH,
                     "hparams": hparams.as_dict(),
+                    "best_epoch": report["best_epoch"],
                 },
             )
             run.flush()
@@ -154,6 +195,44 @@ def run(params: Params, *, paths: ProjectPaths, quiet: bool = False) -> dict[str
             paths.classifier,
         )
     return report
+
+
+def _check_setup(fit: Any, hparams: HyperParams, paths: ProjectPaths) -> tuple[int, int]:
+    """Build the model as it will train, once, to fail early on settings that need the backbone;
+    returns (trainable, total) parameter counts."""
+    from bigmodel_ops.classification.training import prepare_model
+
+    model = prepare_model(paths.pretrained_model, num_labels=fit.num_labels, hparams=hparams)
+    # The exported model's size: adapters are merged away, so they do not count.
+    total = sum(p.numel() for name, p in model.named_parameters() if "lora_" not in name)
+    counts = trainable_parameters(model), total
+    del model
+    return counts
+
+
+def _train_control(
+    fit: Any, hparams: HyperParams, *, paths: ProjectPaths, splits: Any, ours: dict, quiet: bool
+) -> dict[str, Any]:
+    """The from-scratch control with the same recipe: its best val metrics as ``control_*``."""
+    control, trainer = fit_classifier(
+        fit,
+        model_dir=paths.pretrained_model,
+        splits=splits,
+        hparams=hparams.replace(from_scratch=True),
+        quiet=quiet,
+    )
+    best = {k: v for k, v in control.best_val.items() if math.isfinite(v)}
+    out: dict[str, Any] = {f"control_{k}": v for k, v in best.items()}
+    out["control_best_epoch"] = int(control.best_epoch or 0)
+    out["control_epochs"] = int(trainer.current_epoch)
+    if "val_acc" in best:
+        out["pretrained_gain_val_acc"] = ours["val_acc"] - best["val_acc"]
+    _logger.info(
+        "finetune: control (from scratch) val_acc %.4f; pretrained val_acc %.4f",
+        best.get("val_acc", float("nan")),
+        ours["val_acc"],
+    )
+    return out
 
 
 def _example_texts(paths: ProjectPaths) -> list[str]:

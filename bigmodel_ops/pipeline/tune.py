@@ -25,13 +25,14 @@ from typing import Any
 import optuna
 
 from bigmodel_ops.classification.inputs import load_splits
+from bigmodel_ops.classification.training import prepare_model
 from bigmodel_ops.config import Params
 from bigmodel_ops.contract import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE
 from bigmodel_ops.errors import BigModelOpsError
 from bigmodel_ops.fsutil import write_json_atomic
 from bigmodel_ops.paths import ProjectPaths
 from bigmodel_ops.pipeline._common import stage_run
-from bigmodel_ops.pipeline._finetuning import fit_config
+from bigmodel_ops.pipeline._finetuning import fit_config, hyperparams
 from bigmodel_ops.tuning.study import (
     fail_stale_trials,
     make_pruner,
@@ -47,6 +48,8 @@ _logger = logging.getLogger(__name__)
 
 JOURNAL_FILE = "study.journal"
 PLOT_FILE = "optimization_history.png"
+# The settings tune.search_space draws (the others come from params.finetune).
+SEARCHED = ("lr", "dropout", "weight_decay", "batch_size")
 
 
 def name_of_study(params: Params, paths: ProjectPaths) -> str:
@@ -57,9 +60,14 @@ def name_of_study(params: Params, paths: ProjectPaths) -> str:
         "search_space": params.tune.search_space.model_dump(mode="json"),
         "max_epochs": params.tune.max_epochs,
         "metric": params.tune.metric,
+        # Every fine-tuning setting a trial does not draw (nor its epoch budget, tune.max_epochs).
         "finetune": {
-            k: getattr(params.finetune, k)
-            for k in ("max_length", "warmup_ratio", "freeze_backbone", "grad_clip")
+            "max_length": params.finetune.max_length,
+            **{
+                k: v
+                for k, v in hyperparams(params).as_dict().items()
+                if k not in SEARCHED and k != "max_epochs"
+            },
         },
         "seed": params.project.seed,
         "labels": params.prepare.labels,
@@ -105,6 +113,9 @@ def run(params: Params, *, paths: ProjectPaths, quiet: bool = False) -> dict[str
         labels=params.prepare.labels,
         max_length=params.finetune.max_length,
     )
+    base = hyperparams(params)
+    # Settings that need the backbone (pooling, freeze_layers, LoRA targets) fail before any trial.
+    prepare_model(paths.pretrained_model, num_labels=len(params.prepare.labels), hparams=base)
     name = name_of_study(params, paths)
     direction = "maximize" if tune.metric == "val_acc" else "minimize"
     study = _open_study(params, paths, name, direction)
@@ -120,6 +131,7 @@ def run(params: Params, *, paths: ProjectPaths, quiet: bool = False) -> dict[str
             objective = objective_factory(
                 tune,
                 fit=fit_config(params),
+                base=base,
                 model_dir=paths.pretrained_model,
                 splits=splits,
                 run=run,

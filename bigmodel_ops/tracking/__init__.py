@@ -10,9 +10,11 @@ Stages use one entry point::
 
 Everything else (the pipeline parent run, lineage tags, the status on a crash or signal, the
 background sender and the offline spool) happens behind it. Modules, by role: runs.py (the
-lifecycle of a stage run), handle.py (StageRun, what a stage logs through), transport.py (the
-caller side of the sender), sender.py (its sending side), spool.py (outages and the spool),
-lineage.py, pipeline.py, system_metrics.py, registry.py (model registry helpers).
+lifecycle of a stage run), handle.py (StageRun, what a stage logs through, and how a run ends),
+transport.py (the caller side of the log sender), sender.py (its sending side), store.py (what
+both sides share: outages, batches, replay), spool.py (the on-disk spool), lineage.py (lineage
+tags and the MLflow plugin), pipeline.py (the pipeline run tree), system_metrics.py,
+registry.py (model registry helpers).
 
 Names are imported lazily: MLflow imports ``bigmodel_ops.tracking.lineage`` (our run context
 provider) while ``mlflow.tracking`` itself is still initialising, so this package must not

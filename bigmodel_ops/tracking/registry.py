@@ -1,24 +1,40 @@
-"""Model Registry helpers: register a run's model, promote it past a gate with aliases.
+"""Model Registry helpers: register a run's model, tag where it came from, promote it past a gate.
 
-Aliases, not the deprecated stages. Both helpers take an ``MlflowClient`` so they work with any
+Aliases, not the deprecated stages. Every helper takes an ``MlflowClient`` so they work with any
 tracking / registry store.
+
+- :func:`check_labels`: refuse to add a version to a registered model whose latest version was
+  trained on other labels (``labels`` tag);
+- :func:`register_run_model`: a run's logged model as a new version;
+- :func:`run_lineage`: the tags that lead from a version back to what produced it (git commit,
+  pipeline id, dvc.lock md5s of the data, the stage runs of the pipeline);
+- :func:`apply_gate` (:class:`Gate`): every new version gets the challenger alias, one that passes
+  the gate the champion alias too, and the reason is written on the version (tag + description).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
-from collections.abc import Mapping
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from bigmodel_ops.errors import CheckpointError
+from bigmodel_ops.errors import CheckpointError, ConfigError
 
 _logger = logging.getLogger(__name__)
 
 MLMODEL_FILE = "MLmodel"
+LABELS_TAG = "labels"
+_LINEAGE = "bigmodel_ops."
+_STAGE_RUN_TAG = "bigmodel_ops.stage_run."  # set on the pipeline parent run (tracking/pipeline.py)
+_CODE_DEPS = ("bigmodel_ops/", "stages/")  # code is versioned by the git commit, not as data
 
 
 def _logged_model_id(client: MlflowClient, *, run_id: str, experiment_id: str, name: str) -> str | None:
@@ -88,6 +104,100 @@ def register_run_model(
     return version
 
 
+def _latest_version(client: MlflowClient, name: str) -> ModelVersion | None:
+    try:
+        versions = client.search_model_versions(f"name = '{name}'")
+    except MlflowException as error:
+        if error.error_code in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND"):
+            return None
+        raise
+    return max(versions, key=lambda v: int(v.version), default=None)
+
+
+def labels_tag(labels: Iterable[str]) -> str:
+    """The ``labels`` tag of a version: its labels in order, as JSON."""
+    return json.dumps(list(labels))
+
+
+def check_labels(client: MlflowClient, name: str, labels: Iterable[str]) -> None:
+    """ConfigError when registered model ``name`` exists and its latest version is tagged with other
+    labels: its versions would not be interchangeable behind an alias. A latest version without the
+    tag (registered before versions were tagged) is accepted."""
+    labels = list(labels)
+    latest = _latest_version(client, name)
+    raw = latest.tags.get(LABELS_TAG) if latest is not None else None
+    if raw is None:
+        return
+    try:
+        theirs = json.loads(raw)
+    except ValueError:
+        theirs = raw
+    if theirs != labels:
+        raise ConfigError(
+            f"registered model {name!r} already holds a classifier of other labels (version "
+            f"{latest.version}: {theirs}; this one: {labels}); set evaluate.registered_model to another "
+            "name, or delete the old model"
+        )
+
+
+def run_lineage(
+    client: MlflowClient, run_id: str, *, stages: Iterable[str], known: Mapping[str, str | None] | None = None
+) -> dict[str, str]:
+    """Version tags that lead back to what produced a model, from the lineage tags of run ``run_id``
+    (the evaluate run) and of its pipeline parent run.
+
+    ``git_commit``, ``pipeline_id``; ``data.<path>``: the dvc.lock md5 of each data dependency of
+    the run's stage (code deps are covered by the commit) and ``data_version``, a hash of them all;
+    ``<stage>_run_id`` for each of ``stages``: ``known[stage]`` when given, else the run the parent
+    records as having produced that stage's outputs. Unknown values are ``unknown``.
+    """
+    known = dict(known or {})
+    tags = client.get_run(run_id).data.tags
+    parent_tags: Mapping[str, str] = {}
+    if parent := tags.get("mlflow.parentRunId"):
+        try:
+            parent_tags = client.get_run(parent).data.tags
+        except MlflowException:
+            parent_tags = {}
+    data = {
+        key[len(_LINEAGE + "dep.") :]: value
+        for key, value in sorted(tags.items())
+        if key.startswith(_LINEAGE + "dep.") and not key[len(_LINEAGE + "dep.") :].startswith(_CODE_DEPS)
+    }
+    result = {
+        "git_commit": tags.get(_LINEAGE + "git_commit", "unknown"),
+        "git_dirty": tags.get(_LINEAGE + "git_dirty", "unknown"),
+        "pipeline_id": tags.get(_LINEAGE + "pipeline_id", "unknown"),
+        "data_version": hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]
+        if data
+        else "unknown",
+        **{f"data.{path}": md5 for path, md5 in data.items()},
+    }
+    for stage in stages:
+        result[f"{stage}_run_id"] = known.get(stage) or parent_tags.get(_STAGE_RUN_TAG + stage) or "unknown"
+    return result
+
+
+@dataclass(frozen=True)
+class Gate:
+    """The promotion gate: ``metric`` (higher is better) must reach ``min`` and the current
+    champion's value plus ``min_margin_over_champion``; each ``max`` metric must not exceed its
+    ceiling. NaN fails every check."""
+
+    metric: str
+    min: float = 0.0
+    min_margin_over_champion: float = 0.0
+    max: Mapping[str, float] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "metric": self.metric,
+            "min": self.min,
+            "min_margin_over_champion": self.min_margin_over_champion,
+            "max": dict(self.max),
+        }
+
+
 def _alias_holder(client: MlflowClient, name: str, alias: str) -> ModelVersion | None:
     try:
         return client.get_model_version_by_alias(name, alias)
@@ -95,6 +205,87 @@ def _alias_holder(client: MlflowClient, name: str, alias: str) -> ModelVersion |
         if error.error_code in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND", "INVALID_PARAMETER_VALUE"):
             return None
         raise
+
+
+def _champion_check(
+    client: MlflowClient, *, name: str, version: str, gate: Gate, value: float, alias: str
+) -> tuple[bool, str]:
+    holder = _alias_holder(client, name, alias)
+    if holder is None:
+        return True, f"no current {alias}"
+    if str(holder.version) == version:
+        return True, f"version {version} already holds {alias}"
+    raw = holder.tags.get(gate.metric)
+    try:
+        current = float(raw) if raw is not None else math.nan
+    except ValueError:
+        current = math.nan
+    if math.isnan(current):
+        return True, f"current {alias} v{holder.version} has no {gate.metric} tag to compare with"
+    needed = current + gate.min_margin_over_champion
+    margin = f" + margin {gate.min_margin_over_champion:g}" if gate.min_margin_over_champion else ""
+    if value >= needed:
+        return True, f"{gate.metric} {value:.4f} >= {alias} v{holder.version} {current:.4f}{margin}"
+    return False, f"{gate.metric} {value:.4f} < {alias} v{holder.version} {current:.4f}{margin}"
+
+
+def decide(
+    client: MlflowClient,
+    *,
+    name: str,
+    version: str | int,
+    gate: Gate,
+    metrics: Mapping[str, float],
+    alias: str,
+) -> tuple[bool, str]:
+    """(passed, reason) for a version with these metrics; the reason lists every check, failed
+    ones first. KeyError when the gate names a metric missing from ``metrics``."""
+    value = float(metrics[gate.metric])
+    checks: list[tuple[bool, str]] = []
+    passed_min = value >= gate.min  # False for NaN
+    sign = ">=" if passed_min else "<"
+    checks.append((passed_min, f"{gate.metric} {value:.4f} {sign} min {gate.min:g}"))
+    for key, ceiling in gate.max.items():
+        observed = float(metrics[key])
+        ok = observed <= ceiling
+        checks.append((ok, f"{key} {observed:.4f} {'<=' if ok else '>'} max {ceiling:g}"))
+    checks.append(
+        _champion_check(client, name=name, version=str(version), gate=gate, value=value, alias=alias)
+    )
+    failed = [text for ok, text in checks if not ok]
+    if failed:
+        return False, "failed: " + "; ".join(failed + [text for ok, text in checks if ok])
+    return True, "passed: " + "; ".join(text for _, text in checks)
+
+
+def apply_gate(
+    client: MlflowClient,
+    *,
+    name: str,
+    version: str | int,
+    gate: Gate,
+    metrics: Mapping[str, float],
+    promote_alias: str = "champion",
+    challenger_alias: str = "challenger",
+) -> tuple[bool, str]:
+    """Decide (:func:`decide`), then: ``challenger_alias`` on the version in any case,
+    ``promote_alias`` too when it passed; tags ``promoted`` (true/false), ``promotion_reason`` and
+    ``gate`` (the gate as JSON) and the reason as the version's description. Returns (promoted, reason).
+    """
+    version = str(version)
+    promoted, reason = decide(
+        client, name=name, version=version, gate=gate, metrics=metrics, alias=promote_alias
+    )
+    client.set_registered_model_alias(name, challenger_alias, version)
+    if promoted:
+        client.set_registered_model_alias(name, promote_alias, version)
+    client.set_model_version_tag(name, version, "promoted", str(promoted).lower())
+    client.set_model_version_tag(name, version, "promotion_reason", reason)
+    client.set_model_version_tag(name, version, "gate", json.dumps(gate.as_dict(), sort_keys=True))
+    outcome = f"promoted to {promote_alias}" if promoted else f"kept as {challenger_alias}"
+    client.update_model_version(name, version, description=f"Gate: {outcome}. {reason}")
+    _logger.info("%s version %s: %s (%s)", name, version, outcome, reason)
+    return promoted, reason
 
 
 def promote_if_better(
@@ -108,49 +299,13 @@ def promote_if_better(
     min_value: float = 0.0,
     challenger_alias: str = "challenger",
 ) -> tuple[bool, str]:
-    """The promotion gate (higher ``metric`` is better). Returns (promoted, reason).
-
-    ``version`` gets ``alias`` when ``value >= min_value`` and ``value`` is not below the
-    ``metric`` tag of the version that holds ``alias`` now (ties promote: the newer model wins).
-    Otherwise it gets ``challenger_alias``. Edge cases: no current holder -> only the threshold
-    applies; the holder is this version -> kept; a holder without a readable ``metric`` tag cannot
-    be compared and is replaced (the reason says so). The version is tagged ``promoted``
-    (true/false) and ``promotion_reason``.
-    """
-    version = str(version)
-    promoted, reason = _decide(
-        client, name=name, version=version, metric=metric, value=value, alias=alias, min_value=min_value
-    )
-    client.set_registered_model_alias(name, alias if promoted else challenger_alias, version)
-    client.set_model_version_tag(name, version, "promoted", str(promoted).lower())
-    client.set_model_version_tag(name, version, "promotion_reason", reason)
-    _logger.info("%s version %s: %s", name, version, reason)
-    return promoted, reason
-
-
-def _decide(
-    client: MlflowClient, *, name: str, version: str, metric: str, value: float, alias: str, min_value: float
-) -> tuple[bool, str]:
-    if not value >= min_value:  # also refuses NaN
-        return False, f"{metric} {value:.4f} is below the minimum {min_value:.4f}"
-    holder = _alias_holder(client, name, alias)
-    if holder is None:
-        return True, f"{metric} {value:.4f} >= minimum {min_value:.4f}; no current {alias}"
-    if str(holder.version) == version:
-        return True, f"version {version} already holds {alias}"
-    raw = holder.tags.get(metric)
-    try:
-        current = float(raw) if raw is not None else None
-    except ValueError:
-        current = None
-    if current is None:
-        return (
-            True,
-            f"{metric} {value:.4f} >= minimum {min_value:.4f}; current {alias} v{holder.version} has no {metric} tag",
-        )
-    if value < current:
-        return False, f"{metric} {value:.4f} is worse than {alias} v{holder.version} ({current:.4f})"
-    return (
-        True,
-        f"{metric} {value:.4f} >= minimum {min_value:.4f} and >= {alias} v{holder.version} ({current:.4f})",
+    """:func:`apply_gate` for a single metric with a floor (higher is better; ties promote)."""
+    return apply_gate(
+        client,
+        name=name,
+        version=version,
+        gate=Gate(metric=metric, min=min_value),
+        metrics={metric: value},
+        promote_alias=alias,
+        challenger_alias=challenger_alias,
     )

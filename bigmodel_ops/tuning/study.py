@@ -77,8 +77,10 @@ def make_pruner(tune: TuneParams) -> optuna.pruners.BasePruner:
     return optuna.pruners.NopPruner()
 
 
-def suggest(trial: optuna.Trial, space: SearchSpace) -> HyperParams:
-    return HyperParams(
+def suggest(trial: optuna.Trial, space: SearchSpace, base: HyperParams | None = None) -> HyperParams:
+    """The trial's hyperparameters: the searched ones drawn, the others those of ``base``
+    (the ``finetune`` params)."""
+    return (base or HyperParams()).replace(
         lr=trial.suggest_float("lr", space.lr.low, space.lr.high, log=space.lr.log),
         dropout=trial.suggest_float("dropout", space.dropout.low, space.dropout.high, log=space.dropout.log),
         weight_decay=trial.suggest_float(
@@ -122,6 +124,7 @@ def objective_factory(
     tune: TuneParams,
     *,
     fit: FitConfig,
+    base: HyperParams | None = None,
     model_dir: Path,
     splits: Mapping[str, TokenizedSplit],
     run: Any,
@@ -138,7 +141,7 @@ def objective_factory(
     monitor = tune.metric
 
     def objective(trial: optuna.Trial) -> float:
-        hparams = suggest(trial, tune.search_space)
+        hparams = suggest(trial, tune.search_space, base)
         try:
             with run.child_run(
                 f"trial-{trial.number}",
@@ -146,7 +149,7 @@ def objective_factory(
                 finished_on=(optuna.TrialPruned,),
             ) as child:
                 trial.set_user_attr("mlflow_run_id", child.run_id)
-                child.log_params(hparams.as_dict())
+                child.log_params({k: hparams.as_dict()[k] for k in trial.params})
                 pruning = PyTorchLightningPruningCallback(trial, monitor=monitor)
                 try:
                     module, _ = fit_classifier(
