@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import numpy as np
 from lightning.pytorch import seed_everything
 
 from bigmodel_ops.config import Params, flatten
@@ -44,7 +45,7 @@ from bigmodel_ops.pretraining.checkpoints import (
     other_configurations,
     resume_point_from_file,
 )
-from bigmodel_ops.pretraining.data import DataSpec, PretrainDataModule
+from bigmodel_ops.pretraining.data import DataSpec, PretrainDataModule, unigram_entropy
 from bigmodel_ops.pretraining.export import export_from_checkpoint
 from bigmodel_ops.pretraining.flops import cuda_device_name, peak_flops, training_flops_per_token
 from bigmodel_ops.pretraining.inputs import budget_steps, check_token_ids, check_tokenizer, special_ids
@@ -64,6 +65,7 @@ _logger = logging.getLogger(__name__)
 STAGE = "pretrain"
 MODEL_ARTIFACT_PATH = "model"
 REGISTRY_ALIAS = "latest-pretrain"
+_ENTROPY_TOKENS = 10_000_000
 
 
 @dataclass
@@ -81,6 +83,7 @@ class Inputs:
     tokens_per_step: int
     max_steps: int
     fingerprint: dict[str, Any]
+    unigram_entropy: float  # of the val tokens the objective predicts: the loss to beat
 
 
 def build_model_config(params: Params, *, vocab_size: int) -> ModelConfig:
@@ -95,6 +98,7 @@ def build_model_config(params: Params, *, vocab_size: int) -> ModelConfig:
         block_size=m.block_size,
         dropout=m.dropout,
         bias=m.bias,
+        alibi=m.alibi if m.alibi is not None else m.objective == "masked",
     )
 
 
@@ -113,6 +117,7 @@ def check_inputs(params: Params, paths: ProjectPaths) -> Inputs:
         seed=params.project.seed,
         sampling=pre.sampling,
         mask_rate=pre.mask_rate,
+        val_mask_rate=pre.val_mask_rate,
         mask_id=special.get("mask", 0),
         vocab_size=config.vocab_size,
         special_ids=tuple(sorted(special.values())),
@@ -129,6 +134,13 @@ def check_inputs(params: Params, paths: ProjectPaths) -> Inputs:
     )
     datamodule.check_enough_for_one_batch(world_size)
     tokens_per_step = sizing.batch_size * config.block_size * pre.grad_accum * world_size
+    # At most the first 10M val tokens: enough for a stable estimate, cheap for any corpus.
+    val_tokens = np.concatenate([np.asarray(m[:_ENTROPY_TOKENS]) for m in datamodule.val_stream.maps])
+    entropy = unigram_entropy(
+        val_tokens[:_ENTROPY_TOKENS],
+        config.vocab_size,
+        ignore_ids=spec.protected_ids if config.objective == "masked" else (),
+    )
     return Inputs(
         index=index,
         tokenizer_sha=tokenizer_sha,
@@ -148,10 +160,12 @@ def check_inputs(params: Params, paths: ProjectPaths) -> Inputs:
             "world_size": world_size,
             "sampling": pre.sampling,
             "mask_rate": pre.mask_rate,
+            "val_mask_rate": pre.val_mask_rate,
             "seed": params.project.seed,
             "tokenizer_sha256": tokenizer_sha,
             "train_tokens": index.tokens("train"),
         },
+        unigram_entropy=entropy,
     )
 
 
@@ -220,6 +234,7 @@ def fit(
             "fingerprint": inputs.fingerprint,
             "tokenizer_sha256": inputs.tokenizer_sha,
         },
+        unigram_entropy=inputs.unigram_entropy,
     )
     n_params = module.model.num_parameters()
     flops_per_token = training_flops_per_token(inputs.config, n_params=n_params, mask_rate=pre.mask_rate)
@@ -356,6 +371,8 @@ def run(
             "train_loss": last.get("train/loss"),
             "val_loss": last.get("val/loss"),
             "val_perplexity": last.get("val/perplexity"),
+            "unigram_entropy": inputs.unigram_entropy,
+            "val_gap_to_unigram": last.get("val/gap_to_unigram"),
             "tokens_per_s": last.get("perf/tokens_per_s"),
             "mfu": last.get("perf/mfu", "unknown"),
             "train_seconds": metrics.train_seconds,

@@ -17,8 +17,9 @@ Nothing here imports pydantic or MLflow: the GPU benchmark uses this module bare
 
 from __future__ import annotations
 
+import dataclasses
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -93,6 +94,25 @@ class TokenStream:
         return out
 
 
+def unigram_entropy(tokens: np.ndarray, vocab_size: int, *, ignore_ids: Sequence[int] = ()) -> float:
+    """Entropy (nats) of the token frequencies of ``tokens``: the loss of the best predictor that
+    ignores context, so a language model's val loss must go below it to have learned anything
+    beyond word counts.
+
+    Pass the tokens at the positions the model predicts: for the masked objective, drop the ids
+    that are never predicted (``ignore_ids``: the separator, pad, cls); for the causal objective,
+    every token is a target. Empty input gives 0.0.
+    """
+    tokens = np.asarray(tokens).ravel()
+    if len(ignore_ids):
+        tokens = tokens[~np.isin(tokens, np.asarray(ignore_ids))]
+    if tokens.size == 0:
+        return 0.0
+    counts = np.bincount(tokens.astype(np.int64), minlength=vocab_size).astype(np.float64)
+    p = counts[counts > 0] / tokens.size
+    return float(-(p * np.log(p)).sum())
+
+
 # ---------------------------------------------------------------------------------------------
 # BERT masking
 # ---------------------------------------------------------------------------------------------
@@ -156,6 +176,7 @@ class DataSpec:
     seed: int
     sampling: Literal["random", "sequential"] = "random"
     mask_rate: float = 0.15
+    val_mask_rate: float = 0.15  # the fixed validation batches' masking rate
     mask_id: int = 4
     vocab_size: int = 0
     special_ids: tuple[int, ...] = ()  # never masked nor used as random replacements
@@ -242,6 +263,7 @@ class ValBatches(Dataset):
     """A fixed set of val batches: windows spread evenly over the split, fixed masks."""
 
     def __init__(self, stream: TokenStream, spec: DataSpec, *, n_batches: int) -> None:
+        spec = dataclasses.replace(spec, mask_rate=spec.val_mask_rate)
         self.maker = BatchMaker(stream, spec)
         self.spec = spec
         n = n_batches * spec.batch_size

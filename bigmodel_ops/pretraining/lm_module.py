@@ -111,7 +111,8 @@ class LMModule(pl.LightningModule):
 
     `meta` is a plain dict stored in every checkpoint (run id, data fingerprint, ...);
     `total_steps` sizes the LR schedule; `compile` wraps the model's forward with
-    torch.compile in place (state-dict keys stay unprefixed).
+    torch.compile in place (state-dict keys stay unprefixed). `unigram_entropy` (nats, of the
+    val tokens the model predicts) is reported beside every val loss, with the gap between them.
     """
 
     def __init__(
@@ -122,6 +123,7 @@ class LMModule(pl.LightningModule):
         total_steps: int,
         compile: bool = False,
         meta: dict[str, Any] | None = None,
+        unigram_entropy: float | None = None,
     ) -> None:
         super().__init__()
         self.config = config
@@ -137,6 +139,7 @@ class LMModule(pl.LightningModule):
         self._val_sum: torch.Tensor | None = None
         self._val_count = 0
         self.last_val_loss: float | None = None
+        self.unigram_entropy = unigram_entropy
 
     # -- steps -----------------------------------------------------------------------------
 
@@ -188,7 +191,12 @@ class LMModule(pl.LightningModule):
         """The latest validation metrics, as MetricsCallback logs them ({} before any)."""
         if self.last_val_loss is None:
             return {}
-        return {"val/loss": self.last_val_loss, "val/perplexity": perplexity(self.last_val_loss)}
+        values = {"val/loss": self.last_val_loss, "val/perplexity": perplexity(self.last_val_loss)}
+        if self.unigram_entropy is not None:
+            values["val/unigram_entropy"] = self.unigram_entropy
+            # > 0: the model predicts better than token frequencies alone.
+            values["val/gap_to_unigram"] = self.unigram_entropy - self.last_val_loss
+        return values
 
     # -- divergence ------------------------------------------------------------------------
 
