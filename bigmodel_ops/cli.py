@@ -1,7 +1,8 @@
 """The `bigmodel-ops` command line.
 
 One subcommand per pipeline stage (its help is the first line of the stage's ``run`` docstring),
-plus ``validate`` and ``ui``. Every subcommand validates the whole params file before doing any
+plus ``validate``, ``ui``, ``predict`` (bigmodel_ops/predict.py) and ``export-hf``
+(bigmodel_ops/export_hf.py). Every subcommand validates the whole params file before doing any
 work, prints a user error without a traceback and exits 2, and leaves no partial outputs behind
 (each stage publishes its outputs atomically when it has finished).
 
@@ -15,16 +16,18 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from types import ModuleType
 
 from bigmodel_ops.config import load_params
+from bigmodel_ops.paths import ProjectPaths
 from bigmodel_ops.pipeline._common import add_common_args, guarded, run_stage, setup_logging, stage_help
 
 
 def _stages() -> dict[str, ModuleType]:
-    from bigmodel_ops.pipeline import evaluate, finetune, prepare, pretrain, tokenize, tune
+    from bigmodel_ops.pipeline import compress, evaluate, finetune, prepare, pretrain, tokenize, tune
 
-    modules = (prepare, tokenize, pretrain, tune, finetune, evaluate)
+    modules = (prepare, tokenize, pretrain, tune, finetune, evaluate, compress)
     return {module.__name__.rsplit(".", 1)[-1]: module for module in modules}
 
 
@@ -45,7 +48,43 @@ def build_parser(stages: dict[str, ModuleType]) -> argparse.ArgumentParser:
     add_common_args(ui)
     ui.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1)")
     ui.add_argument("--port", type=int, default=5000)
+    _add_predict_parser(sub)
+    _add_export_hf_parser(sub)
     return parser
+
+
+def _first_line(doc: str | None) -> str:
+    return (doc or "").strip().splitlines()[0]
+
+
+def _add_predict_parser(sub: argparse._SubParsersAction) -> None:
+    from bigmodel_ops import predict
+
+    help_text = _first_line(predict.predict.__doc__)
+    parser = sub.add_parser("predict", help=help_text, description=help_text)
+    add_common_args(parser)
+    parser.add_argument("texts", nargs="*", metavar="TEXT", help="texts to classify")
+    parser.add_argument("--file", type=Path, help="a file of texts, one per line ('-': stdin)")
+    parser.add_argument(
+        "--model",
+        metavar="URI",
+        help="MLflow model URI (default: models:/<evaluate.registered_model>@<evaluate.promote_alias>)",
+    )
+    parser.add_argument("--json", action="store_true", help="one JSON object per line")
+
+
+def _add_export_hf_parser(sub: argparse._SubParsersAction) -> None:
+    from bigmodel_ops import export_hf
+
+    help_text = _first_line(export_hf.export_hf.__doc__)
+    parser = sub.add_parser("export-hf", help=help_text, description=help_text)
+    add_common_args(parser)
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="output folder (default: outputs/hf); gets classifier/ and backbone/",
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -62,6 +101,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             import yaml
 
             print(yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False))
+            return 0
+        if args.command == "predict":
+            from bigmodel_ops.predict import predict
+
+            return predict(params, texts=args.texts, file=args.file, model_uri=args.model, as_json=args.json)
+        if args.command == "export-hf":
+            from bigmodel_ops.export_hf import export_hf
+
+            export_hf(ProjectPaths(), out=args.out)
             return 0
         from bigmodel_ops.ui import run_ui
 

@@ -30,6 +30,8 @@ TOKENIZER_FILE = "tokenizer.json"
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 MODEL_FILES = (WEIGHTS_FILE, CONFIG_FILE, TOKENIZER_FILE)
+# In the finetune stage's control folder: {"trained": true|false} (the model files beside it if true).
+CONTROL_FILE = "control.json"
 
 
 def load_tokenizer(

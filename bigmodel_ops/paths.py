@@ -83,6 +83,11 @@ class ProjectPaths:
         return self.outputs / "finetune" / "model"
 
     @property
+    def control_classifier(self) -> Path:
+        """The from-scratch control (finetune.control: scratch), or only control.json without one."""
+        return self.outputs / "finetune" / "control"
+
+    @property
     def finetune_report(self) -> Path:
         return self.outputs / "metrics" / "finetune.json"
 
@@ -117,3 +122,14 @@ class ProjectPaths:
     def confusion_rows(self) -> Path:
         """Rows {actual, predicted}: one per test example (DVC's confusion template)."""
         return self.outputs / "plots" / "confusion.json"
+
+    # compress
+    @property
+    def compress_dir(self) -> Path:
+        """model.int8.safetensors + config.json + tokenizer.json (the int8 classifier), model.onnx,
+        model.int8.onnx and report.json."""
+        return self.outputs / "compress"
+
+    @property
+    def compress_report(self) -> Path:
+        return self.outputs / "metrics" / "compress.json"

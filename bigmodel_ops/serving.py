@@ -2,8 +2,14 @@
 
 :func:`log_pyfunc_model` logs :mod:`bigmodel_ops.pyfunc_model` as the model's code, the exported
 classifier folder (safetensors + config.json + tokenizer.json) as its artifact, and the
-bigmodel_ops package as code. Its requirements are only what inference needs: the served model
-imports neither Lightning nor pydantic.
+bigmodel_ops package as code. Its requirements are only what inference needs (mlflow, torch,
+tokenizers, safetensors, pandas and numpy, which bigmodel_ops.classification imports directly):
+the served model imports neither Lightning nor peft nor optuna (tests/test_serving.py checks it
+in a fresh process). pydantic is not required by our code, only by MLflow itself.
+
+The signature says what the model answers: a string column ``text`` in; ``label`` (string),
+``score`` (double) and one ``prob_<label>`` (double) per training label out, the labels read from
+the classifier's config.json (see :mod:`bigmodel_ops.pyfunc_model`).
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ from typing import Any
 
 MODEL_ARTIFACT_PATH = "classifier"
 # What the served model imports (pyfunc_model -> classification.export/inputs -> model, contract).
-INFERENCE_PACKAGES = ("mlflow", "torch", "tokenizers", "safetensors", "numpy", "pandas", "pyarrow")
+INFERENCE_PACKAGES = ("mlflow", "torch", "tokenizers", "safetensors", "pandas", "numpy")
 
 
 def _pip_requirements() -> list[str]:
@@ -59,7 +65,8 @@ def log_pyfunc_model(run: Any, model_dir: Path, *, tracking_uri: str, input_text
 
     Models from code: pyfunc_model.py is the model, the folder is its artifact, the bigmodel_ops
     package travels as code, requirements are pinned to the installed versions (no inference
-    subprocess). Returns MLflow's ModelInfo.
+    subprocess). The output schema has one ``prob_<label>`` column per label of the folder's
+    config.json. Returns MLflow's ModelInfo.
     """
     import mlflow
     import pandas as pd
@@ -68,10 +75,20 @@ def log_pyfunc_model(run: Any, model_dir: Path, *, tracking_uri: str, input_text
 
     import bigmodel_ops
     from bigmodel_ops import pyfunc_model
+    from bigmodel_ops.classification.export import read_classifier_config
+
+    labels = [str(label) for label in read_classifier_config(Path(model_dir))["labels"]]
+    # The example must be servable: empty texts are refused by the model.
+    input_texts = [text for text in input_texts if isinstance(text, str) and text.strip()] or [
+        "a short example text"
+    ]
 
     signature = ModelSignature(
         inputs=Schema([ColSpec("string", "text")]),
-        outputs=Schema([ColSpec("string", "label"), ColSpec("double", "score")]),
+        outputs=Schema(
+            [ColSpec("string", "label"), ColSpec("double", "score")]
+            + [ColSpec("double", column) for column in pyfunc_model.output_columns(labels)[2:]]
+        ),
     )
     experiment_id = run.client.get_run(run.run_id).info.experiment_id
     with _fluent_target(tracking_uri, experiment_id):

@@ -97,9 +97,12 @@ def tiny_params(**overrides: Any) -> dict[str, Any]:
         "max_epochs": 1,
         "sampler": "random",
         "pruner": "none",
+        "report_every_n_steps": 1,
         "search_space": {
-            "lr": {"low": 1e-3, "high": 3e-3, "log": True},
-            "batch_size": [16],
+            "lr": {"type": "float", "low": 1e-3, "high": 3e-3, "log": True},
+            "dropout": {"type": "float", "low": 0.0, "high": 0.3},
+            "weight_decay": {"type": "float", "low": 0.0, "high": 0.1},
+            "batch_size": {"type": "categorical", "choices": [16]},
         },
     }
     raw["finetune"] = {"max_epochs": 2, "batch_size": 16, "lr": 3e-3, "max_length": 24, "use_tuned": False}

@@ -11,12 +11,17 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
+from bigmodel_ops.classification.export import load_classifier, save_classifier
+from bigmodel_ops.classification.inputs import read_labeled_split
+from bigmodel_ops.classification.model import SequenceClassifier
 from bigmodel_ops.cli import main
 from bigmodel_ops.config import parse_params
 from bigmodel_ops.errors import ConfigError
+from bigmodel_ops.model import TransformerLM, read_exported_config
 from bigmodel_ops.pipeline.evaluate import _check_gate_metrics
 from bigmodel_ops.pipeline.evaluate import run as run_evaluate
 from tests.conftest import REPO_ROOT
@@ -230,3 +235,37 @@ def test_registry_name_taken_by_a_model_of_other_labels(
     version = client.get_model_version("reviews-sentiment", str(report["model_version"]))
     assert json.loads(version.tags["labels"]) == LABELS
     assert _aliases(client, "reviews-sentiment") == {"champion": "1", "challenger": "1"}
+
+
+def test_the_from_scratch_control_is_scored_beside_the_model(tmp_path: Path, monkeypatch, mlflow_store: str):
+    """finetune.control: scratch leaves a control classifier; evaluate reports its test accuracy
+    and ours minus it. Here the control is a differently seeded untrained model."""
+    monkeypatch.chdir(tmp_path)
+    params, paths, _, _ = make_evaluate_project(tmp_path, gate={"min": 0.0, "max": {}})
+    write_pretrain_report(paths, "pretrain-run-0001")
+    config, _ = read_exported_config(paths.pretrained_model)
+    torch.manual_seed(7)
+    control = SequenceClassifier(TransformerLM(config), num_labels=len(params.prepare.labels))
+    save_classifier(
+        control,
+        paths.control_classifier,
+        labels=params.prepare.labels,
+        max_length=24,
+        tokenizer_file=paths.pretrained_model / "tokenizer.json",
+    )
+    (paths.control_classifier / "control.json").write_text('{"trained": true}')
+    report = run_evaluate(params, paths=paths, quiet=True)
+    texts, ids = read_labeled_split(paths.prepared / "test.parquet", params.prepare.labels)
+    predicted = load_classifier(paths.control_classifier).logits(texts).argmax(-1).numpy()
+    assert report["control_test_acc"] == pytest.approx(float((predicted == ids).mean()))
+    assert report["test_acc_minus_control"] == pytest.approx(report["test_acc"] - report["control_test_acc"])
+
+
+def test_no_control_no_control_metrics(tmp_path: Path, monkeypatch, mlflow_store: str):
+    monkeypatch.chdir(tmp_path)
+    params, paths, _, _ = make_evaluate_project(tmp_path, gate={"min": 0.0, "max": {}})
+    write_pretrain_report(paths, "pretrain-run-0001")
+    paths.control_classifier.mkdir(parents=True)
+    (paths.control_classifier / "control.json").write_text('{"trained": false}')
+    report = run_evaluate(params, paths=paths, quiet=True)
+    assert "control_test_acc" not in report and "test_acc_minus_control" not in report

@@ -72,10 +72,12 @@ def test_finetune_evaluate_register_and_gate(tmp_path: Path, monkeypatch, mlflow
     assert client.get_metric_history(ft_run.info.run_id, "train_loss")
 
     # the servable model: loads through MLflow (models from code + safetensors) and predicts
-    texts = [t for t, _ in make_texts(5, seed=9)] + ["", "x " * 500]
+    # (empty texts are refused by the served model: tests/test_serving.py)
+    texts = [t for t, _ in make_texts(5, seed=9)] + ["x " * 500]
     served = mlflow.pyfunc.load_model(f"runs:/{ft_run.info.run_id}/classifier")
     out = served.predict(pd.DataFrame({"text": texts}))
-    assert list(out.columns) == ["label", "score"] and len(out) == len(texts)
+    assert list(out.columns) == ["label", "score", *(f"prob_{label}" for label in LABELS)]
+    assert len(out) == len(texts)
     # what the exported weights give, computed here without MLflow: top label and its probability
     probs = torch.softmax(load_classifier(paths.classifier).logits(texts), dim=-1)
     assert out["label"].tolist() == [LABELS[i] for i in probs.argmax(dim=-1).tolist()]

@@ -458,7 +458,10 @@ def test_finetune_stage_with_lora_mean_pooling_and_the_scratch_control(tmp_path:
     assert run.data.metrics["control_val_acc"] == report["control_val_acc"]
     assert run.data.params["hparams.method"] == "lora"
     assert math.isfinite(run.data.metrics["best_val_loss"])
-    assert not (paths.classifier.parent / "control").exists()  # nothing of the control is saved
+    # the control is saved for the evaluate stage to score on the test split
+    assert json.loads((paths.control_classifier / "control.json").read_text()) == {"trained": True}
+    control = load_classifier(paths.control_classifier)
+    assert control.config["from_scratch"] is True and control.labels == classifier.labels
 
 
 def test_finetune_stage_refuses_bad_settings_before_training(tmp_path: Path, monkeypatch, capsys):

@@ -45,7 +45,7 @@ def _tiny(params: dict) -> dict:
     params["model"]["block_size"] = 64
     params["pretrain"].update(val_every_n_steps=6, val_batches=2, checkpoint_every_n_steps=6, warmup_steps=2)
     params["tune"].update(n_trials=2, max_epochs=1)
-    params["tune"]["search_space"]["batch_size"] = [32]
+    params["tune"]["search_space"]["batch_size"] = {"type": "categorical", "choices": [32]}
     params["finetune"].update(max_epochs=1, max_length=64)
     params["evaluate"]["min_accuracy"] = 0.0
     return params
@@ -146,7 +146,7 @@ def test_bytecode_does_not_invalidate_directory_deps(project: Project):
     # must keep them out of the hashes, or every repro after a stage's first import re-runs it.
     # Written by hand because PYTHONDONTWRITEBYTECODE may be set where the tests run.
     written = []
-    for package in ("tracking", "data", "training"):
+    for package in ("tracking", "data", "pretraining"):
         cache = project.root / "bigmodel_ops" / package / "__pycache__"
         cache.mkdir(exist_ok=True)
         written.append(cache / "__init__.cpython-311.pyc")

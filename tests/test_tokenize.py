@@ -18,8 +18,8 @@ from bigmodel_ops.cli import main
 from bigmodel_ops.config import parse_params
 from bigmodel_ops.errors import DataError
 from bigmodel_ops.paths import ProjectPaths
-from bigmodel_ops.shards import ShardIndex, dtype_for_vocab
 from bigmodel_ops.pipeline.tokenize import run as run_tokenize
+from bigmodel_ops.shards import ShardIndex, dtype_for_vocab
 from bigmodel_ops.tokenizer import (
     TextPool,
     load_tokenizer,

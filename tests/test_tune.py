@@ -48,6 +48,8 @@ def test_tune_study_nested_runs_resume_and_pruning(tmp_path: Path, monkeypatch, 
     assert set(best) == {"lr", "dropout", "weight_decay", "batch_size", "value", "trial"}
     assert best["trial"] == study.best_trial.number and best["value"] == study.best_value
     assert best["lr"] == study.best_trial.params["lr"] and best["batch_size"] == 16
+    steps = [t.user_attrs["optimizer_steps"] for t in study.trials]
+    assert steps == [2, 2] and [t.user_attrs["budget_steps"] for t in study.trials] == [2, 2]  # 32 rows / 16
     assert report == {
         "best_value": study.best_value,
         "best_trial": study.best_trial.number,
@@ -55,9 +57,16 @@ def test_tune_study_nested_runs_resume_and_pruning(tmp_path: Path, monkeypatch, 
         "n_complete": 2,
         "n_pruned": 0,
         "n_failed": 0,
+        "total_trial_seconds": pytest.approx(sum(t.user_attrs["wall_seconds"] for t in study.trials)),
+        "total_optimizer_steps": 4,
+        "steps_saved_by_pruning": 0,
     }
     assert json.loads(paths.tune_report.read_text()) == report
-    assert (paths.tune_dir / "optimization_history.png").stat().st_size > 1000
+    plots = ["intermediate_values", "optimization_history", "parallel_coordinate", "param_importances"]
+    for plot in plots:
+        assert (paths.tune_dir / f"{plot}.png").stat().st_size > 1000
+    # every report step of each trial: the subset value Optuna saw
+    assert sorted(study.trials[0].intermediate_values) == [1, 2]
 
     # MLflow: tune run with two nested trial runs carrying params and per-epoch metrics
     runs = _runs(mlflow_store)
@@ -75,9 +84,15 @@ def test_tune_study_nested_runs_resume_and_pruning(tmp_path: Path, monkeypatch, 
         history = client.get_metric_history(run.info.run_id, "val_acc")
         assert [m.step for m in history] == [0]  # one epoch, logged at the epoch number
         assert history[0].value == pytest.approx(study.trials[number].value)
+        subset = client.get_metric_history(run.info.run_id, "tune/val_acc_subset")
+        reports = study.trials[number].intermediate_values
+        assert {m.step: m.value for m in subset} == pytest.approx(reports)
+        assert run.data.metrics["tune/optimizer_steps"] == 2 and run.data.metrics["tune/wall_seconds"] > 0
     assert tune_run.data.metrics["n_complete"] == 2
+    assert tune_run.data.tags["tune.best_trial"] == str(study.best_trial.number)
+    assert tune_run.data.tags["tune.best_run_id"] == study.best_trial.user_attrs["mlflow_run_id"]
     artifacts = [a.path for a in client.list_artifacts(tune_run.info.run_id, "plots")]
-    assert artifacts == ["plots/optimization_history.png"]
+    assert artifacts == [f"plots/{plot}.png" for plot in plots]
 
     # resume with one more trial and a pruner that prunes everything: only trial 2 runs
     raw = tiny_params(tune={"n_trials": 3, "pruner": "threshold", "prune_threshold": 1.01})
@@ -94,6 +109,11 @@ def test_tune_study_nested_runs_resume_and_pruning(tmp_path: Path, monkeypatch, 
     assert names == ["tune/trial-0", "tune/trial-1", "tune/trial-2"]  # 0 and 1 were not re-run
     pruned = next(r for r in runs if r.info.run_name == "tune/trial-2")
     assert pruned.data.tags["optuna.state"] == "PRUNED"
+    assert pruned.data.tags["optuna.reason"].startswith("pruned at step 1")
+    assert (
+        study.trials[2].user_attrs["optimizer_steps"] == 1 < study.trials[2].user_attrs["budget_steps"] == 2
+    )
+    assert report["steps_saved_by_pruning"] == 1
     second_tune = [r for r in runs if r.info.run_name == "tune" and r.info.run_id != tune_run.info.run_id]
     assert pruned.data.tags["mlflow.parentRunId"] == second_tune[0].info.run_id
 

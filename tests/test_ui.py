@@ -75,6 +75,7 @@ def ui_server(tmp_path_factory: pytest.TempPathFactory, _migrated_store: Path) -
             "version": version,
             "tmp": tmp,
             "log": tmp / "ui.log",
+            "params": params,
         }
     finally:
         process.terminate()
@@ -123,7 +124,8 @@ def test_ui_prints_the_runs_url_and_serves_the_store(ui_server: dict) -> None:
     assert tags("pretrain")["mlflow.parentRunId"] == parent_id
     assert tags("tune/trial-0")["mlflow.parentRunId"] == by_name["tune"]["info"]["run_id"]
     params = {p["key"]: p["value"] for p in by_name["pretrain"]["data"]["params"]}
-    assert params["pretrain.lr"] == "0.001" and params["project.name"] == "trk-test"
+    assert float(params["pretrain.lr"]) == ui_server["params"].pretrain.lr
+    assert params["project.name"] == "trk-test"
     metrics = {m["key"]: m for m in by_name["pretrain"]["data"]["metrics"]}
     assert metrics["train/loss"]["step"] == "19" or metrics["train/loss"]["step"] == 19
 

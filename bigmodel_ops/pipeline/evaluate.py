@@ -12,13 +12,16 @@
    ``paths.pr_curve``, ``paths.reliability_curve``, ``paths.confusion_rows`` (JSON lists of rows),
    and under ``paths.evaluate_dir``: per_class.csv, worst_errors.csv (the most confident errors),
    predictions.parquet, confusion_matrix.json, roc.png, precision_recall.png, reliability.png,
-   confusion_matrix.png and promotion.json.
+   confusion_matrix.png, promotion.json and model_card.md.
 4. MLflow run ``evaluate`` (:func:`_log_run`): the metrics, and the same files as artifacts.
 5. Registry (:func:`_register`): the finetune run's pyfunc becomes a new version of
    ``evaluate.registered_model`` (default ``<project>-classifier``), refused when the model's latest
    version has other labels; the version is tagged with its metrics, labels, the runs that made it,
    its data version (dvc.lock md5s), git commit and pipeline id; then the gate (``evaluate.gate``,
-   registry.apply_gate): ``challenger`` always, ``champion`` when it passes, the reason on the version.
+   registry.apply_gate): ``challenger`` always, ``champion`` when it passes, the reason on the version;
+   then the version's model card (:mod:`bigmodel_ops.evaluation.card`: data, recipe, metrics beside
+   the baseline, gate decision, intended use and limits) becomes its description and
+   ``evaluate/model_card.md``.
 6. Outputs are moved into place only after all of that succeeded.
 """
 
@@ -36,9 +39,9 @@ import numpy as np
 from bigmodel_ops.classification.export import load_classifier
 from bigmodel_ops.classification.inputs import read_labeled_split
 from bigmodel_ops.config import Params
-from bigmodel_ops.contract import CONFIG_FILE
+from bigmodel_ops.contract import CONFIG_FILE, CONTROL_FILE
 from bigmodel_ops.errors import CheckpointError, ConfigError
-from bigmodel_ops.evaluation import baseline, curves, latency, metrics, predict, tables
+from bigmodel_ops.evaluation import baseline, card, curves, latency, metrics, predict, tables
 from bigmodel_ops.fsutil import publish
 from bigmodel_ops.paths import ProjectPaths
 from bigmodel_ops.pipeline._common import stage_run
@@ -101,6 +104,7 @@ def run(params: Params, *, paths: ProjectPaths, quiet: bool = False) -> dict[str
             promotion_file = staged[paths.evaluate_dir] / "promotion.json"
             promotion_file.write_text(json.dumps(promotion, indent=2) + "\n")
             stage.log_artifact(promotion_file, "evaluate")
+            _publish_model_card(stage, params, paths, inputs, scores.metrics, promotion, staged)
             report = {
                 **_json_safe(scores.metrics),
                 "promoted": int(promotion["promoted"]),
@@ -168,7 +172,21 @@ def _score(params: Params, paths: ProjectPaths, inputs: Inputs, *, quiet: bool) 
         ),
         "model_size_mb": latency.size_on_disk_mb(paths.classifier),
     }
+    control_acc = _control_test_acc(params, paths, inputs, quiet=quiet)
+    if control_acc is not None:
+        values.update(control_test_acc=control_acc, test_acc_minus_control=model["test_acc"] - control_acc)
     return Scores(values, probs, baseline_probs, per_class)
+
+
+def _control_test_acc(params: Params, paths: ProjectPaths, inputs: Inputs, *, quiet: bool) -> float | None:
+    """The from-scratch control's test accuracy (finetune.control: scratch); None when the finetune
+    stage trained no control."""
+    marker = paths.control_classifier / CONTROL_FILE
+    if not marker.is_file() or not json.loads(marker.read_text()).get("trained"):
+        return None
+    control = load_classifier(paths.control_classifier)
+    probs = predict.predict_proba(control, inputs.texts, batch_size=params.evaluate.batch_size, quiet=quiet)
+    return float((probs.argmax(axis=1) == np.asarray(inputs.y)).mean())
 
 
 def _check_gate_metrics(params: Params, computed: dict[str, float]) -> None:
@@ -241,6 +259,42 @@ def _draw_figures(
         diagonal=True,
     )
     curves.plot_confusion(cm, inputs.labels, folder / "confusion_matrix.png")
+
+
+# ---- model card (bigmodel_ops/evaluation/card.py) ---------------------------------------------
+
+
+def _publish_model_card(
+    stage: Any,
+    params: Params,
+    paths: ProjectPaths,
+    inputs: Inputs,
+    values: dict[str, float],
+    promotion: dict[str, Any],
+    staged: dict[Path, Path],
+) -> None:
+    """Step 5b: the version's model card: written to ``evaluate/model_card.md``, logged to this run,
+    and set as the version's description (replacing the gate's one-line description, which the
+    card contains)."""
+    name, version = promotion["model"], str(promotion["version"])
+    text = card.model_card(
+        name=name,
+        version=version,
+        labels=inputs.labels,
+        metrics=values,
+        promotion=promotion,
+        version_tags=stage.client.get_model_version(name, version).tags,
+        params=params,
+        classifier_config=inputs.classifier.config,
+        pretrain_report=paths.pretrain_report,
+        best_params=paths.best_params,
+        n_test=len(inputs.texts),
+        n_train=len(inputs.train_texts),
+    )
+    card_file = staged[paths.evaluate_dir] / card.CARD_FILE
+    card_file.write_text(text)
+    stage.log_artifact(card_file, "evaluate")
+    stage.client.update_model_version(name, version, description=card.description(text))
 
 
 def _json_safe(values: dict[str, float]) -> dict[str, float | None]:

@@ -45,7 +45,7 @@ from bigmodel_ops.classification.training import (
     trainable_parameters,
 )
 from bigmodel_ops.config import Params
-from bigmodel_ops.contract import TOKENIZER_FILE, check_model_dir
+from bigmodel_ops.contract import CONTROL_FILE, TOKENIZER_FILE, check_model_dir
 from bigmodel_ops.errors import ConfigError, TrainingDiverged
 from bigmodel_ops.fsutil import publish, write_json_atomic
 from bigmodel_ops.model import read_exported_config
@@ -56,6 +56,7 @@ from bigmodel_ops.serving import MODEL_ARTIFACT_PATH, log_pyfunc_model
 from bigmodel_ops.trainer import MetricsCallback
 
 _logger = logging.getLogger(__name__)
+
 
 _TUNED_KEYS = {"lr": float, "dropout": float, "weight_decay": float, "batch_size": int}
 
@@ -101,8 +102,6 @@ def run(params: Params, *, paths: ProjectPaths, quiet: bool = False) -> dict[str
 
     Exports and logs the classifier; returns the report.
     """
-    from bigmodel_ops.tracking.runs import tracking_uri
-
     hparams, source = resolve_hparams(params, paths)
     check_model_dir(paths.pretrained_model)
     backbone_config, _ = read_exported_config(paths.pretrained_model)
@@ -155,9 +154,13 @@ def run(params: Params, *, paths: ProjectPaths, quiet: bool = False) -> dict[str
         }
         classifier = module.export_model().cpu()  # best epoch, adapters merged
         del module
+        control = None
         if params.finetune.control == "scratch":
             # Every rank trains the control (DDP needs all of them); rank 0 reports it.
-            report.update(_train_control(fit, hparams, paths=paths, splits=splits, ours=final, quiet=quiet))
+            control, control_report = _train_control(
+                fit, hparams, paths=paths, splits=splits, ours=final, quiet=quiet
+            )
+            report.update(control_report)
         if not trainer.is_global_zero:
             return {}
         run.log_metrics(
@@ -166,27 +169,9 @@ def run(params: Params, *, paths: ProjectPaths, quiet: bool = False) -> dict[str
             | {k: v for k, v in report.items() if k.startswith(("control_", "pretrained_gain"))},
             step=report["global_step"],
         )
-        with publish(paths.classifier) as pub:
-            # MLflow names the artifact after the folder's own name: keep it clean.
-            model_dir = pub.staged(paths.classifier, name=MODEL_ARTIFACT_PATH)
-            save_classifier(
-                classifier,
-                model_dir,
-                labels=params.prepare.labels,
-                max_length=max_length,
-                tokenizer_file=paths.pretrained_model / TOKENIZER_FILE,
-                extra={
-                    "mlflow_run_id": run.run_id,
-                    "mlflow_artifact_path": MODEL_ARTIFACT_PATH,
-                    "hparams": hparams.as_dict(),
-                    "best_epoch": report["best_epoch"],
-                },
-            )
-            run.flush()
-            info = log_pyfunc_model(
-                run, model_dir, tracking_uri=tracking_uri(params.tracking), input_texts=_example_texts(paths)
-            )
-            run.set_tags({"bigmodel_ops.model_uri": info.model_uri})
+        _export(
+            params, paths, run=run, classifier=classifier, control=control, hparams=hparams, report=report
+        )
         write_json_atomic(paths.finetune_report, report)
         _logger.info(
             "finetune: val_acc %.4f, val_loss %.4f -> %s",
@@ -195,6 +180,57 @@ def run(params: Params, *, paths: ProjectPaths, quiet: bool = False) -> dict[str
             paths.classifier,
         )
     return report
+
+
+def _export(
+    params: Params,
+    paths: ProjectPaths,
+    *,
+    run: Any,
+    classifier: Any,
+    control: Any,
+    hparams: HyperParams,
+    report: dict[str, Any],
+) -> None:
+    """Publish the classifier (logged as the servable pyfunc model), the control and the report.
+
+    ``outputs/finetune/control`` always exists: the from-scratch control's model folder (scored on
+    the test split by the evaluate stage), or only ``control.json`` saying none was trained.
+    """
+    from bigmodel_ops.tracking.runs import tracking_uri
+
+    backbone_config, _ = read_exported_config(paths.pretrained_model)
+    max_length = effective_max_length(params.finetune.max_length, backbone_config)
+    tokenizer_file = paths.pretrained_model / TOKENIZER_FILE
+    with publish(paths.classifier, paths.control_classifier) as pub:
+        # MLflow names the artifact after the folder's own name: keep it clean.
+        model_dir = pub.staged(paths.classifier, name=MODEL_ARTIFACT_PATH)
+        extra = {"hparams": hparams.as_dict(), "best_epoch": report["best_epoch"]}
+        save_classifier(
+            classifier,
+            model_dir,
+            labels=params.prepare.labels,
+            max_length=max_length,
+            tokenizer_file=tokenizer_file,
+            extra={"mlflow_run_id": run.run_id, "mlflow_artifact_path": MODEL_ARTIFACT_PATH, **extra},
+        )
+        control_dir = pub.staged(paths.control_classifier)
+        control_dir.mkdir()
+        if control is not None:
+            save_classifier(
+                control,
+                control_dir,
+                labels=params.prepare.labels,
+                max_length=max_length,
+                tokenizer_file=tokenizer_file,
+                extra={**extra, "from_scratch": True, "best_epoch": report.get("control_best_epoch", 0)},
+            )
+        (control_dir / CONTROL_FILE).write_text(json.dumps({"trained": control is not None}) + "\n")
+        run.flush()
+        info = log_pyfunc_model(
+            run, model_dir, tracking_uri=tracking_uri(params.tracking), input_texts=_example_texts(paths)
+        )
+        run.set_tags({"bigmodel_ops.model_uri": info.model_uri})
 
 
 def _check_setup(fit: Any, hparams: HyperParams, paths: ProjectPaths) -> tuple[int, int]:
@@ -212,8 +248,9 @@ def _check_setup(fit: Any, hparams: HyperParams, paths: ProjectPaths) -> tuple[i
 
 def _train_control(
     fit: Any, hparams: HyperParams, *, paths: ProjectPaths, splits: Any, ours: dict, quiet: bool
-) -> dict[str, Any]:
-    """The from-scratch control with the same recipe: its best val metrics as ``control_*``."""
+) -> tuple[Any, dict[str, Any]]:
+    """The from-scratch control with the same recipe: (its best model, its best val metrics as
+    ``control_*``)."""
     control, trainer = fit_classifier(
         fit,
         model_dir=paths.pretrained_model,
@@ -232,7 +269,7 @@ def _train_control(
         best.get("val_acc", float("nan")),
         ours["val_acc"],
     )
-    return out
+    return control.export_model().cpu(), out
 
 
 def _example_texts(paths: ProjectPaths) -> list[str]:

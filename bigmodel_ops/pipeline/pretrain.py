@@ -215,8 +215,6 @@ def fit(
     Raises TrainingDiverged on a NaN/inf loss (no checkpoint of the diverged state is written).
     """
     sizing, pre = params.sizing, params.pretrain
-    device_name = cuda_device_name() if inputs.accelerator == "gpu" else None
-    peak = peak_flops(device_name, inputs.precision)
     module = LMModule(
         inputs.config,
         OptimConfig(
@@ -236,34 +234,7 @@ def fit(
         },
         unigram_entropy=inputs.unigram_entropy,
     )
-    n_params = module.model.num_parameters()
-    flops_per_token = training_flops_per_token(inputs.config, n_params=n_params, mask_rate=pre.mask_rate)
-    if point is None:
-        run.log_params(
-            {
-                "resolved": {
-                    "model": inputs.config.to_dict(),
-                    "n_params": n_params,
-                    "max_steps": inputs.max_steps,
-                    "tokens_per_step": inputs.tokens_per_step,
-                    "world_size": inputs.world_size,
-                    "precision": inputs.precision,
-                    "accelerator": inputs.accelerator,
-                    "device": device_name or "cpu",
-                    "peak_flops_per_device": peak if peak is not None else "unknown",
-                    "flops_per_token": flops_per_token,
-                    "train_tokens": inputs.index.tokens("train"),
-                    "val_tokens": inputs.index.tokens("val"),
-                    "tokenizer_sha256": inputs.tokenizer_sha,
-                }
-            }
-        )
-    run.set_tags(
-        {
-            "bigmodel_ops.mfu": "measured" if peak is not None else "unknown",
-            **({"bigmodel_ops.resumed_from_step": point.global_step} if point else {}),
-        }
-    )
+    flops_per_token, peak = _log_setup(run, inputs, module, point=point, mask_rate=pre.mask_rate)
     metrics = MetricsCallback(
         run,
         log_every_n_steps=params.tracking.log_every_n_steps,
@@ -299,6 +270,44 @@ def fit(
         trainer.validate(module, datamodule=inputs.datamodule, verbose=False)
     module.assert_finite()
     return trainer, metrics, checkpoint
+
+
+def _log_setup(
+    run: Any, inputs: Inputs, module: LMModule, *, point: ResumePoint | None, mask_rate: float
+) -> tuple[float, float | None]:
+    """Log the resolved setup (first run only) and the MFU/resume tags; return (training FLOPs per
+    token, the device's peak FLOP/s or None when unknown)."""
+    device_name = cuda_device_name() if inputs.accelerator == "gpu" else None
+    peak = peak_flops(device_name, inputs.precision)
+    n_params = module.model.num_parameters()
+    flops_per_token = training_flops_per_token(inputs.config, n_params=n_params, mask_rate=mask_rate)
+    if point is None:
+        run.log_params(
+            {
+                "resolved": {
+                    "model": inputs.config.to_dict(),
+                    "n_params": n_params,
+                    "max_steps": inputs.max_steps,
+                    "tokens_per_step": inputs.tokens_per_step,
+                    "world_size": inputs.world_size,
+                    "precision": inputs.precision,
+                    "accelerator": inputs.accelerator,
+                    "device": device_name or "cpu",
+                    "peak_flops_per_device": peak if peak is not None else "unknown",
+                    "flops_per_token": flops_per_token,
+                    "train_tokens": inputs.index.tokens("train"),
+                    "val_tokens": inputs.index.tokens("val"),
+                    "tokenizer_sha256": inputs.tokenizer_sha,
+                }
+            }
+        )
+    run.set_tags(
+        {
+            "bigmodel_ops.mfu": "measured" if peak is not None else "unknown",
+            **({"bigmodel_ops.resumed_from_step": point.global_step} if point else {}),
+        }
+    )
+    return flops_per_token, peak
 
 
 def export(

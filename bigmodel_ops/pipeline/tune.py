@@ -6,12 +6,18 @@ study). Trials already COMPLETE or PRUNED count towards ``tune.n_trials`` and on
 runs; FAILED trials do not count (they are retried).
 
 MLflow: the stage run ``tune`` gets one nested run per trial, ``tune/trial-<number>``, with the
-trial's params, its metrics and tags ``optuna.state`` / ``optuna.trial``. A pruned trial's run
-ends FINISHED with ``bigmodel_ops.outcome = TrialPruned``; a diverged or failed one ends FAILED.
+trial's params, its subset reports (``tune/val_acc_subset``, ``tune/val_loss_subset``) on the
+step axis, its train/val metrics, its cost (``tune/optimizer_steps``, ``tune/budget_steps``,
+``tune/wall_seconds``) and tags ``optuna.state`` / ``optuna.reason`` / ``optuna.trial``. A pruned
+trial's run ends FINISHED with ``bigmodel_ops.outcome = TrialPruned``; a diverged or failed one
+ends FAILED. The parent is tagged with the best trial and its run id.
 
 Outputs (only when at least one trial completed): ``best_params.json`` (the dependency of
-``finetune``) and the optimisation-history plot in ``outputs/tune/``, the report
-``outputs/metrics/tune.json``. With no completed trial the stage fails and writes neither (the
+``finetune``: the searched settings of the best trial plus the effective lr / dropout /
+weight_decay / batch_size) and Optuna's optimisation-history, intermediate-values,
+parameter-importance and parallel-coordinate plots in ``outputs/tune/`` (also MLflow artifacts
+under ``plots/``), and the report ``outputs/metrics/tune.json`` (best value, trials by state,
+total trial seconds and optimizer steps, steps saved by pruning). With no completed trial the stage fails and writes neither (the
 journal stays, so finished trials are not lost). The algorithms are in :mod:`bigmodel_ops.tuning`.
 """
 
@@ -39,7 +45,7 @@ from bigmodel_ops.tuning.study import (
     make_sampler,
     make_storage,
     objective_factory,
-    save_history_plot,
+    save_plots,
     study_name,
     study_summary,
 )
@@ -47,18 +53,19 @@ from bigmodel_ops.tuning.study import (
 _logger = logging.getLogger(__name__)
 
 JOURNAL_FILE = "study.journal"
-PLOT_FILE = "optimization_history.png"
-# The settings tune.search_space draws (the others come from params.finetune).
-SEARCHED = ("lr", "dropout", "weight_decay", "batch_size")
+# Always in best_params.json (finetune reads them), searched or not.
+CORE_SETTINGS = ("lr", "dropout", "weight_decay", "batch_size")
 
 
 def name_of_study(params: Params, paths: ProjectPaths) -> str:
     """The study of this setup: search space, budget, metric, the non-tuned fine-tuning settings,
     seed, labels, precision, and the contents of the pretrained model and the train/val data."""
     fit = fit_config(params)
+    searched = {k.replace(".", "_") for k in params.tune.search_space.names()}
     setup = {
-        "search_space": params.tune.search_space.model_dump(mode="json"),
+        "search_space": params.tune.search_space.model_dump(mode="json", exclude_none=True),
         "max_epochs": params.tune.max_epochs,
+        "train_fraction": params.tune.train_fraction,
         "metric": params.tune.metric,
         # Every fine-tuning setting a trial does not draw (nor its epoch budget, tune.max_epochs).
         "finetune": {
@@ -66,7 +73,7 @@ def name_of_study(params: Params, paths: ProjectPaths) -> str:
             **{
                 k: v
                 for k, v in hyperparams(params).as_dict().items()
-                if k not in SEARCHED and k != "max_epochs"
+                if k not in searched and k != "max_epochs"
             },
         },
         "seed": params.project.seed,
@@ -94,7 +101,10 @@ def _open_study(params: Params, paths: ProjectPaths, name: str, direction: str) 
         study_name=name,
         storage=storage,
         sampler=make_sampler(
-            params.tune.sampler, seed=params.project.seed, n_existing=len(probe.get_trials(deepcopy=False))
+            params.tune.sampler,
+            seed=params.project.seed,
+            n_existing=len(probe.get_trials(deepcopy=False)),
+            startup_trials=params.tune.sampler_startup_trials,
         ),
         pruner=make_pruner(params.tune),
     )
@@ -149,10 +159,9 @@ def run(params: Params, *, paths: ProjectPaths, quiet: bool = False) -> dict[str
                     catch=(RuntimeError, FloatingPointError),
                     gc_after_trial=True,
                 )
-        report, best = _summarise(study, run=run, name=name, paths=paths)
-        plot = paths.tune_dir / PLOT_FILE
-        save_history_plot(study, plot)
-        run.log_artifact(plot, "plots")
+        report, best = _summarise(study, run=run, name=name, paths=paths, base=base)
+        for plot in save_plots(study, paths.tune_dir):
+            run.log_artifact(plot, "plots")
         run.log_dict(best, "best_params.json")
         write_json_atomic(paths.best_params, best)
         write_json_atomic(paths.tune_report, report)
@@ -160,8 +169,10 @@ def run(params: Params, *, paths: ProjectPaths, quiet: bool = False) -> dict[str
     return report
 
 
-def _summarise(study: optuna.Study, *, run: Any, name: str, paths: ProjectPaths) -> tuple[dict, dict]:
-    """(report, best trial's params); logs counts and failures; error when nothing completed."""
+def _summarise(
+    study: optuna.Study, *, run: Any, name: str, paths: ProjectPaths, base: Any
+) -> tuple[dict, dict]:
+    """(report, best params); logs counts, cost and failures; error when nothing completed."""
     summary = study_summary(study)
     counts = {k: summary[k] for k in ("n_complete", "n_pruned", "n_failed")}
     run.log_metrics({k: float(v) for k, v in counts.items()}, step=0)
@@ -182,7 +193,19 @@ def _summarise(study: optuna.Study, *, run: Any, name: str, paths: ProjectPaths)
         "best_trial": int(best["trial"]),
         "n_trials": counts["n_complete"] + counts["n_pruned"] + counts["n_failed"],
         **counts,
+        **{k: summary[k] for k in ("total_trial_seconds", "total_optimizer_steps", "steps_saved_by_pruning")},
     }
-    run.log_metrics({"best_value": report["best_value"]}, step=0)
-    run.log_params({f"best.{k}": v for k, v in best.items() if k not in ("value", "trial")})
-    return report, best
+    run.log_metrics(
+        {
+            k: float(report[k])
+            for k in ("best_value", "total_trial_seconds", "total_optimizer_steps", "steps_saved_by_pruning")
+        },
+        step=0,
+    )
+    searched = {k: v for k, v in best.items() if k not in ("value", "trial")}
+    run.log_params({f"best.{k}": v for k, v in searched.items()})
+    best_run = study.best_trial.user_attrs.get("mlflow_run_id")
+    run.set_tags({"tune.best_trial": best["trial"], **({"tune.best_run_id": best_run} if best_run else {})})
+    # finetune reads the core settings whether searched or not: write their effective values.
+    core = {k: v for k, v in base.as_dict().items() if k in CORE_SETTINGS}
+    return report, {**core, **best}

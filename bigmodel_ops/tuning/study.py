@@ -1,8 +1,11 @@
 """The Optuna search over fine-tuning hyperparameters (the library of the ``tune`` stage).
 
 Each trial is a real fine-tuning run of ``tune.max_epochs`` epochs from the pretrained backbone
-with hyperparameters drawn from ``tune.search_space``; the pruner sees the validation metric
-after every epoch through optuna-integration's ``PyTorchLightningPruningCallback``.
+with any fine-tuning settings drawn from ``tune.search_space`` (:func:`suggest`); the sampler is
+:func:`make_sampler` (TPE, random, CMA-ES or GP, seeded). Every ``tune.report_every_n_steps``
+optimizer steps the trial reports its metric on a fixed subset of the val split and the pruner
+(:func:`make_pruner`: median, Hyperband, successive halving, threshold) may stop it there
+(:mod:`bigmodel_ops.tuning.pruning`); the trial's value is measured on the whole val split.
 
 Study and resume: a study's name (:func:`study_name`) hashes everything that decides what a
 trial measures, so a rerun with the same setup continues the same study. A RUNNING trial found
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -28,11 +32,9 @@ from bigmodel_ops.classification.training import FitConfig, HyperParams, fit_cla
 from bigmodel_ops.config import SearchSpace, TuneParams
 from bigmodel_ops.fsutil import publish, sha256_file, short_hash
 from bigmodel_ops.trainer import MetricsCallback
+from bigmodel_ops.tuning.pruning import StepPruningCallback, val_subset
 
 _logger = logging.getLogger(__name__)
-
-JOURNAL_FILE = "study.journal"
-PLOT_FILE = "optimization_history.png"
 
 
 class NonFiniteObjective(Exception):
@@ -56,38 +58,80 @@ def make_storage(url: str | None, *, journal: Path) -> optuna.storages.BaseStora
     return JournalStorage(JournalFileBackend(str(journal)))
 
 
-def make_sampler(kind: str, *, seed: int, n_existing: int) -> optuna.samplers.BaseSampler:
-    """A seeded sampler ("random" or "tpe")."""
+def make_sampler(
+    kind: str, *, seed: int, n_existing: int = 0, startup_trials: int | None = None
+) -> optuna.samplers.BaseSampler:
+    """A seeded sampler: "tpe", "random", "cmaes" or "gp" (tune.sampler).
+
+    ``startup_trials``: random trials before a model-based sampler starts (None: Optuna's default).
+    """
     # Offset the seed by the trials already in the study: a resumed study must not replay the
     # random draws of its first trials.
     seed = seed + n_existing
+    startup = {} if startup_trials is None else {"n_startup_trials": startup_trials}
     if kind == "random":
         return optuna.samplers.RandomSampler(seed=seed)
-    return optuna.samplers.TPESampler(seed=seed)
+    if kind == "cmaes":
+        # CMA-ES models continuous and integer settings only: categorical ones (batch_size as a
+        # list of choices, pooling, method, ...) are drawn by its independent sampler, at random,
+        # and a space with a single numeric setting is sampled at random altogether (Optuna's
+        # CMA-ES needs two or more dimensions). Needs the `cmaes` package.
+        return optuna.samplers.CmaEsSampler(
+            seed=seed,
+            independent_sampler=optuna.samplers.RandomSampler(seed=seed),
+            warn_independent_sampling=False,
+            **startup,
+        )
+    if kind == "gp":
+        # Optuna's Gaussian-process sampler (torch + scipy); categorical settings are modelled too.
+        return optuna.samplers.GPSampler(seed=seed, **startup)
+    # Multivariate TPE; the constant liar makes parallel workers avoid the points of each
+    # other's running trials (harmless with one worker).
+    return optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True, **startup)
 
 
 def make_pruner(tune: TuneParams) -> optuna.pruners.BasePruner:
+    """tune.pruner over the step-level reports (steps are optimizer steps)."""
+    min_resource = tune.min_resource or tune.report_every_n_steps
     if tune.pruner == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=tune.pruner_startup_trials, n_warmup_steps=0)
+        return optuna.pruners.MedianPruner(
+            n_startup_trials=tune.pruner_startup_trials, n_warmup_steps=tune.pruner_warmup_steps
+        )
     if tune.pruner == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=tune.max_epochs)
+        return optuna.pruners.HyperbandPruner(
+            min_resource=min_resource, max_resource=tune.max_resource, reduction_factor=tune.reduction_factor
+        )
+    if tune.pruner == "successive_halving":
+        return optuna.pruners.SuccessiveHalvingPruner(
+            min_resource=min_resource, reduction_factor=tune.reduction_factor
+        )
     if tune.pruner == "threshold":
         bound = {"lower" if tune.metric == "val_acc" else "upper": tune.prune_threshold}
-        return optuna.pruners.ThresholdPruner(**bound)
+        return optuna.pruners.ThresholdPruner(**bound, n_warmup_steps=tune.pruner_warmup_steps)
     return optuna.pruners.NopPruner()
+
+
+def suggest_values(trial: optuna.Trial, space: SearchSpace) -> dict[str, Any]:
+    """Draw every setting of the space: {key as declared: value}."""
+    values: dict[str, Any] = {}
+    for key, dist in space.items():
+        if dist.type == "categorical":
+            values[key] = trial.suggest_categorical(key, list(dist.choices))
+        elif dist.type == "int":
+            values[key] = trial.suggest_int(
+                key, int(dist.low), int(dist.high), step=int(dist.step or 1), log=dist.log
+            )
+        else:
+            values[key] = trial.suggest_float(
+                key, float(dist.low), float(dist.high), step=dist.step, log=dist.log
+            )
+    return values
 
 
 def suggest(trial: optuna.Trial, space: SearchSpace, base: HyperParams | None = None) -> HyperParams:
     """The trial's hyperparameters: the searched ones drawn, the others those of ``base``
     (the ``finetune`` params)."""
-    return (base or HyperParams()).replace(
-        lr=trial.suggest_float("lr", space.lr.low, space.lr.high, log=space.lr.log),
-        dropout=trial.suggest_float("dropout", space.dropout.low, space.dropout.high, log=space.dropout.log),
-        weight_decay=trial.suggest_float(
-            "weight_decay", space.weight_decay.low, space.weight_decay.high, log=space.weight_decay.log
-        ),
-        batch_size=int(trial.suggest_categorical("batch_size", list(space.batch_size))),
-    )
+    return (base or HyperParams()).override(suggest_values(trial, space))
 
 
 def fail_stale_trials(study: optuna.Study) -> list[int]:
@@ -113,6 +157,15 @@ def study_summary(study: optuna.Study) -> dict[str, Any]:
             t.number: t.user_attrs.get("fail_reason", "failed") for t in trials if t.state == states.FAIL
         },
         "best": None,
+        # Cost: optimizer steps and wall seconds of the trials that recorded them, and the steps
+        # pruned trials did not train (their budget minus what they trained).
+        "total_trial_seconds": round(sum(float(t.user_attrs.get("wall_seconds", 0.0)) for t in trials), 3),
+        "total_optimizer_steps": sum(int(t.user_attrs.get("optimizer_steps", 0)) for t in trials),
+        "steps_saved_by_pruning": sum(
+            max(0, int(t.user_attrs.get("budget_steps", 0)) - int(t.user_attrs.get("optimizer_steps", 0)))
+            for t in trials
+            if t.state == states.PRUNED
+        ),
     }
     if complete:
         best = study.best_trial
@@ -133,24 +186,60 @@ def objective_factory(
 ):
     """The Optuna objective: one nested MLflow run and one fine-tuning per trial.
 
-    A pruned trial's run ends FINISHED tagged PRUNED; a NaN objective returns NaN (Optuna fails
-    the trial with a warning and the study goes on); any other exception fails the trial.
-    """
-    from optuna_integration import PyTorchLightningPruningCallback
+    Every ``tune.report_every_n_steps`` optimizer steps the trial reports its metric on a fixed
+    subset of the val split (:class:`~bigmodel_ops.tuning.pruning.StepPruningCallback`, also
+    logged as ``tune/val_acc_subset`` / ``tune/val_loss_subset`` on the step axis); the pruner
+    may stop it there. The trial's value is the metric on the whole val split of its best epoch
+    (by val_acc: the epoch finetune would export).
 
+    Each trial records its cost as user attributes and run metrics: ``optimizer_steps``,
+    ``budget_steps`` (what it would have trained unpruned), ``wall_seconds``; its run is tagged
+    ``optuna.state`` (COMPLETE / PRUNED / FAIL) and ``optuna.reason``. A pruned trial's run ends
+    FINISHED; a NaN objective returns NaN (Optuna fails the trial with a warning and the study
+    goes on); any other exception fails the trial.
+    """
     monitor = tune.metric
+    subset = val_subset(splits["val"], fraction=tune.report_val_fraction, seed=fit.seed)
 
     def objective(trial: optuna.Trial) -> float:
         hparams = suggest(trial, tune.search_space, base)
+        started = time.perf_counter()
+        pruning = StepPruningCallback(
+            trial,
+            subset=subset,
+            every_n_steps=tune.report_every_n_steps,
+            metric=monitor,
+            num_labels=fit.num_labels,
+            batch_size=max(hparams.batch_size, 64),
+        )
+
+        def record(child: Any | None, state: str, reason: str | None = None) -> None:
+            cost = {
+                "optimizer_steps": pruning.steps,
+                "budget_steps": pruning.budget_steps if pruning.budget_steps is not None else pruning.steps,
+                "wall_seconds": round(time.perf_counter() - started, 3),
+            }
+            for key, value in cost.items():
+                trial.set_user_attr(key, value)
+            if reason:
+                trial.set_user_attr("fail_reason" if state == "FAIL" else "prune_reason", reason)
+            if child is not None:
+                child.log_metrics({f"tune/{k}": float(v) for k, v in cost.items()}, step=pruning.steps)
+                tags = {"optuna.state": state}
+                if reason:
+                    tags["optuna.reason"] = reason[:500]
+                child.set_tags(tags)
+
+        child = None
         try:
             with run.child_run(
                 f"trial-{trial.number}",
                 tags={"optuna.trial": trial.number, "optuna.study": study},
                 finished_on=(optuna.TrialPruned,),
             ) as child:
+                pruning.sink = child
                 trial.set_user_attr("mlflow_run_id", child.run_id)
-                child.log_params({k: hparams.as_dict()[k] for k in trial.params})
-                pruning = PyTorchLightningPruningCallback(trial, monitor=monitor)
+                child.log_params({k: v for k, v in hparams.as_dict().items() if k in _hparam_names(trial)})
                 try:
                     module, _ = fit_classifier(
                         fit,
@@ -172,44 +261,75 @@ def objective_factory(
                         single_device=True,
                         train_fraction=tune.train_fraction,
                     )
-                    pruning.check_pruned()  # a no-op off DDP; required under it
-                except optuna.TrialPruned:
-                    child.set_tags({"optuna.state": "PRUNED"})
+                except optuna.TrialPruned as pruned:
+                    record(child, "PRUNED", str(pruned) or "pruned")
                     raise
-                value = module.last_val.get(monitor, float("nan"))
-                loss = module.last_val.get("val_loss", float("nan"))
+                final = module.best_val or module.last_val
+                value = final.get(monitor, float("nan"))
+                loss = final.get("val_loss", float("nan"))
                 if not (math.isfinite(value) and math.isfinite(loss)):
-                    child.set_tags({"optuna.state": "FAIL", "optuna.fail_reason": "objective is NaN"})
-                    raise NonFiniteObjective(f"{monitor}={value}, val_loss={loss}")
-                child.set_tags({"optuna.state": "COMPLETE", "optuna.value": value})
+                    error = NonFiniteObjective(f"{monitor}={value}, val_loss={loss}")
+                    record(child, "FAIL", f"diverged: {error}")
+                    raise error
+                record(child, "COMPLETE")
+                child.set_tags({"optuna.value": value})
+                child.log_metrics({"tune/value": float(value)}, step=pruning.steps)
                 return value
         except NonFiniteObjective as error:
-            trial.set_user_attr("fail_reason", f"diverged: {error}")
             _logger.warning("tune: trial %d diverged (%s); Optuna records it as failed", trial.number, error)
             return float("nan")  # Optuna fails the trial with a warning
         except optuna.TrialPruned:
             raise
         except Exception as error:
-            trial.set_user_attr("fail_reason", f"{type(error).__name__}: {error}"[:500])
+            record(None, "FAIL", f"{type(error).__name__}: {error}"[:500])
             raise
 
     return objective
 
 
-def save_history_plot(study: optuna.Study, path: Path) -> None:
-    """Optuna's optimisation-history plot as a PNG, published atomically."""
+def _hparam_names(trial: optuna.Trial) -> set[str]:
+    """The HyperParams field names of the trial's drawn settings (``lora.rank`` -> ``lora_rank``)."""
+    return {k.replace(".", "_") if k.startswith("lora.") else k for k in trial.params}
+
+
+PLOTS = {
+    "optimization_history.png": "plot_optimization_history",
+    "intermediate_values.png": "plot_intermediate_values",
+    "param_importances.png": "plot_param_importances",
+    "parallel_coordinate.png": "plot_parallel_coordinate",
+}
+
+
+def save_plots(study: optuna.Study, directory: Path) -> list[Path]:
+    """Optuna's plots (matplotlib backend) as PNG files in ``directory``, each published
+    atomically; returns the files written. Parameter importance needs two complete trials and is
+    skipped (logged) otherwise, as is any plot Optuna cannot draw for this study."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from optuna.visualization.matplotlib import plot_optimization_history
+    import optuna.visualization.matplotlib as ovm
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        axes = plot_optimization_history(study)
-    figure = axes.get_figure()
-    try:
-        with publish(path) as pub:
-            figure.savefig(pub.staged(path), bbox_inches="tight", dpi=100, format="png")
-    finally:
-        plt.close(figure)
+    complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    written: list[Path] = []
+    for filename, function in PLOTS.items():
+        path = directory / filename
+        if function == "plot_param_importances" and len(complete) < 2:
+            _logger.info("tune: %s skipped (needs 2 complete trials, has %d)", filename, len(complete))
+            continue
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # ExperimentalWarning, importance on few trials
+                axes = getattr(ovm, function)(study)
+        except (ValueError, RuntimeError, ZeroDivisionError) as error:
+            _logger.warning("tune: %s skipped: %s", filename, error)
+            continue
+        axes = axes.flat[0] if hasattr(axes, "flat") else axes
+        figure = axes.get_figure()
+        try:
+            with publish(path) as pub:
+                figure.savefig(pub.staged(path), bbox_inches="tight", dpi=100, format="png")
+        finally:
+            plt.close("all")
+        written.append(path)
+    return written

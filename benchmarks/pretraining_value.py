@@ -1,0 +1,415 @@
+"""The value of pretraining, measured: our pretrained backbone against the same classifier from scratch,
+LoRA and TF-IDF + logistic regression, on one split of a labelled CSV, in one process.
+
+    python benchmarks/pretraining_value.py --data ../shared/data/imdb_reviews_2500.csv [--objective causal]
+    python benchmarks/pretraining_value.py --data reviews.csv --short        # first sentence of each review
+    python benchmarks/pretraining_value.py --data reviews.csv --quick        # smoke test (< 2 minutes)
+
+In a temporary project folder (MLflow: a sqlite store in that folder, no system metrics), with the
+repo's params.yaml where only the source (the given CSV, no extra unlabeled text), the objective
+and the seed change, the pipeline's own stages run as library calls: prepare (one seeded,
+stratified train / val / test split), tokenize (WordPiece trained on the pretraining pool) and
+pretrain (the active profile's recipe; its val loss against the unigram entropy of the val shard).
+
+Then, with the same fine-tuning recipe and budget (the params' ``finetune`` section, as the
+finetune stage builds it with ``use_tuned`` left aside), on the same tokenised splits:
+
+  (a) pretrained: the classifier fine-tuned from the pretrained backbone;
+  (b) scratch:    the same classifier, same architecture, random init (``from_scratch: true``);
+  (d) lora:       ``method: lora`` from the pretrained backbone (adapters merged at export);
+
+each exported at its best epoch (by val accuracy, as the finetune stage exports it), saved and
+loaded back as the evaluate stage loads it, and scored on the TEST split; and
+
+  (c) tfidf:      TF-IDF + logistic regression (``evaluate.baseline`` settings, the evaluate
+                  stage's baseline) fitted on the same train split, scored on the same test split.
+
+``--short`` first writes a derived CSV with the first sentence of each review (markup stripped).
+``--quick`` shrinks pretraining to a few steps and fine-tuning to one epoch (a smoke test).
+
+Prints a table, then as the LAST line one JSON object: acc_pretrained / acc_scratch / acc_lora /
+acc_tfidf (test accuracies, fractions), val_acc_*, trainable_params_*, pretrain_val_loss,
+unigram_entropy (nats), gap_to_unigram (entropy minus val loss: > 0 means the model learnt beyond
+token frequencies), seconds and seconds_<part>, objective, corpus (full | short), n_train / n_val /
+n_test and test_se_points (the binomial standard error of an accuracy near the observed ones on a
+test split of this size, in points: differences of about twice that are noise).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import csv
+import json
+import logging
+import math
+import os
+import re
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+_MARKUP = re.compile(r"<[^>]+>")
+_SPACE = re.compile(r"\s+")
+# A sentence ends at . ! or ? followed by space and something that starts a sentence.
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[\"'(A-Z0-9])")
+
+QUICK = {
+    # A few steps of a small batch: enough to run every code path, not to learn anything.
+    "profiles": {"max_steps": 8, "batch_size": 8},
+    "model": {"block_size": 64},
+    "pretrain": {"warmup_steps": 2, "val_every_n_steps": 4, "val_batches": 2, "checkpoint_every_n_steps": 4},
+    "finetune": {"max_epochs": 1},
+}
+
+
+def first_sentence(text: str) -> str:
+    """The first sentence of a review, HTML markup (``<br />``) and runs of spaces removed."""
+    clean = _SPACE.sub(" ", _MARKUP.sub(" ", text)).strip()
+    return _SENTENCE_END.split(clean, maxsplit=1)[0]
+
+
+def write_short_csv(source: Path, target: Path, *, text_column: str) -> int:
+    """Copy the CSV with each text replaced by its first sentence; returns the row count."""
+    with (
+        source.open(newline="", encoding="utf-8") as fin,
+        target.open("w", newline="", encoding="utf-8") as fout,
+    ):
+        reader = csv.DictReader(fin)
+        if reader.fieldnames is None or text_column not in reader.fieldnames:
+            raise SystemExit(f"{source}: no column {text_column!r} (columns: {reader.fieldnames})")
+        writer = csv.DictWriter(fout, fieldnames=reader.fieldnames)
+        writer.writeheader()
+        rows = 0
+        for row in reader:
+            row[text_column] = first_sentence(row[text_column] or "")
+            writer.writerow(row)
+            rows += 1
+    return rows
+
+
+def build_params(
+    *,
+    data: Path,
+    text_column: str,
+    label_column: str,
+    objective: str,
+    seed: int | None,
+    tracking_uri: str,
+    quick: bool,
+) -> Any:
+    """The repo's params.yaml with the benchmark's source, objective and tracking, validated."""
+    from bigmodel_ops.config import parse_params
+
+    raw = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    raw["prepare"]["source"].update(
+        {"kind": "csv", "path": str(data), "text_column": text_column, "label_column": label_column}
+    )
+    raw["prepare"]["source"]["unlabeled_path"] = None
+    raw["model"]["objective"] = objective
+    if seed is not None:
+        raw["project"]["seed"] = seed
+    raw["tracking"].update({"uri": tracking_uri, "system_metrics": False})
+    # The registry is tracking bookkeeping, not part of what is measured.
+    raw["pretrain"]["register_model"] = False
+    if quick:
+        for section, values in copy.deepcopy(QUICK).items():
+            target = raw["profiles"][raw["profile"]] if section == "profiles" else raw[section]
+            target.update(values)
+    return parse_params(raw, source="params.yaml (benchmark overrides)")
+
+
+@contextlib.contextmanager
+def project_dir(keep: Path | None) -> Iterator[Path]:
+    """A temporary project folder (or ``keep``), made the working directory while in use."""
+    previous = Path.cwd()
+    with contextlib.ExitStack() as stack:
+        if keep is None:
+            root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="pretraining-value-")))
+        else:
+            root = keep.resolve()
+            root.mkdir(parents=True, exist_ok=True)
+        os.chdir(root)
+        try:
+            yield root
+        finally:
+            os.chdir(previous)
+
+
+def log(message: str) -> None:
+    print(message, flush=True)
+
+
+def finetune_variant(
+    name: str, params: Any, paths: Any, splits: Any, test: tuple[list[str], Any], **changes: Any
+):
+    """Fine-tune one variant with the params' recipe; export its best epoch, reload it, score TEST."""
+    from bigmodel_ops.classification.export import load_classifier, save_classifier
+    from bigmodel_ops.classification.inputs import effective_max_length
+    from bigmodel_ops.classification.training import fit_classifier, trainable_parameters
+    from bigmodel_ops.contract import TOKENIZER_FILE
+    from bigmodel_ops.model import read_exported_config
+    from bigmodel_ops.pipeline._finetuning import fit_config, hyperparams
+
+    started = time.perf_counter()
+    hparams = hyperparams(params).replace(**changes) if changes else hyperparams(params)
+    fit = fit_config(params)
+    module, trainer = fit_classifier(
+        fit, model_dir=paths.pretrained_model, splits=splits, hparams=hparams, quiet=True
+    )
+    n_trainable = trainable_parameters(module.model)
+    best = dict(module.best_val)
+    best_epoch = int(module.best_epoch or 0)
+    epochs = int(trainer.current_epoch)
+    classifier = module.export_model().cpu()  # best epoch, adapters merged (as the finetune stage does)
+    del module, trainer
+    config, _ = read_exported_config(paths.pretrained_model)
+    out_dir = paths.outputs / "benchmark" / name
+    save_classifier(
+        classifier,
+        out_dir,
+        labels=params.prepare.labels,
+        max_length=effective_max_length(params.finetune.max_length, config),
+        tokenizer_file=paths.pretrained_model / TOKENIZER_FILE,
+    )
+    texts, label_ids = test
+    predicted, _ = load_classifier(out_dir).predict(texts, batch_size=params.evaluate.batch_size)
+    labels = params.prepare.labels
+    correct = sum(labels[int(y)] == p for y, p in zip(label_ids, predicted, strict=True))
+    result = {
+        "acc": correct / len(texts),
+        "val_acc": best.get("val_acc", float("nan")),
+        "val_loss": best.get("val_loss", float("nan")),
+        "best_epoch": best_epoch,
+        "epochs": epochs,
+        "trainable_params": int(n_trainable),
+        "seconds": time.perf_counter() - started,
+    }
+    log(
+        f"  {name:<10} test acc {result['acc']:.4f}  val acc {result['val_acc']:.4f}  "
+        f"({n_trainable:,} trainable, best epoch {best_epoch}, {result['seconds']:.0f}s)"
+    )
+    return result
+
+
+def tfidf(params: Any, paths: Any) -> dict[str, Any]:
+    """TF-IDF + logistic regression (the evaluate stage's baseline) on the same train / test split."""
+    from bigmodel_ops.classification.inputs import read_labeled_split
+    from bigmodel_ops.evaluation.baseline import baseline_proba
+
+    started = time.perf_counter()
+    labels = params.prepare.labels
+    train_texts, train_ids = read_labeled_split(paths.prepared / "train.parquet", labels)
+    test_texts, test_ids = read_labeled_split(paths.prepared / "test.parquet", labels)
+    probs = baseline_proba(
+        train_texts,
+        train_ids,
+        test_texts,
+        n_labels=len(labels),
+        settings=params.evaluate.baseline,
+        seed=params.project.seed,
+    )
+    acc = float((probs.argmax(axis=1) == test_ids).mean())
+    return {"acc": acc, "seconds": time.perf_counter() - started}
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from bigmodel_ops.classification.inputs import load_splits, read_labeled_split
+    from bigmodel_ops.paths import ProjectPaths
+    from bigmodel_ops.pipeline import prepare, pretrain, tokenize
+
+    t_start = time.perf_counter()
+    data = Path(args.data).resolve()
+    if not data.is_file():
+        raise SystemExit(f"--data {args.data}: not a file")
+    with project_dir(args.keep) as root:
+        corpus = "short" if args.short else "full"
+        if args.short:
+            short = root / "short.csv"
+            rows = write_short_csv(data, short, text_column=args.text_column)
+            log(f"short corpus: first sentence of each of {rows} rows -> {short}")
+            data = short
+        uri = f"sqlite:///{root / 'mlflow.db'}"
+        os.environ["MLFLOW_TRACKING_URI"] = uri
+        params = build_params(
+            data=data,
+            text_column=args.text_column,
+            label_column=args.label_column,
+            objective=args.objective,
+            seed=args.seed,
+            tracking_uri=uri,
+            quick=args.quick,
+        )
+        paths = ProjectPaths(root)
+        sizing = params.sizing
+        log(
+            f"pretraining-value: {data.name} ({corpus}), objective {args.objective}, seed {params.project.seed}, "
+            f"preset {sizing.model_preset}, batch {sizing.batch_size}, {sizing.max_steps} steps, "
+            f"lr {params.pretrain.lr:g}; fine-tune {params.finetune.max_epochs} epoch(s) at lr "
+            f"{params.finetune.lr:g}, {params.finetune.pooling} pooling; torch threads "
+            f"{__import__('torch').get_num_threads()}{' [QUICK]' if args.quick else ''}"
+        )
+
+        t = time.perf_counter()
+        report = prepare.run(params, paths=paths, quiet=True)
+        rows = report["rows"]
+        seconds_prepare = time.perf_counter() - t
+        log(
+            f"prepare: {rows['train']} train / {rows['val']} val / {rows['test']} test / "
+            f"{rows['pretrain']} pretrain rows ({seconds_prepare:.0f}s)"
+        )
+
+        t = time.perf_counter()
+        tok_report = tokenize.run(params, paths=paths, quiet=True)
+        seconds_tokenize = time.perf_counter() - t
+        log(f"tokenize: vocab {tok_report.get('vocab_size')} ({seconds_tokenize:.0f}s)")
+
+        t = time.perf_counter()
+        pre = pretrain.run(params, paths=paths, quiet=True)
+        seconds_pretrain = time.perf_counter() - t
+        val_loss, entropy = float(pre["val_loss"]), float(pre["unigram_entropy"])
+        gap = pre.get("val_gap_to_unigram")
+        gap = float(gap) if gap is not None else entropy - val_loss
+        log(
+            f"pretrain: {pre['global_step']} steps, {pre['tokens']:,} tokens, val loss {val_loss:.4f} against a "
+            f"unigram entropy of {entropy:.4f} nats (gap {gap:+.3f}), {pre['n_params']:,} params "
+            f"({seconds_pretrain:.0f}s)"
+        )
+
+        splits = load_splits(
+            prepared=paths.prepared,
+            model_dir=paths.pretrained_model,
+            labels=params.prepare.labels,
+            max_length=params.finetune.max_length,
+        )
+        test = read_labeled_split(paths.prepared / "test.parquet", params.prepare.labels)
+        log("fine-tune (same recipe and budget):")
+        results = {
+            "pretrained": finetune_variant("pretrained", params, paths, splits, test),
+            "scratch": finetune_variant("scratch", params, paths, splits, test, from_scratch=True),
+            "lora": finetune_variant("lora", params, paths, splits, test, method="lora"),
+        }
+        results["tfidf"] = tfidf(params, paths)
+        log(f"  {'tfidf':<10} test acc {results['tfidf']['acc']:.4f}  ({results['tfidf']['seconds']:.1f}s)")
+
+    n_test = len(test[0])
+    accs = [r["acc"] for r in results.values()]
+    p = min(max(sum(accs) / len(accs), 0.5), 0.99)
+    summary: dict[str, Any] = {
+        **{f"acc_{k}": round(r["acc"], 4) for k, r in results.items()},
+        **{f"val_acc_{k}": round(r["val_acc"], 4) for k, r in results.items() if "val_acc" in r},
+        **{
+            f"trainable_params_{k}": r["trainable_params"]
+            for k, r in results.items()
+            if "trainable_params" in r
+        },
+        "best_epoch_pretrained": results["pretrained"]["best_epoch"],
+        "best_epoch_scratch": results["scratch"]["best_epoch"],
+        "best_epoch_lora": results["lora"]["best_epoch"],
+        "pretrain_val_loss": round(val_loss, 4),
+        "unigram_entropy": round(entropy, 4),
+        "gap_to_unigram": round(gap, 4),
+        "pretrain_steps": int(pre["global_step"]),
+        "pretrain_tokens": int(pre["tokens"]),
+        "pretrain_params": int(pre["n_params"]),
+        "seconds": round(time.perf_counter() - t_start, 1),
+        "seconds_prepare": round(seconds_prepare, 1),
+        "seconds_tokenize": round(seconds_tokenize, 1),
+        "seconds_pretrain": round(seconds_pretrain, 1),
+        "seconds_finetune_pretrained": round(results["pretrained"]["seconds"], 1),
+        "seconds_finetune_scratch": round(results["scratch"]["seconds"], 1),
+        "seconds_finetune_lora": round(results["lora"]["seconds"], 1),
+        "seconds_tfidf": round(results["tfidf"]["seconds"], 1),
+        "objective": args.objective,
+        "corpus": corpus,
+        "n_train": int(rows["train"]),
+        "n_val": int(rows["val"]),
+        "n_test": int(n_test),
+        "test_se_points": round(100 * math.sqrt(p * (1 - p) / max(n_test, 1)), 2),
+        "seed": int(params.project.seed),
+        "preset": sizing.model_preset,
+        "quick": bool(args.quick),
+    }
+    print_table(summary)
+    return summary
+
+
+def print_table(s: dict[str, Any]) -> None:
+    log("")
+    log(
+        f"pretraining value: {s['objective']} objective, {s['corpus']} corpus, {s['n_train']} train / "
+        f"{s['n_test']} test (SE of an accuracy: +-{s['test_se_points']:.1f} points)"
+    )
+    log(f"{'variant':<26}{'test acc':>10}{'val acc':>10}{'trainable':>12}{'seconds':>10}")
+    names = {
+        "pretrained": "(a) pretrained, full FT",
+        "scratch": "(b) from scratch",
+        "tfidf": "(c) TF-IDF + logreg",
+        "lora": "(d) pretrained, LoRA",
+    }
+    for key, label in names.items():
+        val = s.get(f"val_acc_{key}")
+        trainable = s.get(f"trainable_params_{key}")
+        seconds = s["seconds_tfidf"] if key == "tfidf" else s[f"seconds_finetune_{key}"]
+        log(
+            f"{label:<26}{100 * s[f'acc_{key}']:>9.1f}%"
+            f"{(f'{100 * val:.1f}%' if val is not None else '-'):>10}"
+            f"{(f'{trainable:,}' if trainable is not None else '-'):>12}{seconds:>10.1f}"
+        )
+    log(
+        f"pretrain: val loss {s['pretrain_val_loss']:.4f} nats, unigram entropy {s['unigram_entropy']:.4f}, "
+        f"gap {s['gap_to_unigram']:+.4f}; {s['pretrain_steps']} steps, {s['pretrain_tokens']:,} tokens, "
+        f"{s['seconds_pretrain']:.0f}s"
+    )
+    log(
+        f"pretrained - scratch: {100 * (s['acc_pretrained'] - s['acc_scratch']):+.1f} points; "
+        f"pretrained - tfidf: {100 * (s['acc_pretrained'] - s['acc_tfidf']):+.1f}; "
+        f"lora - pretrained: {100 * (s['acc_lora'] - s['acc_pretrained']):+.1f}"
+    )
+    log(
+        f"wall: total {s['seconds']:.0f}s (prepare {s['seconds_prepare']:.0f}, tokenize {s['seconds_tokenize']:.0f}, "
+        f"pretrain {s['seconds_pretrain']:.0f}, fine-tune {s['seconds_finetune_pretrained']:.0f} / "
+        f"{s['seconds_finetune_scratch']:.0f} / {s['seconds_finetune_lora']:.0f}, tfidf {s['seconds_tfidf']:.0f})"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--data", required=True, help="labelled CSV")
+    parser.add_argument("--objective", choices=["masked", "causal"], default="masked")
+    parser.add_argument("--short", action="store_true", help="first sentence of each text only")
+    parser.add_argument("--quick", action="store_true", help="a few pretraining steps, one fine-tuning epoch")
+    parser.add_argument("--seed", type=int, default=None, help="default: project.seed of params.yaml")
+    parser.add_argument("--text-column", default="review")
+    parser.add_argument("--label-column", default="sentiment")
+    parser.add_argument("--keep", type=Path, default=None, help="use (and keep) this project folder")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"lightning.*")
+    import lightning.pytorch  # noqa: F401  (its import sets its loggers to INFO: quiet them after)
+
+    for name in ("lightning.pytorch", "lightning.fabric"):  # their info lines, once per fit
+        logging.getLogger(name).setLevel(logging.WARNING)
+    summary = run(args)
+    print(json.dumps(summary), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,113 @@
+"""Smoke test of benchmarks/pretraining_value.py: ``--quick`` on a tiny CSV written here."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "benchmarks" / "pretraining_value.py"
+
+KEYS = {
+    "acc_pretrained",
+    "acc_scratch",
+    "acc_tfidf",
+    "acc_lora",
+    "pretrain_val_loss",
+    "unigram_entropy",
+    "gap_to_unigram",
+    "seconds",
+    "seconds_pretrain",
+    "seconds_finetune_pretrained",
+    "seconds_finetune_scratch",
+    "seconds_finetune_lora",
+    "seconds_tfidf",
+    "objective",
+    "corpus",
+    "n_train",
+    "n_test",
+    "test_se_points",
+}
+
+_GOOD = ["wonderful", "moving", "brilliant", "a joy to watch", "beautifully acted", "great fun"]
+_BAD = ["boring", "dull", "a waste of time", "badly acted", "painful", "a mess"]
+_THINGS = ["the plot", "the cast", "the ending", "the music", "the dialogue", "the camera work"]
+_FILLER = [
+    "I saw it with my brother last week.",
+    "It runs for almost two hours.",
+    "The director made three films before this one.",
+    "Some scenes were shot in an old harbour town.",
+    "My local cinema showed it twice.",
+]
+
+
+def _review(rng: random.Random, positive: bool) -> str:
+    words = _GOOD if positive else _BAD
+    sentences = [f"{rng.choice(_THINGS).capitalize()} is {rng.choice(words)}."]
+    sentences += rng.sample(_FILLER, 3)
+    sentences.append(f"Overall {rng.choice(_THINGS)} was {rng.choice(words)} and {rng.choice(words)}.")
+    return " ".join(sentences[:2]) + "<br /><br />" + " ".join(sentences[2:])
+
+
+def write_tiny_csv(path: Path, n: int = 200, seed: int = 0) -> Path:
+    rng = random.Random(seed)
+    with path.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["review", "sentiment"])
+        for i in range(n):
+            positive = i % 2 == 0
+            writer.writerow([_review(rng, positive), "positive" if positive else "negative"])
+    return path
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("pretraining_value", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_first_sentence_strips_markup_and_keeps_one_sentence(tmp_path: Path) -> None:
+    bench = _load_script()
+    assert bench.first_sentence("A fine film.<br /><br />The cast is good. Really!") == "A fine film."
+    assert bench.first_sentence("Is it good? Yes.") == "Is it good?"
+    assert bench.first_sentence("No end mark <br />here") == "No end mark here"
+    source = write_tiny_csv(tmp_path / "tiny.csv", n=4)
+    rows = bench.write_short_csv(source, tmp_path / "short.csv", text_column="review")
+    assert rows == 4
+    with (tmp_path / "short.csv").open(newline="", encoding="utf-8") as f:
+        short = list(csv.DictReader(f))
+    assert len(short) == 4 and all(r["review"].count(".") == 1 and "<" not in r["review"] for r in short)
+    assert [r["sentiment"] for r in short] == ["positive", "negative", "positive", "negative"]
+
+
+@pytest.mark.slow
+def test_quick_run_prints_the_json_summary_last(tmp_path: Path) -> None:
+    data = write_tiny_csv(tmp_path / "tiny.csv")
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), "--data", str(data), "--quick", "--objective", "masked"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    lines = result.stdout.strip().splitlines()
+    summary = json.loads(lines[-1])
+    assert KEYS <= set(summary), sorted(KEYS - set(summary))
+    for key in ("acc_pretrained", "acc_scratch", "acc_tfidf", "acc_lora"):
+        assert 0.0 <= summary[key] <= 1.0
+    assert summary["objective"] == "masked" and summary["corpus"] == "full" and summary["quick"] is True
+    assert summary["unigram_entropy"] > 0 and summary["n_test"] > 0 and summary["test_se_points"] > 0
+    assert summary["trainable_params_lora"] < summary["trainable_params_pretrained"]
+    assert summary["seconds"] >= summary["seconds_pretrain"] > 0
+    # The table is printed before the JSON; the project lived in a temporary folder, not here.
+    assert any(line.startswith("(a) pretrained") for line in lines)
+    assert not {"outputs", "mlflow.db", "mlartifacts"} & {p.name for p in tmp_path.iterdir()}
