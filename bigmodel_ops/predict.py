@@ -72,9 +72,11 @@ def load_model(model_uri: str, *, tracking_uri: str) -> Any:
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    mlflow.set_tracking_uri(tracking_uri)
+    from bigmodel_ops.serving import fluent_tracking_uri
+
     try:
-        return mlflow.pyfunc.load_model(model_uri)
+        with fluent_tracking_uri(tracking_uri):
+            return mlflow.pyfunc.load_model(model_uri)
     except (MlflowException, OSError) as error:
         reason = (getattr(error, "message", None) or str(error)).strip().splitlines()[0]
         hint = (

@@ -45,19 +45,34 @@ def _fluent_target(uri: str, experiment_id: str) -> Iterator[None]:
     under the *active* experiment, not the run's. MLFLOW_TRACKING_URI in the environment (how
     tests and CI select a store) wins over params, so then nothing global is changed.
     """
-    import mlflow
-
-    if mlflow.get_tracking_uri() != uri:
-        mlflow.set_tracking_uri(uri)
     previous = os.environ.get("MLFLOW_EXPERIMENT_ID")
     os.environ["MLFLOW_EXPERIMENT_ID"] = experiment_id
     try:
-        yield
+        with fluent_tracking_uri(uri):
+            yield
     finally:
         if previous is None:
             os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
         else:
             os.environ["MLFLOW_EXPERIMENT_ID"] = previous
+
+
+@contextlib.contextmanager
+def fluent_tracking_uri(uri: str) -> Iterator[None]:
+    """MLflow's global tracking URI set to ``uri`` for the block, then put back exactly as it was
+    (unset stays unset, so MLFLOW_TRACKING_URI keeps deciding for later callers in the process)."""
+    import mlflow
+    from mlflow.tracking._tracking_service import utils
+
+    previous = getattr(utils, "_tracking_uri", None)
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        if previous is None and hasattr(utils, "_tracking_uri"):
+            utils._tracking_uri = None
+        else:
+            mlflow.set_tracking_uri(previous)
 
 
 def log_pyfunc_model(run: Any, model_dir: Path, *, tracking_uri: str, input_texts: list[str]) -> Any:

@@ -44,9 +44,10 @@ def make_registered_model(root: Path, migrated_store: Path) -> Registered:
         mp.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
         mp.setenv("GIT_PYTHON_REFRESH", "quiet")
         mp.chdir(root)
-        import mlflow
+        from bigmodel_ops.serving import fluent_tracking_uri
 
-        previous = mlflow.get_tracking_uri()
+        restore = fluent_tracking_uri(uri)
+        restore.__enter__()
         params, paths, params_file, run_id = make_evaluate_project(root, gate={"min": 0.0, "max": {}})
         write_pretrain_report(paths, "pretrain-run-0")
         paths.tune_dir.mkdir(parents=True, exist_ok=True)
@@ -61,5 +62,5 @@ def make_registered_model(root: Path, migrated_store: Path) -> Registered:
         )
         client.set_terminated(run_id)
         report = run_evaluate(params, paths=paths, quiet=True)
-        mlflow.set_tracking_uri(previous)
+        restore.__exit__(None, None, None)
     return Registered(root, uri, params, paths, params_file, run_id, report)

@@ -68,7 +68,7 @@ def test_gate_pass_then_fail_with_reasons_and_lineage(tmp_path: Path, monkeypatc
         v1.tags["promotion_reason"].startswith("passed: test_acc")
         and "no current champion" in v1.tags["promotion_reason"]
     )
-    assert v1.description.startswith("Gate: promoted to champion. passed:")
+    assert "**Promoted to champion.** passed:" in v1.description  # the model card holds the decision
     assert json.loads(v1.tags["gate"])["metric"] == "test_acc"
     # lineage: the runs, the data version, labels, code version, metrics
     assert json.loads(v1.tags["labels"]) == LABELS
@@ -113,7 +113,7 @@ def test_gate_pass_then_fail_with_reasons_and_lineage(tmp_path: Path, monkeypatc
     v2 = client.get_model_version(MODEL_NAME, "2")
     assert v2.tags["promoted"] == "false"
     assert "< champion v1" in v2.tags["promotion_reason"] and "+ margin 0.05" in v2.tags["promotion_reason"]
-    assert v2.description.startswith("Gate: kept as challenger. failed:")
+    assert "**Kept as challenger.** failed:" in v2.description
     promotion = json.loads((paths.evaluate_dir / "promotion.json").read_text())
     assert promotion["alias"] == "challenger" and promotion["reason"] == v2.tags["promotion_reason"]
 

@@ -21,7 +21,7 @@ from tests.conftest import REPO_ROOT
 
 pytestmark = pytest.mark.slow
 
-STAGES = ["prepare", "tokenize", "pretrain", "tune", "finetune", "evaluate"]
+STAGES = ["prepare", "tokenize", "pretrain", "tune", "finetune", "evaluate", "compress"]
 
 
 def _project_files() -> list[str]:
@@ -163,9 +163,9 @@ def test_bytecode_does_not_invalidate_directory_deps(project: Project):
 
 def test_params_change_reruns_exactly_the_affected_stages(project: Project):
     project.set_param("finetune.lr", 0.0007)
-    assert project.repro() == {"finetune", "evaluate"}
+    assert project.repro() == {"finetune", "evaluate", "compress"}
     project.set_param("evaluate.gate.min", 0.05)
-    assert project.repro() == {"evaluate"}
+    assert project.repro() == {"evaluate", "compress"}
     project.run("git", "add", "-A")
     project.run("git", "commit", "-qm", "params change")
 
@@ -173,7 +173,7 @@ def test_params_change_reruns_exactly_the_affected_stages(project: Project):
 def test_library_change_reruns_its_stages(project: Project):
     evaluation = project.root / "bigmodel_ops" / "evaluation" / "metrics.py"
     evaluation.write_text(evaluation.read_text() + "\n# touched by the test\n")
-    assert project.repro() == {"evaluate"}
+    assert project.repro() == {"evaluate", "compress"}
     # The tracking layer is not a dep of any stage: editing it re-runs nothing.
     runs = project.root / "bigmodel_ops" / "tracking" / "runs.py"
     runs.write_text(runs.read_text() + "\n# touched by the test\n")

@@ -33,14 +33,13 @@ def registered(tmp_path_factory: pytest.TempPathFactory, _migrated_store: Path) 
 @pytest.fixture
 def store(registered: Registered, monkeypatch: pytest.MonkeyPatch) -> Registered:
     """This test uses the module's store and project (not its own empty store)."""
-    import mlflow
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", registered.uri)
     monkeypatch.chdir(registered.root)
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(registered.uri)
-    yield registered
-    mlflow.set_tracking_uri(previous)
+    from bigmodel_ops.serving import fluent_tracking_uri
+
+    with fluent_tracking_uri(registered.uri):  # put back exactly as it was afterwards
+        yield registered
 
 
 def _check_rows(frame: pd.DataFrame) -> None:
