@@ -29,16 +29,13 @@ and pretrain stages are skipped when DIR already holds a pretrained model.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import json
 import logging
 import os
 import sys
-import tempfile
 import time
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +44,7 @@ import yaml
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
+from benchmarks._project import log, project_dir  # noqa: E402
 
 QUICK = {
     # A few steps of a small model: enough to run every code path, not to learn anything.
@@ -85,27 +83,6 @@ def build_params(args: argparse.Namespace, *, tracking_uri: str) -> dict[str, An
     return raw
 
 
-@contextlib.contextmanager
-def project_dir(keep: Path | None) -> Iterator[Path]:
-    """A temporary project folder (or ``keep``), made the working directory while in use."""
-    previous = Path.cwd()
-    with contextlib.ExitStack() as stack:
-        if keep is None:
-            root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="hpo-pruning-")))
-        else:
-            root = keep.resolve()
-            root.mkdir(parents=True, exist_ok=True)
-        os.chdir(root)
-        try:
-            yield root
-        finally:
-            os.chdir(previous)
-
-
-def log(message: str) -> None:
-    print(message, flush=True)
-
-
 def study_line(name: str, report: dict[str, Any]) -> str:
     return (
         f"{name:>9}: {report['n_trials']} trials ({report['n_complete']} complete, {report['n_pruned']} "
@@ -121,7 +98,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from bigmodel_ops.pipeline import prepare, pretrain, tokenize, tune
 
     t_start = time.perf_counter()
-    with project_dir(args.keep) as root:
+    with project_dir(args.keep, prefix="hpo-pruning-") as root:
         uri = f"sqlite:///{root / 'mlflow.db'}"
         os.environ["MLFLOW_TRACKING_URI"] = uri
         raw = build_params(args, tracking_uri=uri)

@@ -38,7 +38,6 @@ test split of this size, in points: differences of about twice that are noise).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import csv
 import json
@@ -47,10 +46,8 @@ import math
 import os
 import re
 import sys
-import tempfile
 import time
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +55,7 @@ import yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
+from benchmarks._project import log, project_dir  # noqa: E402
 
 _MARKUP = re.compile(r"<[^>]+>")
 _SPACE = re.compile(r"\s+")
@@ -127,27 +125,6 @@ def build_params(
             target = raw["profiles"][raw["profile"]] if section == "profiles" else raw[section]
             target.update(values)
     return parse_params(raw, source="params.yaml (benchmark overrides)")
-
-
-@contextlib.contextmanager
-def project_dir(keep: Path | None) -> Iterator[Path]:
-    """A temporary project folder (or ``keep``), made the working directory while in use."""
-    previous = Path.cwd()
-    with contextlib.ExitStack() as stack:
-        if keep is None:
-            root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="pretraining-value-")))
-        else:
-            root = keep.resolve()
-            root.mkdir(parents=True, exist_ok=True)
-        os.chdir(root)
-        try:
-            yield root
-        finally:
-            os.chdir(previous)
-
-
-def log(message: str) -> None:
-    print(message, flush=True)
 
 
 def finetune_variant(
@@ -232,7 +209,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     data = Path(args.data).resolve()
     if not data.is_file():
         raise SystemExit(f"--data {args.data}: not a file")
-    with project_dir(args.keep) as root:
+    with project_dir(args.keep, prefix="pretraining-value-") as root:
         corpus = "short" if args.short else "full"
         if args.short:
             short = root / "short.csv"
