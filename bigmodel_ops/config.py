@@ -698,6 +698,9 @@ class CompressParams(_Strict):
     # Test accuracy a variant may lose, in points; beyond it: warn (report and tags say so) or fail.
     max_acc_drop_points: float = Field(default=1.0, ge=0.0)
     on_acc_drop: Literal["warn", "fail"] = "warn"
+    # Also write the classifier and the pretrained backbone in the Hugging Face transformers format
+    # under outputs/compress/hf (what `bigmodel-ops export-hf` writes); needs the transformers package.
+    huggingface: bool = False
 
     @model_validator(mode="after")
     def _check(self) -> CompressParams:

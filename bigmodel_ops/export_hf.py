@@ -62,12 +62,13 @@ def hf_architecture(config: Any, pooling: str | None = None) -> str:
     return "bigmodel"
 
 
-def _require_transformers() -> Any:
+def require_transformers(what: str = "export-hf") -> Any:
+    """The ``transformers`` module; a BigModelOpsError naming ``what`` needs it when not installed."""
     try:
         import transformers
     except ImportError:
         raise BigModelOpsError(
-            "export-hf needs the Hugging Face transformers package: pip install transformers"
+            f"{what} needs the Hugging Face transformers package: pip install transformers"
         ) from None
     return transformers
 
@@ -331,7 +332,7 @@ def export_hf(paths: ProjectPaths, *, out: Path | None = None) -> dict[str, Any]
         problems.append(str(error))
     if not sources:
         raise CheckpointError("nothing to export: " + "; ".join(problems))
-    transformers = _require_transformers()
+    transformers = require_transformers()
     writers = {"classifier": _write_classifier, "backbone": _write_backbone}
     result: dict[str, Any] = {}
     for name, source in sources.items():

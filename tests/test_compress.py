@@ -193,3 +193,42 @@ def test_params_refuse_an_old_opset_with_dynamo():
         parse_params(raw)
     raw["compress"] = {"exporter": "torchscript", "onnx_opset": 17}
     assert parse_params(raw).compress.onnx_opset == 17
+
+
+def test_huggingface_flag_exports_the_classifier_beside_the_variants(tmp_path: Path, monkeypatch):
+    """compress.huggingface: the pipeline's switch for `bigmodel-ops export-hf`: the classifier in
+    outputs/compress/hf loads with transformers and gives our logits; logged with the stage's files."""
+    transformers = pytest.importorskip("transformers")
+    monkeypatch.chdir(tmp_path)
+    params, paths, client = _project(tmp_path, exporter="torchscript", onnx_int8=False, huggingface=True)
+    run_compress(params, paths=paths, quiet=True)
+
+    folder = paths.compress_dir / "hf" / "classifier"
+    exported = json.loads((paths.compress_dir / "hf" / "export.json").read_text())
+    assert exported["classifier"]["folder"].endswith("classifier")
+    assert ("backbone" in exported) == paths.pretrained_model.is_dir()
+    ours = load_classifier(paths.classifier)
+    texts = ["a wonderful film", "boring and dull, a tedious story"]
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(folder, trust_remote_code=True).eval()
+    with torch.no_grad():
+        theirs = hf(**tokenizer(texts, padding=True, return_tensors="pt")).logits
+    assert theirs.numpy() == pytest.approx(ours.logits(texts).numpy(), abs=1e-4)
+    run = client.search_runs(
+        [client.get_experiment_by_name(EXPERIMENT).experiment_id], "tags.mlflow.runName = 'compress'"
+    )[0]
+    assert "compress/hf" in {a.path for a in client.list_artifacts(run.info.run_id, "compress")}
+    assert _leftovers(tmp_path) == []
+
+
+def test_huggingface_flag_without_transformers_fails_before_any_compute(tmp_path: Path, monkeypatch):
+    import sys
+
+    monkeypatch.chdir(tmp_path)
+    params, paths, _ = _project(tmp_path, huggingface=True)
+    monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers -> ImportError
+    from bigmodel_ops.errors import BigModelOpsError
+
+    with pytest.raises(BigModelOpsError, match=r"compress.huggingface: true needs .* pip install transformers"):
+        run_compress(params, paths=paths, quiet=True)
+    assert not paths.compress_dir.exists() and not paths.compress_report.exists()

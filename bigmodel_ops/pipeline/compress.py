@@ -12,7 +12,9 @@
    (``<variant>_within_budget`` 0, a warning, a tag on the version), or fails the stage with
    ``on_acc_drop: fail``.
 3. Files: ``paths.compress_dir`` (model.int8.safetensors + config.json + tokenizer.json,
-   model.onnx, model.int8.onnx, report.json) and ``paths.compress_report`` (DVC metrics).
+   model.onnx, model.int8.onnx, report.json; with ``compress.huggingface``, ``hf/classifier`` and
+   ``hf/backbone`` in the transformers format, :func:`bigmodel_ops.export_hf.export_hf`) and
+   ``paths.compress_report`` (DVC metrics).
 4. MLflow: run ``compress`` with the metrics and the files as artifacts; the registered version is
    tagged ``compress.<metric>`` and ``compress_run_id``. Outputs are moved into place last.
 """
@@ -30,6 +32,7 @@ from bigmodel_ops.classification.inputs import read_labeled_split
 from bigmodel_ops.config import Params
 from bigmodel_ops.contract import CONFIG_FILE
 from bigmodel_ops.errors import CheckpointError
+from bigmodel_ops.export_hf import export_hf, require_transformers
 from bigmodel_ops.fsutil import publish
 from bigmodel_ops.paths import ProjectPaths
 from bigmodel_ops.pipeline._common import stage_run
@@ -85,6 +88,8 @@ def run(params: Params, *, paths: ProjectPaths, quiet: bool = False) -> dict[str
     """
     if not params.compress.enabled:
         return _skip(paths)
+    if params.compress.huggingface:
+        require_transformers("compress.huggingface: true")  # before any compute
     classifier = load_classifier(paths.classifier)
     labels = list(params.prepare.labels)
     if classifier.labels != labels:
@@ -101,6 +106,9 @@ def run(params: Params, *, paths: ProjectPaths, quiet: bool = False) -> dict[str
             classifier, paths.classifier, texts, y, folder, settings=settings_from(params)
         )
         _check_budget(params, result)
+        if params.compress.huggingface:
+            exported = export_hf(paths, out=folder / "hf")
+            _logger.info("compress: Hugging Face export of %s in %s", ", ".join(sorted(exported)), folder / "hf")
         report = {**result.metrics, "model_version": version}
         metrics_file = pub.staged(paths.compress_report, name=paths.compress_report.name)
         metrics_file.write_text(json.dumps(report, indent=2) + "\n")
