@@ -19,7 +19,7 @@ Targets (issue 11): steps_fraction <= 0.5 and best_gap_points <= 0.5.
 
 Usage::
 
-    python benchmarks/hpo_pruning.py [--quick] [--n-trials 12] [--pruner median] [--keep DIR]
+    python benchmarks/hpo_pruning.py [--quick] [--n-trials 12] [--pruner median] [--set KEY=VALUE] [--keep DIR]
 
 ``--quick``: a few pretraining steps and a tiny model, 3 trials, to check the code path (the
 numbers mean nothing). ``--keep DIR`` keeps (and reuses) the project folder: the prepare, tokenize
@@ -80,6 +80,9 @@ def build_params(args: argparse.Namespace, *, tracking_uri: str) -> dict[str, An
     tune["n_trials"] = args.n_trials
     if args.pruner:
         tune["pruner"] = args.pruner
+    for item in args.set or ():
+        key, _, value = item.partition("=")
+        tune[key] = yaml.safe_load(value)
     return raw
 
 
@@ -181,6 +184,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--n-trials", type=int, default=None, help="trials per study (default 12; quick 3)")
     parser.add_argument("--pruner", default=None, help="the pruned study's pruner (default: tune.pruner)")
     parser.add_argument("--seed", type=int, default=None, help="project.seed (sampler, data, init)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="a tune.* setting for both studies, e.g. reduction_factor=4",
+    )
     parser.add_argument("--pretrain-steps", type=int, default=300, help="pretraining steps (default 300)")
     parser.add_argument("--keep", type=Path, default=None, help="project folder to keep and reuse")
     parser.add_argument(

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+import yaml
 from mlflow.tracking import MlflowClient
 
 from bigmodel_ops.cli import main
@@ -16,7 +17,7 @@ from bigmodel_ops.config import parse_params
 from bigmodel_ops.pipeline.tune import JOURNAL_FILE
 from bigmodel_ops.pipeline.tune import name_of_study as study_name
 from bigmodel_ops.pipeline.tune import run as run_tune
-from bigmodel_ops.tuning.study import fail_stale_trials, study_summary
+from bigmodel_ops.tuning.study import study_summary
 from tests.helpers_finetune import make_project, tiny_params
 
 
@@ -48,6 +49,7 @@ def test_tune_study_nested_runs_resume_and_pruning(tmp_path: Path, monkeypatch, 
     assert set(best) == {"lr", "dropout", "weight_decay", "batch_size", "value", "trial"}
     assert best["trial"] == study.best_trial.number and best["value"] == study.best_value
     assert best["lr"] == study.best_trial.params["lr"] and best["batch_size"] == 16
+    assert yaml.safe_load((paths.tune_dir / "best_params.yaml").read_text()) == best
     steps = [t.user_attrs["optimizer_steps"] for t in study.trials]
     assert steps == [2, 2] and [t.user_attrs["budget_steps"] for t in study.trials] == [2, 2]  # 32 rows / 16
     assert report == {
@@ -170,8 +172,28 @@ def test_summary_counts_nan_and_failed_trials(tmp_path: Path):
     assert summary["failures"] == {1: "diverged: val_loss=nan"}
     assert summary["best"]["trial"] == 0 and summary["best"]["x"] == study.trials[0].params["x"]
 
-    # a trial left RUNNING by a killed process is failed at the next start and not counted as done
-    study.ask()
-    assert fail_stale_trials(study) == [3]
-    assert study.trials[3].state == optuna.trial.TrialState.FAIL
-    assert study_summary(study)["n_failed"] == 2
+
+@pytest.mark.parametrize(
+    ("status", "tags", "resumed"),
+    [
+        ("RUNNING", {}, True),  # its process was SIGKILLed
+        ("KILLED", {}, True),  # stopped by SIGTERM / Ctrl-C
+        ("FAILED", {"bigmodel_ops.reap_reason": "process gone"}, True),  # ended by the reaper of dead runs
+        ("FAILED", {}, False),  # the stage failed by itself: a new run
+        ("FINISHED", {}, False),
+    ],
+)
+def test_which_tune_run_a_rerun_continues(mlflow_store: str, status: str, tags: dict, resumed: bool):
+    from bigmodel_ops.pipeline.tune import _resumable_run
+
+    client = MlflowClient(mlflow_store)
+    experiment = client.create_experiment("resume-rule")
+    run_id = client.create_run(experiment, run_name="tune", tags=tags).info.run_id
+    if status != "RUNNING":
+        client.set_terminated(run_id, status=status)
+    study = optuna.create_study()
+    assert _resumable_run(study, client) is None  # a study that never had a tune run
+    study.set_user_attr("mlflow_run_id", run_id)
+    assert _resumable_run(study, client) == (run_id if resumed else None)
+    study.set_user_attr("mlflow_run_id", "0" * 32)  # a run deleted from the store
+    assert _resumable_run(study, client) is None

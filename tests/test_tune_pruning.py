@@ -72,3 +72,41 @@ def test_pruner_stops_a_diverging_trial_before_its_budget(tmp_path: Path, monkey
     assert done.data.tags["optuna.state"] == "COMPLETE"
     assert done.data.metrics["tune/optimizer_steps"] == 12
     assert done.data.metrics["tune/value"] == complete.value
+
+
+def test_a_nan_trial_fails_and_the_study_goes_on(tmp_path: Path, monkeypatch, mlflow_store: str):
+    from tests.faults import PoisonAtStep
+
+    monkeypatch.chdir(tmp_path)
+    params, paths, _ = make_project(
+        tmp_path,
+        n_train=48,
+        n_eval=16,
+        tune={
+            "n_trials": 3,
+            "pruner": "none",
+            "report_every_n_steps": 1,
+            "max_epochs": 1,  # 48 rows / batch 8: a budget of 6 optimizer steps
+            "search_space": {"batch_size": {"type": "categorical", "choices": [8]}},
+        },
+    )
+
+    def poison_trial_1(trial: optuna.Trial) -> list:
+        return [PoisonAtStep(2)] if trial.number == 1 else []  # NaN weights before step 3
+
+    report = run_tune(params, paths=paths, quiet=True, extra_callbacks=poison_trial_1)
+
+    from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+    storage = JournalStorage(JournalFileBackend(str(paths.tune_dir / JOURNAL_FILE)))
+    study = optuna.load_study(study_name=name_of_study(params, paths), storage=storage)
+    states = [t.state.name for t in study.trials]
+    assert states == ["COMPLETE", "FAIL", "COMPLETE"]  # the study went on after the NaN
+    diverged = study.trials[1]
+    assert diverged.user_attrs["fail_reason"].startswith("diverged: at step 3 on the val subset")
+    assert diverged.user_attrs["optimizer_steps"] == 3 < diverged.user_attrs["budget_steps"] == 6
+    assert report["n_complete"] == 2 and report["n_failed"] == 1 and report["best_trial"] in (0, 2)
+
+    run = MlflowClient(mlflow_store).get_run(diverged.user_attrs["mlflow_run_id"])
+    assert run.info.status == "FAILED"
+    assert run.data.tags["optuna.state"] == "FAIL" and run.data.tags["optuna.reason"].startswith("diverged")

@@ -1,60 +1,93 @@
-"""Search fine-tuning hyperparameters with Optuna (pruned trials, nested MLflow runs).
+"""Search fine-tuning hyperparameters with Optuna (pruned trials, nested MLflow runs, workers).
 
-The study lives in ``tune.storage`` (an Optuna storage URL) or, by default, in the journal file
-``outputs/tune/study.journal`` (persisted by DVC, so an interrupted ``dvc repro`` continues the
-study). Trials already COMPLETE or PRUNED count towards ``tune.n_trials`` and only the remainder
-runs; FAILED trials do not count (they are retried).
+The study lives in ``tune.storage`` / ``--storage`` (an SQLAlchemy URL: workers on many
+machines) or, by default, in the journal file ``outputs/tune/study.journal`` (persisted by DVC,
+so an interrupted ``dvc repro`` continues the study). The study runs exactly ``tune.n_trials``
+COMPLETE or PRUNED trials: a run queues the missing ones and ``tune.workers`` / ``--workers``
+processes run the queue (:mod:`bigmodel_ops.tuning.workers`). Every running trial heartbeats; a
+trial whose process died (a SIGKILL, a lost machine) is failed by the next worker that sees it
+silent for ``tune.grace_period_s`` and retried with the same parameters; a live worker's trial is
+never touched. FAILED trials hold no slot: the next run replaces them.
+
+Before any trial: the inputs (splits, tokenizer vocabulary against the backbone, every label
+present in the training split), the models a trial can draw (LoRA targets, pooling), the storage
+(reachable) and the study (same direction) are checked; each failure is one error naming the
+setting or file, and leaves no trial behind.
 
 MLflow: the stage run ``tune`` gets one nested run per trial, ``tune/trial-<number>``, with the
 trial's params, its subset reports (``tune/val_acc_subset``, ``tune/val_loss_subset``) on the
 step axis, its train/val metrics, its cost (``tune/optimizer_steps``, ``tune/budget_steps``,
-``tune/wall_seconds``) and tags ``optuna.state`` / ``optuna.reason`` / ``optuna.trial``. A pruned
-trial's run ends FINISHED with ``bigmodel_ops.outcome = TrialPruned``; a diverged or failed one
-ends FAILED. The parent is tagged with the best trial and its run id.
+``tune/wall_seconds``) and tags ``optuna.state`` / ``optuna.reason`` / ``optuna.trial`` /
+``optuna.worker``. A pruned trial's run ends FINISHED with ``bigmodel_ops.outcome =
+TrialPruned``; a diverged or failed one ends FAILED; the run of a trial whose worker died ends
+KILLED (``optuna.state = FAIL``). The ``tune`` run's id is kept in the study (user attribute
+``mlflow_run_id``): a run that was killed (still RUNNING or KILLED in MLflow) is resumed by the
+next run of the stage, so a study interrupted and continued stays one ``tune`` run. The parent is
+tagged with the best trial and its run id.
 
-Outputs (only when at least one trial completed): ``best_params.json`` (the dependency of
-``finetune``: the searched settings of the best trial plus the effective lr / dropout /
-weight_decay / batch_size) and Optuna's optimisation-history, intermediate-values,
-parameter-importance and parallel-coordinate plots in ``outputs/tune/`` (also MLflow artifacts
-under ``plots/``), and the report ``outputs/metrics/tune.json`` (best value, trials by state,
-total trial seconds and optimizer steps, steps saved by pruning). With no completed trial the stage fails and writes neither (the
-journal stays, so finished trials are not lost). The algorithms are in :mod:`bigmodel_ops.tuning`.
+Outputs (only when at least one trial completed): ``best_params.json`` and the same in
+``best_params.yaml`` (the dependency of ``finetune``: the searched settings of the best trial
+plus the effective lr / dropout / weight_decay / batch_size), Optuna's optimisation-history,
+intermediate-values, parameter-importance and parallel-coordinate plots in ``outputs/tune/``
+(also MLflow artifacts under ``plots/``), and the report ``outputs/metrics/tune.json`` (best
+value, trials by state, total trial seconds and optimizer steps, steps saved by pruning). With
+no completed trial the stage fails and writes neither (the study stays, so finished trials are
+not lost). The algorithms are in :mod:`bigmodel_ops.tuning`.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
+import os
+import time
 import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import optuna
+import torch
+import yaml
 
 from bigmodel_ops.classification.inputs import load_splits
-from bigmodel_ops.classification.training import prepare_model
-from bigmodel_ops.config import Params
+from bigmodel_ops.config import Params, load_params, parse_params
 from bigmodel_ops.contract import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE
 from bigmodel_ops.errors import BigModelOpsError
-from bigmodel_ops.fsutil import write_json_atomic
+from bigmodel_ops.fsutil import publish, write_json_atomic
 from bigmodel_ops.paths import ProjectPaths
-from bigmodel_ops.pipeline._common import stage_run
+from bigmodel_ops.pipeline._common import add_common_args, guarded, setup_logging, stage_run
 from bigmodel_ops.pipeline._finetuning import fit_config, hyperparams
+from bigmodel_ops.tuning.checks import (
+    check_classes,
+    check_direction,
+    check_searchable_models,
+    check_vocabulary,
+)
+from bigmodel_ops.tuning.pruning import NonFiniteObjective
+from bigmodel_ops.tuning.storage import describe, open_storage
 from bigmodel_ops.tuning.study import (
-    fail_stale_trials,
     make_pruner,
     make_sampler,
-    make_storage,
     objective_factory,
     save_plots,
     study_name,
     study_summary,
 )
+from bigmodel_ops.tuning.workers import ClientRun, end_stale_trial_run, fill_queue, run_worker, spawn_workers
 
 _logger = logging.getLogger(__name__)
 
 JOURNAL_FILE = "study.journal"
+BEST_PARAMS_YAML = "best_params.yaml"
 # Always in best_params.json (finetune reads them), searched or not.
 CORE_SETTINGS = ("lr", "dropout", "weight_decay", "batch_size")
+# A trial that runs out of memory or hits a numerical error fails alone; user errors
+# (BigModelOpsError) stop the stage.
+CATCH = (RuntimeError, FloatingPointError, NonFiniteObjective)
+# How often an idle worker looks for a retry of another worker's trial.
+POLL_S = 1.0
 
 
 def name_of_study(params: Params, paths: ProjectPaths) -> str:
@@ -91,82 +124,291 @@ def name_of_study(params: Params, paths: ProjectPaths) -> str:
     return study_name(params.project.name, setup=setup, inputs=inputs)
 
 
-def _open_study(params: Params, paths: ProjectPaths, name: str, direction: str) -> optuna.Study:
-    storage = make_storage(params.tune.storage, journal=paths.tune_dir / JOURNAL_FILE)
-    probe = optuna.create_study(storage=storage, study_name=name, direction=direction, load_if_exists=True)
-    stale = fail_stale_trials(probe)
-    if stale:
-        _logger.warning("tune: trials %s were left RUNNING by an ended process; marked failed", stale)
+def direction_of(params: Params) -> str:
+    return "maximize" if params.tune.metric == "val_acc" else "minimize"
+
+
+def storage_for(
+    params: Params, paths: ProjectPaths, *, url: str | None = None, setting: str = "tune.storage"
+):
+    """The study storage of these params (``url`` overrides ``tune.storage``); ConfigError naming
+    ``setting`` when it cannot be opened."""
+    tune = params.tune
+    return open_storage(
+        url if url is not None else tune.storage,
+        journal=paths.tune_dir / JOURNAL_FILE,
+        heartbeat_interval=tune.heartbeat_interval_s,
+        grace_period=tune.grace_period_s,
+        max_retry=tune.max_retry,
+        setting=setting,
+    )
+
+
+def _load_study(params: Params, storage: Any, name: str, *, worker: int) -> optuna.Study:
+    """The study with this worker's sampler (seeded by project.seed, the trials already in the
+    study and the worker's index, so workers do not draw the same points) and the pruner."""
+    existing = len(optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False))
     return optuna.load_study(
         study_name=name,
         storage=storage,
         sampler=make_sampler(
             params.tune.sampler,
-            seed=params.project.seed,
-            n_existing=len(probe.get_trials(deepcopy=False)),
+            seed=params.project.seed + 7919 * worker,
+            n_existing=existing,
             startup_trials=params.tune.sampler_startup_trials,
         ),
         pruner=make_pruner(params.tune),
     )
 
 
-def run(params: Params, *, paths: ProjectPaths, quiet: bool = False) -> dict[str, Any]:
-    """Search fine-tuning hyperparameters with Optuna (pruned trials, nested MLflow runs).
+def _tracking_client(params: Params) -> Any:
+    from mlflow.tracking import MlflowClient
 
-    Runs (or continues) the study; writes best_params.json and the report, and returns the report.
-    Raises BigModelOpsError when no trial completed.
-    """
-    tune = params.tune
+    return MlflowClient(os.environ.get("MLFLOW_TRACKING_URI") or params.tracking.uri)
+
+
+def _resumable_run(study: optuna.Study, client: Any) -> str | None:
+    """The ``tune`` run of this study's last interrupted run, to continue: still RUNNING (its
+    process was killed), KILLED (stopped by a signal) or FAILED by the tracking layer's reaper
+    of dead processes (tag ``bigmodel_ops.reap_reason``); None when there is none or it ended
+    normally or by an error of its own."""
+    run_id = study.user_attrs.get("mlflow_run_id")
+    if not run_id:
+        return None
+    try:
+        run = client.get_run(run_id)
+    except Exception:  # noqa: BLE001 - a deleted run or another store: start a new run
+        return None
+    status = run.info.status
+    reaped = status == "FAILED" and "bigmodel_ops.reap_reason" in run.data.tags
+    return run_id if status in ("RUNNING", "KILLED") or reaped else None
+
+
+def _check_inputs(params: Params, paths: ProjectPaths) -> tuple[dict, Any]:
+    """(splits, base hyperparameters) after every check that needs no study."""
     splits = load_splits(
         prepared=paths.prepared,
         model_dir=paths.pretrained_model,
         labels=params.prepare.labels,
         max_length=params.finetune.max_length,
     )
+    check_vocabulary(paths.pretrained_model)
+    check_classes(splits["train"], params.prepare.labels, source=paths.prepared / "train.parquet")
     base = hyperparams(params)
-    # Settings that need the backbone (pooling, freeze_layers, LoRA targets) fail before any trial.
-    prepare_model(paths.pretrained_model, num_labels=len(params.prepare.labels), hparams=base)
-    name = name_of_study(params, paths)
-    direction = "maximize" if tune.metric == "val_acc" else "minimize"
-    study = _open_study(params, paths, name, direction)
-    done_states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
-    n_done = len(study.get_trials(deepcopy=False, states=done_states))
-    remaining = max(0, tune.n_trials - n_done)
-    if n_done:
-        _logger.info("tune: study %s has %d finished trial(s); running %d more", name, n_done, remaining)
+    check_searchable_models(
+        paths.pretrained_model,
+        num_labels=len(params.prepare.labels),
+        base=base,
+        space=params.tune.search_space,
+    )
+    return splits, base
 
-    with stage_run(params, "tune") as run:
-        run.set_tags({"optuna.study": name, "optuna.direction": direction, "optuna.metric": tune.metric})
-        if remaining:
-            objective = objective_factory(
-                tune,
-                fit=fit_config(params),
-                base=base,
-                model_dir=paths.pretrained_model,
-                splits=splits,
-                run=run,
-                study=name,
-                quiet=quiet,
-            )
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                study.optimize(
-                    objective,
-                    n_trials=remaining,
-                    timeout=tune.timeout_s,
-                    # A trial that runs out of memory or hits a numerical error fails alone;
-                    # user errors (BigModelOpsError) stop the stage.
-                    catch=(RuntimeError, FloatingPointError),
-                    gc_after_trial=True,
+
+def run(
+    params: Params,
+    *,
+    paths: ProjectPaths,
+    quiet: bool = False,
+    workers: int | None = None,
+    storage: str | None = None,
+    extra_callbacks: Callable[[optuna.Trial], Sequence[Any]] | None = None,
+) -> dict[str, Any]:
+    """Search fine-tuning hyperparameters with Optuna (pruned trials, nested MLflow runs, workers).
+
+    Runs (or continues) the study with ``workers`` processes (default ``tune.workers``) on
+    ``storage`` (default ``tune.storage``); writes best_params.json / .yaml, the plots and the
+    report, and returns the report. Raises BigModelOpsError when no trial completed, or before
+    any trial when an input, the search space, the storage or the study is wrong.
+    ``extra_callbacks``: Lightning callbacks added to every trial this process runs (tests).
+    """
+    tune = params.tune
+    n_workers = workers or tune.workers
+    splits, base = _check_inputs(params, paths)
+    name = name_of_study(params, paths)
+    direction = direction_of(params)
+    store = storage_for(
+        params, paths, url=storage, setting="--storage" if storage is not None else "tune.storage"
+    )
+    created = optuna.create_study(storage=store, study_name=name, direction=direction, load_if_exists=True)
+    check_direction(created, direction, metric=tune.metric)
+    study = _load_study(params, store, name, worker=0)
+    client = _tracking_client(params)
+
+    def on_stale(trial: optuna.trial.FrozenTrial) -> None:
+        end_stale_trial_run(client, trial)
+
+    counts = fill_queue(study, n_trials=tune.n_trials, on_stale=on_stale)
+    pending = counts["running"] + counts["waiting"] + counts["enqueued"]
+    if counts["done"]:
+        _logger.info("tune: study %s has %d finished trial(s); %d to run", name, counts["done"], pending)
+    resume = _resumable_run(study, client)
+
+    with stage_run(params, "tune", resume_run_id=resume) as run:
+        study.set_user_attr("mlflow_run_id", run.run_id)
+        run.set_tags(
+            {
+                "optuna.study": name,
+                "optuna.direction": direction,
+                "optuna.metric": tune.metric,
+                "optuna.storage": describe(store),
+                "tune.workers": n_workers,
+            }
+        )
+        if pending:
+            deadline = time.time() + tune.timeout_s if tune.timeout_s else None
+            threads = _threads_per_worker(n_workers)
+            spec = {
+                "params": params.model_dump(mode="json"),
+                "root": str(Path(paths.root).resolve()),
+                "storage": storage,
+                "study": name,
+                "parent_run_id": run.run_id,
+                "quiet": quiet,
+                "deadline": deadline,
+                "threads": threads,
+            }
+            helpers = spawn_workers(_worker_process, [{**spec, "worker": k} for k in range(1, n_workers)])
+            previous_threads = torch.get_num_threads()
+            if threads:
+                torch.set_num_threads(threads)
+            try:
+                objective = objective_factory(
+                    tune,
+                    fit=fit_config(params),
+                    base=base,
+                    model_dir=paths.pretrained_model,
+                    splits=splits,
+                    run=run,
+                    study=name,
+                    quiet=quiet,
+                    extra_callbacks=extra_callbacks,
                 )
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                    run_worker(
+                        study, objective, catch=CATCH, deadline=deadline, poll_s=POLL_S, on_stale=on_stale
+                    )
+            except BaseException:
+                for helper in helpers:
+                    helper.terminate()
+                raise
+            finally:
+                torch.set_num_threads(previous_threads)
+                for helper in helpers:
+                    helper.join()
+            for k, helper in enumerate(helpers, start=1):
+                if helper.exitcode:
+                    _logger.warning("tune: worker %d exited with code %s", k, helper.exitcode)
         report, best = _summarise(study, run=run, name=name, paths=paths, base=base)
         for plot in save_plots(study, paths.tune_dir):
             run.log_artifact(plot, "plots")
         run.log_dict(best, "best_params.json")
         write_json_atomic(paths.best_params, best)
+        _write_yaml_atomic(paths.tune_dir / BEST_PARAMS_YAML, best)
         write_json_atomic(paths.tune_report, report)
         _logger.info("tune: best %s = %.4f (trial %d)", tune.metric, best["value"], best["trial"])
     return report
+
+
+def _threads_per_worker(workers: int) -> int | None:
+    """CPU threads for each worker's torch when several share a CPU-only machine (None: torch's
+    default). Without this every worker would start one thread per core and they would fight."""
+    if workers <= 1 or torch.cuda.is_available():
+        return None
+    return max(1, (os.cpu_count() or 1) // workers)
+
+
+def _write_yaml_atomic(path: Path, data: dict) -> None:
+    with publish(path) as pub:
+        pub.staged(path).write_text(yaml.safe_dump(data, sort_keys=False))
+
+
+def _worker_process(
+    *,
+    params: dict,
+    root: str,
+    storage: str | None,
+    study: str,
+    parent_run_id: str,
+    quiet: bool,
+    deadline: float | None,
+    worker: int,
+    threads: int | None = None,
+) -> None:
+    """A worker process of ``run``: the same study and objective, its trial runs logged under the
+    stage's ``tune`` run through :class:`~bigmodel_ops.tuning.workers.ClientRun`."""
+    setup_logging(quiet)
+    if threads:
+        torch.set_num_threads(threads)
+    os.chdir(root)
+    resolved = parse_params(params)
+    paths = ProjectPaths()
+    splits, base = _check_inputs(resolved, paths)
+    store = storage_for(resolved, paths, url=storage)
+    loaded = _load_study(resolved, store, study, worker=worker)
+    client = _tracking_client(resolved)
+    objective = objective_factory(
+        resolved.tune,
+        fit=fit_config(resolved),
+        base=base,
+        model_dir=paths.pretrained_model,
+        splits=splits,
+        run=ClientRun(client, parent_run_id),
+        study=study,
+        quiet=quiet,
+        worker=worker,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        run_worker(
+            loaded,
+            objective,
+            catch=CATCH,
+            deadline=deadline,
+            poll_s=POLL_S,
+            on_stale=lambda trial: end_stale_trial_run(client, trial),
+        )
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``bigmodel-ops tune`` beyond ``--params`` / ``--quiet``."""
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        metavar="N",
+        help="worker processes on the study (default: tune.workers)",
+    )
+    parser.add_argument(
+        "--storage",
+        default=None,
+        metavar="URL",
+        help="Optuna storage URL (default: tune.storage, else the journal file)",
+    )
+
+
+def command(argv: Sequence[str] | None = None) -> int:
+    """``bigmodel-ops tune [--workers N] [--storage URL]``: validate, run, exit 0 / 2."""
+    parser = argparse.ArgumentParser(
+        prog="bigmodel-ops tune", description=(run.__doc__ or "").splitlines()[0]
+    )
+    add_common_args(parser)
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    setup_logging(args.quiet)
+    if args.workers is not None and args.workers < 1:
+        parser.error(f"--workers must be at least 1, got {args.workers}")
+
+    def action() -> None:
+        run(
+            load_params(args.params),
+            paths=ProjectPaths(),
+            quiet=args.quiet,
+            workers=args.workers,
+            storage=args.storage,
+        )
+
+    return guarded("tune", action)
 
 
 def _summarise(

@@ -29,6 +29,13 @@ import torch.nn.functional as F
 from bigmodel_ops.classification.inputs import TokenizedSplit, collate
 
 
+class NonFiniteObjective(Exception):
+    """A trial diverged: its objective, val loss or a subset report is NaN/inf."""
+
+
+CONTINUE, PRUNE, DIVERGED = 0, 1, 2
+
+
 class MetricSink(Protocol):
     def log_metrics(self, values: dict[str, float], *, step: int) -> None: ...
 
@@ -76,11 +83,17 @@ class StepPruningCallback(L.Callback):
     ``sink`` (the trial's MLflow run) gets ``tune/<metric>_subset`` for both metrics at the global
     step. After ``fit`` (or a TrialPruned), :attr:`steps` is the optimizer steps trained and
     :attr:`pruned_at` the step of the pruning decision (None if not pruned).
+
+    Several devices (DDP): every rank evaluates the subset (no collective inside), global rank 0
+    alone reports to the trial and decides, and the decision is broadcast from rank 0 at every
+    report step, so all ranks continue, prune (``optuna.TrialPruned``) or stop as diverged
+    (:class:`NonFiniteObjective`: a NaN/inf subset metric or loss) at the same step. ``trial``
+    may be None on ranks other than 0 (only rank 0 holds the Optuna trial).
     """
 
     def __init__(
         self,
-        trial: optuna.Trial,
+        trial: optuna.Trial | None,
         *,
         subset: TokenizedSplit,
         every_n_steps: int,
@@ -122,19 +135,26 @@ class StepPruningCallback(L.Callback):
         )
         self.eval_seconds += time.perf_counter() - started
         value = values[self.metric]
-        prune = False
+        decision = CONTINUE
         if trainer.is_global_zero:
             self.reports[step] = value
             if self.sink is not None:
                 self.sink.log_metrics({f"{self.prefix}{k}_subset": v for k, v in values.items()}, step=step)
-            if math.isfinite(value):
-                self.trial.report(value, step=step)
-                prune = self.trial.should_prune()
+            if not all(math.isfinite(v) for v in values.values()):
+                decision = DIVERGED  # nothing more to learn from this trial
             else:
-                prune = True  # diverged: nothing more to learn from this trial
+                if self.trial is None:
+                    raise RuntimeError("StepPruningCallback: global rank 0 needs the Optuna trial")
+                self.trial.report(value, step=step)
+                decision = PRUNE if self.trial.should_prune() else CONTINUE
         # Rank 0 decides; every rank stops together (a no-op on one device).
-        prune = bool(trainer.strategy.broadcast(prune, src=0))
-        if prune:
+        decision = int(trainer.strategy.broadcast(decision, src=0))
+        if decision == DIVERGED:
+            self.pruned_at = step
+            raise NonFiniteObjective(
+                f"at step {step} on the val subset: " + ", ".join(f"{k}={v:.4g}" for k, v in values.items())
+            )
+        if decision == PRUNE:
             self.pruned_at = step
             raise optuna.TrialPruned(f"pruned at step {step}: {self.metric} on the val subset = {value:.4f}")
 

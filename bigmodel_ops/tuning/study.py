@@ -8,9 +8,9 @@ optimizer steps the trial reports its metric on a fixed subset of the val split 
 (:mod:`bigmodel_ops.tuning.pruning`); the trial's value is measured on the whole val split.
 
 Study and resume: a study's name (:func:`study_name`) hashes everything that decides what a
-trial measures, so a rerun with the same setup continues the same study. A RUNNING trial found
-at start belongs to a killed process (the journal has no heartbeat; one tune process per study
-is assumed) and is marked FAIL (:func:`fail_stale_trials`).
+trial measures, so a rerun with the same setup continues the same study. Storage, heartbeats and
+the retry of a dead worker's trial are :mod:`bigmodel_ops.tuning.storage`; several workers on one
+study, :mod:`bigmodel_ops.tuning.workers`.
 
 The stage glue (storage, MLflow parent run, outputs) is :mod:`bigmodel_ops.pipeline.tune`.
 """
@@ -21,7 +21,7 @@ import logging
 import math
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,13 +32,9 @@ from bigmodel_ops.classification.training import FitConfig, HyperParams, fit_cla
 from bigmodel_ops.config import SearchSpace, TuneParams
 from bigmodel_ops.fsutil import publish, sha256_file, short_hash
 from bigmodel_ops.trainer import MetricsCallback
-from bigmodel_ops.tuning.pruning import StepPruningCallback, val_subset
+from bigmodel_ops.tuning.pruning import NonFiniteObjective, StepPruningCallback, val_subset
 
 _logger = logging.getLogger(__name__)
-
-
-class NonFiniteObjective(Exception):
-    """The trial's objective (or val loss) is NaN/inf: the trial diverged."""
 
 
 def study_name(project: str, *, setup: Mapping[str, Any], inputs: Mapping[str, Path]) -> str:
@@ -46,16 +42,6 @@ def study_name(project: str, *, setup: Mapping[str, Any], inputs: Mapping[str, P
     inputs -> same study (resume)."""
     fingerprints = {name: sha256_file(path)[:16] for name, path in inputs.items()}
     return f"{project}-tune-{short_hash({**setup, 'inputs': fingerprints})}"
-
-
-def make_storage(url: str | None, *, journal: Path) -> optuna.storages.BaseStorage | str:
-    """The storage URL when given, else a journal file (created with its folder)."""
-    if url:
-        return url
-    from optuna.storages.journal import JournalFileBackend, JournalStorage
-
-    journal.parent.mkdir(parents=True, exist_ok=True)
-    return JournalStorage(JournalFileBackend(str(journal)))
 
 
 def make_sampler(
@@ -134,16 +120,6 @@ def suggest(trial: optuna.Trial, space: SearchSpace, base: HyperParams | None = 
     return (base or HyperParams()).override(suggest_values(trial, space))
 
 
-def fail_stale_trials(study: optuna.Study) -> list[int]:
-    """Mark RUNNING trials (left by a killed process) FAIL; return their numbers."""
-    stale = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
-    for trial in stale:
-        # Attributes first: a finished trial can no longer be updated.
-        study._storage.set_trial_user_attr(trial._trial_id, "fail_reason", "interrupted (process ended)")
-        study._storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
-    return [trial.number for trial in stale]
-
-
 def study_summary(study: optuna.Study) -> dict[str, Any]:
     """Trial counts by state, and the best COMPLETE trial (None if there is none)."""
     states = optuna.trial.TrialState
@@ -183,6 +159,8 @@ def objective_factory(
     run: Any,
     study: str,
     quiet: bool,
+    worker: int = 0,
+    extra_callbacks: Callable[[optuna.Trial], Sequence[Any]] | None = None,
 ):
     """The Optuna objective: one nested MLflow run and one fine-tuning per trial.
 
@@ -192,11 +170,18 @@ def objective_factory(
     may stop it there. The trial's value is the metric on the whole val split of its best epoch
     (by val_acc: the epoch finetune would export).
 
+    ``run``: the stage's MLflow run handle, or a :class:`~bigmodel_ops.tuning.workers.ClientRun`
+    in a worker process; ``worker`` is tagged on each trial run (``optuna.worker``).
+    ``extra_callbacks(trial)``: more Lightning callbacks for that trial's training (fault
+    injection in tests; production passes none).
+
     Each trial records its cost as user attributes and run metrics: ``optimizer_steps``,
     ``budget_steps`` (what it would have trained unpruned), ``wall_seconds``; its run is tagged
     ``optuna.state`` (COMPLETE / PRUNED / FAIL) and ``optuna.reason``. A pruned trial's run ends
-    FINISHED; a NaN objective returns NaN (Optuna fails the trial with a warning and the study
-    goes on); any other exception fails the trial.
+    FINISHED. Divergence (a NaN/inf subset report, or a NaN/inf final value or val loss) raises
+    :class:`~bigmodel_ops.tuning.pruning.NonFiniteObjective` after recording ``fail_reason =
+    "diverged: ..."``: the worker records the trial FAIL and the study goes on. Any other
+    exception also fails the trial (recorded with its type and message) and is re-raised.
     """
     monitor = tune.metric
     subset = val_subset(splits["val"], fraction=tune.report_val_fraction, seed=fit.seed)
@@ -230,11 +215,10 @@ def objective_factory(
                     tags["optuna.reason"] = reason[:500]
                 child.set_tags(tags)
 
-        child = None
         try:
             with run.child_run(
                 f"trial-{trial.number}",
-                tags={"optuna.trial": trial.number, "optuna.study": study},
+                tags={"optuna.trial": trial.number, "optuna.study": study, "optuna.worker": worker},
                 finished_on=(optuna.TrialPruned,),
             ) as child:
                 pruning.sink = child
@@ -248,6 +232,7 @@ def objective_factory(
                         hparams=hparams,
                         max_epochs=tune.max_epochs,
                         callbacks=[
+                            *(extra_callbacks(trial) if extra_callbacks else ()),
                             pruning,
                             MetricsCallback(
                                 child,
@@ -264,6 +249,9 @@ def objective_factory(
                 except optuna.TrialPruned as pruned:
                     record(child, "PRUNED", str(pruned) or "pruned")
                     raise
+                except NonFiniteObjective as error:
+                    record(child, "FAIL", f"diverged: {error}")
+                    raise
                 final = module.best_val or module.last_val
                 value = final.get(monitor, float("nan"))
                 loss = final.get("val_loss", float("nan"))
@@ -275,10 +263,7 @@ def objective_factory(
                 child.set_tags({"optuna.value": value})
                 child.log_metrics({"tune/value": float(value)}, step=pruning.steps)
                 return value
-        except NonFiniteObjective as error:
-            _logger.warning("tune: trial %d diverged (%s); Optuna records it as failed", trial.number, error)
-            return float("nan")  # Optuna fails the trial with a warning
-        except optuna.TrialPruned:
+        except (optuna.TrialPruned, NonFiniteObjective):
             raise
         except Exception as error:
             record(None, "FAIL", f"{type(error).__name__}: {error}"[:500])

@@ -1,0 +1,176 @@
+"""Parallel workers on one study: real processes, a real journal file, a real SIGKILL.
+
+The library-level tests use a cheap objective (a sleep) so that timing is under the test's
+control; the stage-level test runs real tiny fine-tuning trials with `bigmodel-ops tune --workers 2`.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import signal
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
+
+from bigmodel_ops.cli import main
+from bigmodel_ops.pipeline.tune import JOURNAL_FILE, name_of_study
+from bigmodel_ops.tuning.storage import HEARTBEAT_ATTR, open_storage, reap_stale_trials
+from bigmodel_ops.tuning.workers import fill_queue, run_worker
+from tests.helpers_finetune import make_project
+
+HEARTBEAT, GRACE = 1, 3
+
+
+def _storage(location: Path):
+    """A journal file, or an sqlite RDB storage (Optuna's own heartbeat) for a ``.db`` path."""
+    url = f"sqlite:///{location}" if location.suffix == ".db" else None
+    return open_storage(url, journal=location, heartbeat_interval=HEARTBEAT, grace_period=GRACE, max_retry=2)
+
+
+STORES = pytest.mark.parametrize("store", ["study.journal", "study.db"], ids=["journal", "rdb"])
+
+
+def _worker(journal: str, tag: str, hold_s: float, results: str) -> None:
+    """A worker process: runs queued trials; each sleeps ``hold_s`` and returns x."""
+    study = optuna.load_study(study_name="s", storage=_storage(Path(journal)))
+
+    def objective(trial: optuna.Trial) -> float:
+        x = trial.suggest_float("x", 0.0, 1.0)
+        trial.set_user_attr("worker", tag)
+        trial.set_user_attr("pid", os.getpid())
+        time.sleep(hold_s)
+        return x
+
+    ran = run_worker(study, objective, poll_s=0.2)
+    Path(results, f"{tag}.json").write_text(json.dumps(ran))
+
+
+def _start(journal: Path, tag: str, hold_s: float, results: Path) -> multiprocessing.Process:
+    process = multiprocessing.get_context("spawn").Process(
+        target=_worker, args=(str(journal), tag, hold_s, str(results))
+    )
+    process.start()
+    return process
+
+
+def _new_study(journal: Path, n_trials: int) -> optuna.Study:
+    study = optuna.create_study(study_name="s", storage=_storage(journal), direction="maximize")
+    fill_queue(study, n_trials=n_trials)
+    return study
+
+
+def _wait(predicate, *, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@STORES
+def test_three_workers_run_exactly_the_requested_trials(tmp_path: Path, store: str):
+    journal = tmp_path / store
+    study = _new_study(journal, n_trials=9)
+    workers = [_start(journal, f"w{k}", 0.5, tmp_path) for k in range(3)]
+    for worker in workers:
+        worker.join(timeout=180)
+        assert worker.exitcode == 0
+    trials = study.get_trials()
+    assert [t.number for t in trials] == list(range(9))  # unique, none lost, none extra
+    assert all(t.state == TrialState.COMPLETE for t in trials)
+    ran = [n for k in range(3) for n in json.loads((tmp_path / f"w{k}.json").read_text())]
+    assert sorted(ran) == list(range(9))  # each trial run by exactly one worker
+    assert len({t.user_attrs["worker"] for t in trials}) >= 2  # the work was shared
+    # a second fill of a full study queues nothing
+    assert fill_queue(study, n_trials=9) == {"done": 9, "running": 0, "waiting": 0, "enqueued": 0}
+
+
+@STORES
+def test_a_killed_workers_trial_is_failed_and_retried_but_a_live_one_is_left_alone(
+    tmp_path: Path, store: str
+):
+    journal = tmp_path / store
+    study = _new_study(journal, n_trials=3)
+    slow = _start(journal, "slow", 600.0, tmp_path)  # its first trial never ends by itself
+
+    def slow_running() -> list:
+        return [
+            t
+            for t in study.get_trials(states=(TrialState.RUNNING,))
+            if t.user_attrs.get("worker") == "slow"
+            # the journal's liveness record is a system attribute (RDB keeps its own table)
+            and (store.endswith(".db") or HEARTBEAT_ATTR in t.system_attrs)
+        ]
+
+    _wait(lambda: bool(slow_running()), timeout=120, what="the slow worker's heartbeat")
+    (victim,) = slow_running()
+    fast = _start(journal, "fast", 0.2, tmp_path)
+    # the fast worker starts, runs the two other queued trials and waits for the slow one:
+    # well past the grace period, it has not failed the live worker's trial
+    _wait(lambda: len(study.get_trials(states=(TrialState.COMPLETE,))) == 2, timeout=120, what="two trials")
+    time.sleep(GRACE + 2 * HEARTBEAT)
+    assert study.get_trials()[victim.number].state == TrialState.RUNNING
+    assert reap_stale_trials(study) == []  # nor does anyone else
+    assert fast.is_alive()
+
+    os.kill(slow.pid, signal.SIGKILL)
+    slow.join(timeout=30)
+    fast.join(timeout=120)
+    assert fast.exitcode == 0
+
+    trials = study.get_trials()
+    failed = trials[victim.number]
+    assert failed.state == TrialState.FAIL
+    assert "no heartbeat" in failed.user_attrs["fail_reason"]
+    (retry,) = [t for t in trials if t.system_attrs.get("failed_trial") == victim.number]
+    assert retry.params == failed.params and retry.state == TrialState.COMPLETE
+    assert retry.user_attrs["worker"] == "fast"
+    states = [t.state for t in trials]
+    assert states.count(TrialState.COMPLETE) == 3 and states.count(TrialState.FAIL) == 1
+    assert len(trials) == 4  # three slots plus the failed attempt; nothing RUNNING or WAITING left
+
+
+def test_tune_with_two_workers_through_the_cli(tmp_path: Path, monkeypatch, mlflow_store: str):
+    monkeypatch.chdir(tmp_path)
+    params, paths, params_file = make_project(
+        tmp_path, n_train=48, n_eval=16, tune={"n_trials": 4, "pruner": "none", "report_every_n_steps": 2}
+    )
+    assert main(["tune", "--params", str(params_file), "--quiet", "--workers", "2"]) == 0
+
+    storage = _storage(paths.tune_dir / JOURNAL_FILE)
+    study = optuna.load_study(study_name=name_of_study(params, paths), storage=storage)
+    trials = study.get_trials()
+    assert [t.number for t in trials] == [0, 1, 2, 3]
+    assert all(t.state == TrialState.COMPLETE for t in trials)
+    report = json.loads(paths.tune_report.read_text())
+    assert report["n_complete"] == 4 and report["n_trials"] == 4
+
+    client = MlflowClient(mlflow_store)
+    experiment = client.get_experiment_by_name("ft-test")
+    runs = client.search_runs([experiment.experiment_id], max_results=100)
+    (tune_run,) = [r for r in runs if r.info.run_name == "tune"]
+    assert tune_run.data.tags["tune.workers"] == "2" and tune_run.info.status == "FINISHED"
+    children = {r.info.run_name: r for r in runs if r.info.run_name.startswith("tune/trial-")}
+    assert set(children) == {f"tune/trial-{n}" for n in range(4)}
+    for trial in trials:
+        child = children[f"tune/trial-{trial.number}"]
+        assert child.data.tags["mlflow.parentRunId"] == tune_run.info.run_id
+        assert child.info.status == "FINISHED" and child.data.tags["optuna.state"] == "COMPLETE"
+        assert child.info.run_id == trial.user_attrs["mlflow_run_id"]
+        assert child.data.tags["optuna.worker"] in ("0", "1")
+    assert study.user_attrs["mlflow_run_id"] == tune_run.info.run_id
+
+
+@pytest.mark.parametrize("workers", ["0", "-1"])
+def test_workers_must_be_positive(tmp_path: Path, monkeypatch, capsys, workers: str):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit):
+        main(["tune", "--workers", workers])
+    assert f"--workers must be at least 1, got {workers}" in capsys.readouterr().err
