@@ -294,7 +294,7 @@ def _publish_model_card(
     card_file = staged[paths.evaluate_dir] / card.CARD_FILE
     card_file.write_text(text)
     stage.log_artifact(card_file, "evaluate")
-    stage.client.update_model_version(name, version, description=card.description(text))
+    stage.client.update_model_version(name, version, description=card.description(stage.scrub(text)))
 
 
 def _json_safe(values: dict[str, float]) -> dict[str, float | None]:

@@ -8,17 +8,10 @@ Stages use one entry point::
         run.log_metrics({"train/loss": 2.3}, step=global_step)
         run.log_artifact(path)
 
-Everything else (the pipeline parent run, lineage tags, the status on a crash or signal, the
-background sender and the offline spool) happens behind it. Modules, by role: runs.py (the
-lifecycle of a stage run), handle.py (StageRun, what a stage logs through, and how a run ends),
-transport.py (the caller side of the log sender), sender.py (its sending side), store.py (what
-both sides share: outages, batches, replay), spool.py (the on-disk spool), lineage.py (lineage
-tags and the MLflow plugin), pipeline.py (the pipeline run tree), system_metrics.py,
-registry.py (model registry helpers).
-
-Names are imported lazily: MLflow imports ``bigmodel_ops.tracking.lineage`` (our run context
-provider) while ``mlflow.tracking`` itself is still initialising, so this package must not
-import MLflow at import time.
+Everything else (the pipeline parent run, lineage, heartbeats, the status on a crash or signal,
+the background sender and the offline spool) happens behind it; runs.py is where to start
+reading. MLflow imports ``bigmodel_ops.tracking.lineage`` (our run context provider) while
+``mlflow.tracking`` is still initialising, so this package imports MLflow only lazily.
 """
 
 from __future__ import annotations

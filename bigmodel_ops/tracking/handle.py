@@ -1,10 +1,10 @@
 """The handle on one MLflow run: what a stage (or a tuning trial) logs through.
 
 :class:`StageRun` queues metrics, params and tags on its transport and logs artifacts at once
-(spooled during an outage); ``child_run`` nests a run such as ``tune/trial-7``. Non-zero ranks
-get the same class over a transport that sends nothing. How a run ends is decided here for
-stage and child runs alike (:func:`status_for`; :func:`signal_guard` turns SIGTERM into an
-exception while a stage runs).
+(spooled during an outage), all scrubbed of secrets first (scrub.py); ``child_run`` nests a run
+such as ``tune/trial-7``. Non-zero ranks get the same class over a transport that sends nothing.
+How a run ends is decided here for stage and child runs alike (:func:`status_for`;
+:func:`signal_guard` turns SIGTERM into an exception while a stage runs).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_TAG_VAL_LENGTH
 
 from bigmodel_ops.config import flatten
+from bigmodel_ops.tracking.scrub import Scrubber
 from bigmodel_ops.tracking.spool import is_offline_id
 from bigmodel_ops.tracking.store import TrackingOfflineWarning, dataset_input
 from bigmodel_ops.tracking.transport import LogSender, NullTransport, SenderStats
@@ -105,12 +106,10 @@ class StageRun:
         experiment: str,
         artifact_location: str | None = None,
         inherited_tags: Mapping[str, str] | None = None,
+        scrubber: Scrubber | None = None,
     ) -> None:
-        self._transport = transport
-        self._run_id = run_id
-        self.run_name = run_name
-        self.stage = stage
-        self._experiment = (experiment, artifact_location)
+        self._transport, self._scrubber, self._run_id = transport, scrubber or Scrubber(), run_id
+        self.run_name, self.stage, self._experiment = run_name, stage, (experiment, artifact_location)
         self._inherited_tags = dict(inherited_tags or {})
 
     @property
@@ -133,12 +132,16 @@ class StageRun:
 
     # ---- queued ----------------------------------------------------------------------------
 
+    def scrub(self, text: str) -> str:
+        """``text`` with secrets masked (for what is logged around this handle, e.g. a model card)."""
+        return self._scrubber.text(text)
+
     def log_params(self, values: Mapping[str, Any]) -> None:
         """Log params flattened to dotted keys. Values longer than MLflow's limit (6000 chars)
         become artifacts ``params/<key>.txt`` and the param says so."""
         items: list[tuple[str, str]] = []
         for key, value in flatten(dict(values)).items():
-            text = json.dumps(value) if isinstance(value, list) else str(value)
+            text = self._scrubber.value(key, json.dumps(value) if isinstance(value, list) else str(value))
             if len(text) > MAX_PARAM_VAL_LENGTH:
                 self.log_text(text, f"params/{key}.txt")
                 text = f"<{len(text)} chars: see artifact params/{key}.txt>"
@@ -155,7 +158,7 @@ class StageRun:
         self._transport.enqueue_metrics(self._run_id, floats, int(step), int(time.time() * 1000))
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
-        items = [(str(k), str(v)[:MAX_TAG_VAL_LENGTH]) for k, v in tags.items()]
+        items = [(str(k), str(v)[:MAX_TAG_VAL_LENGTH]) for k, v in self._scrubber.mapping(tags).items()]
         if items:
             self._transport.enqueue_tags(self._run_id, items)
 
@@ -166,10 +169,13 @@ class StageRun:
     # ---- at once (spooled during an outage) --------------------------------------------------
 
     def log_artifact(self, path: Path | str, artifact_path: str | None = None) -> None:
-        self._transport.log_artifact(self._run_id, Path(path), artifact_path)
+        """Log a file, or a folder's contents; files holding a secret go as masked copies."""
+        if not self._transport.active:
+            return
+        with tempfile.TemporaryDirectory(prefix="bigmodel_ops-scrubbed-") as tmp:
+            self._transport.log_artifact(self._run_id, self._scrubber.path(Path(path), tmp), artifact_path)
 
-    def log_artifacts(self, directory: Path | str, artifact_path: str | None = None) -> None:
-        self._transport.log_artifact(self._run_id, Path(directory), artifact_path)
+    log_artifacts = log_artifact
 
     def log_dict(self, data: Any, artifact_file: str) -> None:
         self.log_text(json.dumps(data, indent=2, default=str), artifact_file)
@@ -177,9 +183,9 @@ class StageRun:
     def log_text(self, text: str, artifact_file: str) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             target = Path(tmp) / Path(artifact_file).name
-            target.write_text(text, encoding="utf-8")
+            target.write_text(self._scrubber.text(text), encoding="utf-8")
             folder = str(Path(artifact_file).parent)
-            self.log_artifact(target, None if folder == "." else folder)
+            self._transport.log_artifact(self._run_id, target, None if folder == "." else folder)
 
     def log_input(
         self,
@@ -203,7 +209,7 @@ class StageRun:
                 "name": name,
                 "digest": digest[:36],
                 "source_type": "local" if "://" not in source else source.split("://", 1)[0],
-                "source": json.dumps({"uri": source}),
+                "source": json.dumps({"uri": self._scrubber.text(source)}),
                 "schema": json.dumps(dict(schema)) if schema else None,
                 "profile": json.dumps(dict(profile)) if profile else None,
             },
@@ -245,7 +251,7 @@ class StageRun:
             run_id=self.run_id,
             artifact_path=artifact_path,
             name=registered_model_name,
-            tags=tags,
+            tags=self._scrubber.mapping(tags or {}),
         )
         if alias is not None:
             self.client.set_registered_model_alias(registered_model_name, alias, version.version)
@@ -269,7 +275,7 @@ class StageRun:
         """
         run_name = f"{self.run_name}/{name}"
         child_tags = {**self._inherited_tags, STAGE_TAG: self.stage, "mlflow.runName": run_name}
-        child_tags.update({str(k): str(v) for k, v in (tags or {}).items()})
+        child_tags.update({str(k): str(v) for k, v in self._scrubber.mapping(tags or {}).items()})
         child_tags["mlflow.parentRunId"] = self.run_id
         experiment, location = self._experiment
         child_id = self._transport.create_run(

@@ -1,28 +1,17 @@
-"""Lineage tags for every MLflow run started inside a bigmodel_ops project.
+"""Lineage tags (all prefixed ``bigmodel_ops.``) for every MLflow run started in a project.
 
 MLflow loads :class:`LineageContextProvider` through the ``mlflow.run_context_provider`` entry
-point, so ``mlflow.start_run()`` in a user's own script gets the same tags as our stage runs
-(``stage_run`` adds them itself: ``MlflowClient.create_run`` does not ask the providers).
-
-The project root is ``$DVC_ROOT`` when DVC runs the command (DVC 3 sets ``DVC_ROOT`` and
-``DVC_STAGE`` for every stage command), else the nearest directory from the current one up that
-holds ``dvc.yaml`` and ``params.yaml``. Outside a project the provider adds nothing. Tags, all
-prefixed ``bigmodel_ops.``:
-
-- ``git_commit`` (``none`` outside git), ``git_dirty`` (untracked files do not count);
-- ``stage``: ``$DVC_STAGE``, else the stage a ``stage_run`` announced;
-- ``params_hash``: of the params sections the stage lists in dvc.yaml (all when unknown);
-  ``params_hash_all``: of all params; ``pipeline_id``: of commit + dirty flag + all params (one
-  pipeline version = one id = one parent run, pipeline.py). The params are those the stage runs
-  with, as ``stage_run`` is given them; the plugin, which has none, reads ``params.yaml``;
-- ``dep.<path>``: each dependency's DVC hash (its data version): the md5 of the stage output
-  producing it in dvc.lock (current: that stage completed first), else of ``<path>.dvc``, else
-  what dvc.lock recorded for this stage's last completed run (it may lag; git covers code);
-- ``version`` (the package), ``host``.
-
-Files are read once per process and again only when their (mtime, size) change. A failure
-(corrupt dvc.lock, no git, bad YAML) warns, and the run starts with the tags computed so far:
-lineage never stops a run.
+point, so ``mlflow.start_run()`` in a user's script gets the tags our stage runs get. The project
+root is ``$DVC_ROOT`` (set by DVC for each stage command), else the nearest directory up that
+holds ``dvc.yaml`` and ``params.yaml``; outside a project the provider adds nothing. Tags:
+``git_commit``, ``git_dirty`` (untracked files do not count), ``stage`` (``$DVC_STAGE``, else
+what ``stage_run`` announced), ``params_hash`` (of the sections the stage lists in dvc.yaml),
+``params_hash_all``, ``pipeline_id`` (commit + dirty flag + all params: one pipeline version),
+``version``, ``host``, and ``dep.<path>``: each dependency's data version, the md5 of the stage
+output producing it in dvc.lock, else of ``<path>.dvc``, else this stage's last dvc.lock entry.
+The params hashed are those the stage runs with; the plugin, which has none, reads params.yaml.
+Files are re-read only when their (mtime, size) change. A failure warns and keeps the tags
+computed so far: lineage never stops a run.
 """
 
 from __future__ import annotations
@@ -65,27 +54,28 @@ def find_project_root(start: Path | None = None) -> Path | None:
     return next((p for p in candidates if (p / "dvc.yaml").is_file() and (p / "params.yaml").is_file()), None)
 
 
-def _file_key(path: Path) -> tuple[str, int, int]:
+def _file_key(path: Path) -> tuple[int, int]:
     try:
         st = path.stat()
     except OSError:
-        return (str(path), -1, -1)
-    return (str(path), st.st_mtime_ns, st.st_size)
+        return (-1, -1)
+    return (st.st_mtime_ns, st.st_size)
+
+
+def read_yaml(path: Path) -> Any:
+    """The parsed file (None when missing), cached until its (mtime, size) change."""
+    return _read_yaml_cached(str(path), *_file_key(path))
 
 
 @functools.lru_cache(maxsize=64)
-def _read_yaml_cached(key: tuple[str, int, int]) -> Any:
-    if key[1] < 0:
+def _read_yaml_cached(path: str, mtime: int, _size: int) -> Any:
+    if mtime < 0:
         return None
     try:
-        return yaml.safe_load(Path(key[0]).read_text(encoding="utf-8"))
+        return yaml.safe_load(Path(path).read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as error:
         first = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise ValueError(f"{key[0]}: not valid YAML ({first})") from None
-
-
-def _read_yaml(path: Path) -> Any:
-    return _read_yaml_cached(_file_key(path))
+        raise ValueError(f"{path}: not valid YAML ({first})") from None
 
 
 @functools.lru_cache(maxsize=16)
@@ -111,7 +101,7 @@ def git_info(root: Path) -> tuple[str, bool | None]:
         head = files[0].read_text().strip()
         if head.startswith("ref: "):
             files.append(root / ".git" / head[5:])
-    return _git_info_cached(str(root), *(_file_key(f)[1:] for f in files))
+    return _git_info_cached(str(root), *(_file_key(f) for f in files))
 
 
 def _stage_spec(dvc_yaml: Any, stage: str) -> dict[str, Any]:
@@ -152,7 +142,7 @@ def stage_params(params: Mapping[str, Any], root: Path | None, stage: str) -> di
     """The params sections a stage depends on (its dvc.yaml ``params:``); all when unknown."""
     keys: list[str] = []
     with contextlib.suppress(Exception):
-        keys = stage_param_keys(_read_yaml(root / "dvc.yaml"), stage) if root is not None else []
+        keys = stage_param_keys(read_yaml(root / "dvc.yaml"), stage) if root is not None else []
     if not keys:
         return dict(params)
     picked: dict[str, Any] = {}
@@ -193,7 +183,7 @@ def dep_versions(root: Path, dvc_yaml: Any, lock: Any, stage: str) -> dict[str, 
 
 def _dvc_file_hash(root: Path, dep: str) -> str | None:
     dvc_file = root / f"{dep}.dvc"
-    outs = ((_read_yaml(dvc_file) or {}).get("outs") or []) if dvc_file.is_file() else []
+    outs = ((read_yaml(dvc_file) or {}).get("outs") or []) if dvc_file.is_file() else []
     return next((h for out in outs if (h := _dep_hash(out))), None)
 
 
@@ -235,7 +225,7 @@ def lineage_tags(
     tags[PREFIX + "git_commit"] = commit
     tags[PREFIX + "git_dirty"] = "unknown" if dirty is None else str(dirty).lower()
     if params is None:
-        params = _read_yaml(root / "params.yaml")
+        params = read_yaml(root / "params.yaml")
         if params is not None and not isinstance(params, dict):
             raise ValueError(f"{root / 'params.yaml'}: the top level must be a mapping")
     all_hash = tags[PREFIX + "params_hash_all"] = params_hash(params, None)
@@ -244,13 +234,13 @@ def lineage_tags(
         tags[PREFIX + "params_hash"] = all_hash
         return tags
     # Partial results survive a broken dvc.yaml/dvc.lock: the tags above are already set.
-    dvc_yaml = _read_yaml(root / "dvc.yaml")
+    dvc_yaml = read_yaml(root / "dvc.yaml")
     if not isinstance(dvc_yaml, dict):
         raise ValueError(f"{root / 'dvc.yaml'}: not a mapping of stages")
     keys = stage_param_keys(dvc_yaml, stage)
     tags[PREFIX + "params_hash"] = params_hash(params, keys) if keys else all_hash
     lock_path = root / "dvc.lock"
-    lock = _read_yaml(lock_path) if lock_path.is_file() else None
+    lock = read_yaml(lock_path) if lock_path.is_file() else None
     if lock is not None and not isinstance(lock, dict):
         raise ValueError(f"{lock_path}: not a DVC lock file (top level is not a mapping)")
     for path, value in dep_versions(root, dvc_yaml, lock, stage).items():

@@ -1,18 +1,13 @@
 """The pipeline run tree: one parent run per pipeline version, one child run per stage.
 
-A pipeline id (lineage.py: git commit + dirty flag + hash of all params) names one version of
-the pipeline; its parent run ``pipeline-<id>`` is tagged ``bigmodel_ops.pipeline_id = <id>`` and
-``bigmodel_ops.role = pipeline``, and ends with the status of the stage that ended last.
-
-Which run produced the current outputs? DVC skips a stage whose deps and params did not change,
-so a new pipeline version may have no run of it. A successful stage therefore tags the parent
-``bigmodel_ops.stage_run.<stage> = <run id>`` and records itself in ``.bigmodel_ops/stage_runs.json``
-(next to dvc.yaml; not a DVC output), and a new parent copies every recorded stage run as its
-tags (``bigmodel_ops.stage_from.<stage>``: that run's pipeline id).
-
-Find-or-create holds a ``flock`` on ``.bigmodel_ops/pipeline.lock`` (processes of one working
-copy). Machines sharing a server can still race: after creating a parent we search again and,
-if an older parent of the same id exists, delete ours and use that one.
+A pipeline id (lineage.py) names one version of the pipeline; its parent run ``pipeline-<id>`` is
+tagged ``bigmodel_ops.pipeline_id`` and ``bigmodel_ops.role = pipeline``, and ends with the status
+of the stage that ended last. DVC skips a stage whose inputs did not change, so a successful stage
+tags the parent ``bigmodel_ops.stage_run.<stage> = <run id>`` and records itself in
+``.bigmodel_ops/stage_runs.json`` (not a DVC output); a new parent copies every recorded stage run
+as its tags (``bigmodel_ops.stage_from.<stage>``: that run's pipeline id). Find-or-create holds a
+``flock`` on ``.bigmodel_ops/pipeline.lock``; machines sharing a server can still race, so after
+creating a parent we search again and, if an older parent of the same id exists, use that one.
 """
 
 from __future__ import annotations

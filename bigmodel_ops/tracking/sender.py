@@ -1,16 +1,11 @@
 """The sending side of the log sender: drains the request queue into the store.
 
 It runs on a thread, or in a process forked at the lowest CPU priority (:func:`start_process`).
-Records become ``log_batch`` requests within a server's limits (1000 metrics, 100 params, 100
-tags), sent every ``flush_interval_s`` or when 1000 metrics wait. An outage (refused connection,
-timeout, 5xx, a locked sqlite file) sends the failed batch and all after it to the spool, with
-one warning; the spool is replayed every ``retry_interval_s`` and at every flush. Refused data
-(a param logged twice with different values) is no outage: the batch is resent item by item and
-the refused items are named in one warning.
-
-Requests: ``("m", run_id, {key: value}, step, timestamp_ms)``, ``("p", run_id, [(k, v)])``,
-``("t", run_id, [(k, v)])``, ``("group", [those])``, ``("flush", token)``, ``("close", token)``.
-Replies: ``("ack", token, counters)`` when a flush/close is done, ``("warn", message, category)``.
+Records become ``log_batch`` requests within a server's limits, sent every ``flush_interval_s``
+or when 1000 metrics wait; outages and refused data are handled as store.py says. Requests:
+``("m", run_id, {key: value}, step, timestamp_ms)``, ``("p", run_id, [(k, v)])``, ``("t", ...)``,
+``("group", [those])``, ``("flush", token)``, ``("close", token)``; replies: ``("ack", token,
+counters)`` when a flush/close is done, ``("warn", message, category)``.
 """
 
 from __future__ import annotations

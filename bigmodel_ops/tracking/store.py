@@ -10,8 +10,10 @@ says how a warning reaches the user (the warnings module is neither thread- nor 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -120,21 +122,11 @@ class SharedStatus:
     def __init__(self, slots: Any) -> None:
         self._slots = slots
 
-    @property
-    def offline(self) -> bool:
-        return self._slots[0] != 0.0
+    offline = property(lambda self: self._slots[0] != 0.0, lambda self, v: self._set(0, 1.0 if v else 0.0))
+    last_retry = property(lambda self: self._slots[1], lambda self, v: self._set(1, v))
 
-    @offline.setter
-    def offline(self, value: bool) -> None:
-        self._slots[0] = 1.0 if value else 0.0
-
-    @property
-    def last_retry(self) -> float:
-        return self._slots[1]
-
-    @last_retry.setter
-    def last_retry(self, value: float) -> None:
-        self._slots[1] = value
+    def _set(self, index: int, value: float) -> None:
+        self._slots[index] = value
 
 
 class StoreLink:
@@ -155,6 +147,20 @@ class StoreLink:
 
     def resolve(self, run_id: str) -> str:
         return self._idmap.resolve(run_id)
+
+    def reachable(self, run_id: str | None = None) -> bool:
+        """Not offline, and ``run_id`` (when given) is no placeholder of a run not created yet."""
+        return not self.status.offline and not is_offline_id(run_id and self.resolve(run_id))
+
+    @contextlib.contextmanager
+    def on_outage_go_offline(self) -> Iterator[None]:
+        """An outage inside goes offline and is swallowed (the caller spools); other errors raise."""
+        try:
+            yield
+        except Exception as error:
+            if not is_outage(error):
+                raise
+            self.go_offline(error)
 
     def go_offline(self, error: BaseException) -> None:
         """The server was found unreachable: spool from now on; warn once per outage."""
@@ -195,10 +201,9 @@ class StoreLink:
         if not force and time.monotonic() - self.status.last_retry < self.retry_interval_s:
             return False
         self.status.last_retry = time.monotonic()
-        runs, total = self.spool.pending(), 0
+        runs = self.spool.pending()
         try:
-            for run_id in runs:
-                total += self.spool.replay(run_id, self._replay)
+            total = sum(self.spool.replay(run_id, self._replay) for run_id in runs)
         except Exception as error:
             if not is_outage(error):
                 raise

@@ -30,7 +30,7 @@ from typing import Any, Literal
 
 from mlflow.tracking import MlflowClient
 
-from bigmodel_ops.tracking.sender import SenderLoop, can_fork, start_process
+from bigmodel_ops.tracking.sender import SenderLoop, can_fork, file_request, start_process
 from bigmodel_ops.tracking.spool import Spool, is_offline_id, new_offline_id
 from bigmodel_ops.tracking.store import (
     Pending,
@@ -38,7 +38,6 @@ from bigmodel_ops.tracking.store import (
     StoreLink,
     TrackingOfflineWarning,
     ensure_experiment,
-    is_outage,
 )
 
 _logger = logging.getLogger(__name__)
@@ -185,8 +184,7 @@ class LogSender(StoreLink):
                 self._warned_full = True
                 _logger.warning("metric queue full; spilling to %s", self.spool.directory)
             by_run: dict[str, Pending] = {}
-            for item in group:
-                by_run.setdefault(item[1], Pending()).add(item)
+            file_request(by_run, ("group", group))
             for run_id, pending in by_run.items():
                 self.spool.append(run_id, pending.record())
             self.spilled += len(group)
@@ -195,40 +193,28 @@ class LogSender(StoreLink):
 
     def call(self, run_id: str, fn: Callable[[str], Any], record: dict[str, Any] | None) -> Any:
         """Run ``fn(real run id)`` now; during an outage spool ``record`` (when given) instead."""
-        real = self.resolve(run_id)
-        if not is_offline_id(real) and not self.offline:
-            try:
-                return fn(real)
-            except Exception as error:
-                if not is_outage(error) or record is None:
-                    raise
-                self.go_offline(error)
+        if self.reachable(run_id):
+            if record is None:
+                return fn(self.resolve(run_id))
+            with self.on_outage_go_offline():
+                return fn(self.resolve(run_id))
         if record is not None:
             self.spool.append(run_id, record)
         return None
 
     def log_artifact(self, run_id: str, local: Path, artifact_path: str | None) -> None:
         """Upload a file or folder now; during an outage copy it into the spool."""
-        real = self.resolve(run_id)
-        if not self.offline and not is_offline_id(real):
+        if self.reachable(run_id):
             upload = self.client.log_artifacts if local.is_dir() else self.client.log_artifact
-            try:
-                return upload(real, str(local), artifact_path)
-            except Exception as error:
-                if not is_outage(error):
-                    raise
-                self.go_offline(error)
+            with self.on_outage_go_offline():
+                return upload(self.resolve(run_id), str(local), artifact_path)
         self.spool.add_artifact(run_id, local, artifact_path)
 
     def experiment_id(self, name: str, artifact_location: str | None) -> str | None:
         """The id of experiment ``name`` (created on first use); None while the server is down."""
-        if name not in self._experiments and not self.offline:
-            try:
+        if name not in self._experiments and self.reachable():
+            with self.on_outage_go_offline():
                 self._experiments[name] = ensure_experiment(self.client, name, artifact_location)
-            except Exception as error:
-                if not is_outage(error):
-                    raise
-                self.go_offline(error)
         return self._experiments.get(name)
 
     def create_run(
@@ -238,17 +224,10 @@ class LogSender(StoreLink):
         and return a placeholder id."""
         start = int(time.time() * 1000)
         experiment_id = self.experiment_id(experiment, artifact_location)
-        if (
-            experiment_id is not None
-            and not self.offline
-            and not is_offline_id(tags.get("mlflow.parentRunId"))
-        ):
-            try:
+        parent = tags.get("mlflow.parentRunId")  # a placeholder parent: replay resolves it
+        if experiment_id is not None and self.reachable() and not is_offline_id(parent):
+            with self.on_outage_go_offline():
                 return self.client.create_run(experiment_id, start, tags, run_name).info.run_id
-            except Exception as error:
-                if not is_outage(error):
-                    raise
-                self.go_offline(error)
         placeholder = new_offline_id()
         record = {"op": "create", "experiment_id": experiment_id, "experiment_name": experiment, "tags": tags}
         record.update(artifact_location=artifact_location, run_name=run_name, start_time=start)

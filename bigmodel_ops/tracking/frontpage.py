@@ -1,0 +1,217 @@
+"""The pipeline parent run as the front page of a pipeline in the MLflow UI.
+
+- Headline metrics: when a stage finishes, the metrics named for it in
+  ``tracking.headline_metrics`` are copied from its run onto the parent as ``<stage>.<metric>``
+  (``evaluate.test_acc``); a new parent copies them from the runs that produced the outputs of the
+  stages DVC will skip (pipeline.py's registry), so every parent is complete.
+- The runs table: a shared view of the experiment (:func:`set_table_view`) shows these metrics as
+  columns beside the Dataset column: :func:`table_url`.
+- Datasets: the parent records the prepared splits and the token shards (:data:`DATASETS`) as
+  MLflow dataset inputs whose digest is their ``dvc.lock`` md5. A stage logs those produced by
+  its ancestors in the stage graph: their dvc.lock entries are current once it runs.
+- The DAG: the stage graph of dvc.yaml (the edges ``dvc dag`` draws: a dep at or inside another
+  stage's output) as Mermaid text and a PNG, ``pipeline/dag.mmd`` and ``pipeline/dag.png``, each
+  stage marked ran (by this pipeline), reused (outputs of an earlier pipeline's run), failed,
+  killed or not run; rewritten at the end of every stage.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from mlflow.entities import Metric
+from mlflow.tracking import MlflowClient
+
+VIEW_KEY = (
+    "bigmodel-ops"  # the runs table with the headline columns: /#/experiments/<id>/runs?viewStateShareKey=...
+)
+DATASETS = {"outputs/prepared": ("prepared", "training"), "outputs/shards": ("shards", "pretraining")}
+DAG_DIR = "pipeline"
+_COLOURS = {
+    "ran": "#a5d6a7",
+    "reused": "#e0e0e0",
+    "failed": "#ef9a9a",
+    "killed": "#ffcc80",
+    "not run": "#ffffff",
+}
+
+
+def headline(metrics: Mapping[str, float], stage: str, wanted: Mapping[str, list[str]]) -> dict[str, float]:
+    """``{<stage>.<metric>: value}`` for the metrics of ``stage`` named in ``wanted`` (missing ones skipped)."""
+    return {f"{stage}.{key}": float(metrics[key]) for key in wanted.get(stage, []) if key in metrics}
+
+
+def copy_headline(
+    client: MlflowClient, *, parent_id: str, runs: Mapping[str, str], wanted: Mapping[str, list[str]]
+) -> dict[str, float]:
+    """Copy the headline metrics of ``runs`` ({stage: run id}) onto the parent; returns them.
+    A run that cannot be read (deleted, another store) contributes nothing."""
+    values: dict[str, float] = {}
+    for stage, run_id in runs.items():
+        if wanted.get(stage):
+            try:
+                values.update(headline(client.get_run(run_id).data.metrics, stage, wanted))
+            except Exception:  # noqa: BLE001 - a missing run only leaves a gap on the front page
+                continue
+    now = int(time.time() * 1000)
+    if values:
+        client.log_batch(parent_id, metrics=[Metric(k, v, now, 0) for k, v in values.items()])
+    return values
+
+
+def set_table_view(client: MlflowClient, experiment_id: str, wanted: Mapping[str, list[str]]) -> None:
+    """Save the runs table's view with a Dataset column and one column per headline metric, as an
+    MLflow shared view (an experiment tag the UI reads for ``?viewStateShareKey=`` :data:`VIEW_KEY`)."""
+    columns = [
+        "attributes.`Dataset`",
+        *(f"metrics.`{stage}.{key}`" for stage, keys in wanted.items() for key in keys),
+    ]
+    client.set_experiment_tag(
+        experiment_id, f"mlflow.sharedViewState.{VIEW_KEY}", json.dumps({"selectedColumns": columns})
+    )
+
+
+def table_url(base: str, experiment_id: str) -> str:
+    """The training-runs table with the headline columns (:func:`set_table_view`)."""
+    return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs?viewStateShareKey={VIEW_KEY}"
+
+
+def _paths(entries: Any) -> list[str]:
+    return [os.path.normpath(next(iter(e)) if isinstance(e, dict) else str(e)) for e in entries or []]
+
+
+def stage_graph(dvc_yaml: Mapping[str, Any]) -> tuple[list[str], set[tuple[str, str]]]:
+    """(stages in dvc.yaml order, edges (producer, consumer)) as ``dvc dag`` draws them."""
+    stages = dict((dvc_yaml or {}).get("stages") or {})
+    outs = {
+        name: _paths(s.get("outs")) + _paths(s.get("metrics")) + _paths(s.get("plots"))
+        for name, s in stages.items()
+    }
+
+    def overlaps(a: str, b: str) -> bool:
+        return a == b or a.startswith(b + "/") or b.startswith(a + "/")
+
+    edges = {
+        (producer, consumer)
+        for consumer, spec in stages.items()
+        for dep in _paths(spec.get("deps"))
+        for producer, produced in outs.items()
+        if producer != consumer and any(overlaps(dep, out) for out in produced)
+    }
+    return list(stages), edges
+
+
+def ancestors(stage: str, edges: set[tuple[str, str]]) -> set[str]:
+    found, todo = set(), [stage]
+    while todo:
+        node = todo.pop()
+        for producer, consumer in edges:
+            if consumer == node and producer not in found:
+                found.add(producer)
+                todo.append(producer)
+    return found
+
+
+def current_datasets(
+    stage: str, dvc_yaml: Mapping[str, Any], lock: Mapping[str, Any] | None
+) -> list[dict[str, Any]]:
+    """The :data:`DATASETS` produced by ancestors of ``stage``, with their dvc.lock md5 (the
+    ``input`` records StageRun.log_input sends); none before their producer has completed."""
+    _, edges = stage_graph(dvc_yaml)
+    upstream = ancestors(stage, edges)
+    records = []
+    for producer, entry in ((lock or {}).get("stages") or {}).items():
+        for out in entry.get("outs") or [] if producer in upstream else []:
+            path = os.path.normpath(str(out.get("path", "")))
+            if path in DATASETS and out.get("md5"):
+                name, context = DATASETS[path]
+                records.append({"name": name, "source": path, "digest": str(out["md5"]), "context": context})
+    return records
+
+
+def marks(
+    stages: list[str], parent_tags: Mapping[str, str], pipeline_id: str, current: tuple[str, str]
+) -> dict[str, str]:
+    """Each stage's mark: ran / reused from the parent's ``stage_from.<stage>`` tags; the stage
+    ending now (``current``: stage, status) failed / killed when it did not finish."""
+    result = {}
+    for stage in stages:
+        source = parent_tags.get(f"bigmodel_ops.stage_from.{stage}")
+        result[stage] = "not run" if source is None else "ran" if source == pipeline_id else "reused"
+    stage, status = current
+    if stage in result and status in ("FAILED", "KILLED"):
+        result[stage] = status.lower()
+    return result
+
+
+def mermaid(stages: list[str], edges: set[tuple[str, str]], stage_marks: Mapping[str, str]) -> str:
+    lines = ["flowchart TD"]
+    lines += [
+        f'    {s}["{s} ({stage_marks.get(s, "not run")})"]:::{_css(stage_marks.get(s, "not run"))}'
+        for s in stages
+    ]
+    lines += [f"    {a} --> {b}" for a, b in sorted(edges)]
+    lines += [f"    classDef {_css(mark)} fill:{colour}" for mark, colour in _COLOURS.items()]
+    return "\n".join(lines) + "\n"
+
+
+def _css(mark: str) -> str:
+    return mark.replace(" ", "_")
+
+
+def render_png(
+    stages: list[str], edges: set[tuple[str, str]], stage_marks: Mapping[str, str], path: Path
+) -> None:
+    """The DAG as a PNG: stages in layers by their longest path from a source, top to bottom."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    depth: dict[str, int] = {}
+
+    def layer(stage: str) -> int:
+        if stage not in depth:
+            depth[stage] = 0  # a cycle (DVC refuses them) cannot recurse forever
+            depth[stage] = max((layer(a) + 1 for a, b in edges if b == stage), default=0)
+        return depth[stage]
+
+    rows: dict[int, list[str]] = {}
+    for stage in stages:
+        rows.setdefault(layer(stage), []).append(stage)
+    width = max(len(r) for r in rows.values())
+    xy = {s: ((i + 1) / (len(r) + 1) * width, -d) for d, r in rows.items() for i, s in enumerate(r)}
+    figure = Figure(figsize=(2.2 * width + 3, 1.1 * len(rows) + 0.6))
+    axes = figure.add_subplot()
+    axes.set_axis_off()
+    for index, (a, b) in enumerate(sorted(edges)):
+        skip = depth[b] - depth[a] - 1  # an edge past other layers bends, alternately left and right
+        bend = 0.0 if skip <= 0 else (0.25 + 0.1 * skip) * (1 if index % 2 else -1)
+        arrow = {"arrowstyle": "->", "color": "#555", "shrinkA": 14, "shrinkB": 14}
+        axes.annotate("", xy=xy[b], xytext=xy[a], arrowprops={**arrow, "connectionstyle": f"arc3,rad={bend}"})
+    for stage, (x, y) in xy.items():
+        mark = stage_marks.get(stage, "not run")
+        box = {"boxstyle": "round", "facecolor": _COLOURS.get(mark, "#fff"), "edgecolor": "#333"}
+        axes.text(x, y, f"{stage}\n({mark})", ha="center", va="center", fontsize=9, bbox=box)
+    axes.set_xlim(-0.7, width + 0.7)  # room for the bent edges
+    axes.set_ylim(-len(rows) + 0.5, 0.5)
+    FigureCanvasAgg(figure).print_png(str(path))
+
+
+def log_dag(
+    transport: Any, *, parent_id: str, dvc_yaml: Mapping[str, Any], pipeline_id: str, current: tuple[str, str]
+) -> None:
+    """Write ``pipeline/dag.mmd`` and ``pipeline/dag.png`` onto the parent (``transport``: a LogSender)."""
+    stages, edges = stage_graph(dvc_yaml)
+    if not stages:
+        return
+    stage_marks = marks(stages, transport.client.get_run(parent_id).data.tags, pipeline_id, current)
+    with tempfile.TemporaryDirectory(prefix="bigmodel_ops-dag-") as tmp:
+        (Path(tmp) / "dag.mmd").write_text(mermaid(stages, edges, stage_marks), encoding="utf-8")
+        render_png(stages, edges, stage_marks, Path(tmp) / "dag.png")
+        for name in ("dag.mmd", "dag.png"):
+            transport.log_artifact(parent_id, Path(tmp) / name, DAG_DIR)
