@@ -59,9 +59,15 @@ def load_tokenizer(
 
 
 def check_model_dir(directory: Path, *, what: str = "pretrained model", stage: str = "pretrain") -> None:
-    """CheckpointError naming the path when a model folder is absent or incomplete."""
+    """CheckpointError naming the path when a model folder is absent or incomplete, or when one of
+    its files is a link that leads out of the folder (a tampered artifact must not make us read,
+    or show in an error, a file elsewhere on the machine)."""
     if not directory.is_dir():
         raise CheckpointError(f"{directory}: {what} not found (run the {stage} stage first)")
+    folder = directory.resolve()
     for name in MODEL_FILES:
-        if not (directory / name).is_file():
-            raise CheckpointError(f"{directory / name}: missing from the {what} folder")
+        path = directory / name
+        if not path.is_file():
+            raise CheckpointError(f"{path}: missing from the {what} folder")
+        if not path.resolve().is_relative_to(folder):
+            raise CheckpointError(f"{path}: a link that leads out of the {what} folder; refused")

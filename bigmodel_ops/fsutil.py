@@ -2,13 +2,14 @@
 
 Every stage builds its outputs beside their final paths and moves them into place only at the
 very end (:func:`publish`), so a crash, a full disk or bad input leaves either the previous
-complete output or nothing. No third-party imports: the GPU benchmark imports the training code
-bare.
+complete output or nothing; a full disk is reported as :class:`DiskFullError` (a user error naming
+the outputs). No third-party imports: the GPU benchmark imports the training code bare.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -17,6 +18,8 @@ import uuid
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
+
+from bigmodel_ops.errors import BigModelOpsError
 
 
 class Publication:
@@ -82,6 +85,27 @@ class Publication:
         self._created.clear()
 
 
+class DiskFullError(BigModelOpsError, OSError):
+    """The file system ran out of space (or quota) while outputs were staged: nothing published."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _disk_full(error: BaseException, targets: tuple[Path, ...]) -> DiskFullError | None:
+    if not isinstance(error, OSError) or isinstance(error, DiskFullError) or error.errno not in _DISK_FULL:
+        return None
+    names = ", ".join(str(t) for t in targets)
+    return DiskFullError(
+        error.errno,
+        f"no space left on the device while writing {names} ({error}); nothing was published and the "
+        "previous outputs are intact. Free space and run the stage again.",
+    )
+
+
 @contextlib.contextmanager
 def publish(*targets: Path) -> Iterator[Publication]:
     """Stage outputs for ``targets``; commit them when the block ends cleanly, else abort.
@@ -91,17 +115,24 @@ def publish(*targets: Path) -> Iterator[Publication]:
         with publish(out_dir, report) as pub:
             build(pub.staged(out_dir))
             pub.staged(report).write_text(...)
+
+    A full disk (ENOSPC / EDQUOT) while staging or committing becomes :class:`DiskFullError`
+    naming the targets, after the staged files are removed.
     """
     publication = Publication(*targets)
     try:
         yield publication
-    except BaseException:
+    except BaseException as error:
         publication.abort()
+        if (full := _disk_full(error, targets)) is not None:
+            raise full from error
         raise
     try:
         publication.commit()
-    except BaseException:
+    except BaseException as error:
         publication.abort()
+        if (full := _disk_full(error, targets)) is not None:
+            raise full from error
         raise
 
 

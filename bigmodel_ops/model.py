@@ -334,4 +334,9 @@ def load_weights(module: nn.Module, directory: Path, *, what: str) -> nn.Module:
         load_model(module, str(weights), strict=True)
     except RuntimeError as error:
         raise CheckpointError(f"{weights}: weights do not match {directory / CONFIG_FILE}: {error}") from None
+    except Exception as error:  # noqa: BLE001 - safetensors' SafetensorError: not a safetensors file
+        raise CheckpointError(
+            f"{weights}: not a valid safetensors file ({error}); weights are only read from safetensors, "
+            "never unpickled"
+        ) from None
     return module

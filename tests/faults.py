@@ -3,7 +3,9 @@
 - :class:`KillAfterCheckpoint`: SIGKILL the process once the checkpoint of a step is durable
   (a crash between two checkpoints);
 - :class:`PoisonAtStep`: make the parameters NaN just before the given optimizer step, so that
-  step's loss is NaN (the divergence path end to end).
+  step's loss is NaN (the divergence path end to end);
+- :class:`SigtermDuringStep`: send the process a real SIGTERM (``os.kill``) while a given
+  optimizer step is being computed (a preemption that lands mid-step).
 
 Run as a script, this is the pretrain stage's command with faults injected, for tests that need
 the stage in its own process (a SIGKILL must not take pytest with it)::
@@ -74,6 +76,42 @@ class PoisonAtStep(pl.Callback):
                     parameter.mul_(float("nan"))
 
 
+class SigtermDuringStep(pl.Callback):
+    """``os.kill(getpid(), SIGTERM)`` at the start of the batch of optimizer step ``step`` (1-based:
+    the checkpoint of a graceful stop is the one of step ``step``). Fires once, on global rank 0."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+        self.fired = False
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if trainer.global_step == self.step - 1 and not self.fired and trainer.is_global_zero:
+            self.fired = True
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+_RANK_VARS = ("RANK", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "SLURM_PROCID", "BIGMODEL_OPS_RUN_ID")
+
+
+def stage_command(stage: str = "pretrain", *faults: str) -> tuple[list[str], dict[str, str]]:
+    """(argv, env) of a stage's process as dvc.yaml runs it (``python -m stages.<stage>``), or with
+    fault options through this module (pretrain only), reading ./params.yaml quietly."""
+    env = {k: v for k, v in os.environ.items() if k not in _RANK_VARS}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    module = ["-m", "tests.faults", *faults] if faults else ["-m", f"stages.{stage}"]
+    return [sys.executable, *module, "--params", "params.yaml", "--quiet"], env
+
+
+def run_stage_process(root: Path, stage: str = "pretrain", *faults: str, timeout: float = 600) -> Any:
+    """Run the stage's process in ``root``; the CompletedProcess (text stdout / stderr)."""
+    import subprocess
+
+    command, env = stage_command(stage, *faults)
+    return subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=timeout)
+
+
 def main(argv: list[str] | None = None) -> int:
     from bigmodel_ops.cli import run_stage
     from bigmodel_ops.pipeline import pretrain
@@ -81,12 +119,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("--kill-after-checkpoint-step", type=int)
     parser.add_argument("--nan-at-step", type=int)
+    parser.add_argument("--sigterm-during-step", type=int)
     faults, rest = parser.parse_known_args(argv)
     callbacks: list[pl.Callback] = []
     if faults.kill_after_checkpoint_step is not None:
         callbacks.append(KillAfterCheckpoint(faults.kill_after_checkpoint_step))
     if faults.nan_at_step is not None:
         callbacks.append(PoisonAtStep(faults.nan_at_step))
+    if faults.sigterm_during_step is not None:
+        callbacks.append(SigtermDuringStep(faults.sigterm_during_step))
 
     def run(params: Any, *, paths: Any, quiet: bool = False) -> dict[str, Any]:
         return pretrain.run(params, paths=paths, quiet=quiet, callbacks=callbacks)

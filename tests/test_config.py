@@ -123,3 +123,49 @@ def test_fsdp_on_auto_accelerator_without_cuda_is_refused_before_training(tmp_pa
             enable_checkpointing=False,
             default_root_dir=tmp_path,
         )
+
+
+_MALFORMED = {
+    "bad YAML": (None, r"params.yaml: not valid YAML"),
+    "unknown key": (
+        lambda p: p["pretrain"].update(learning_rate=0.1),
+        r"pretrain.learning_rate = 0.1: unknown key",
+    ),
+    "wrong type": (
+        lambda p: p["pretrain"].update(lr="fast"),
+        r'pretrain.lr = "fast": Input should be a valid number',
+    ),
+    "out of range": (lambda p: p["prepare"]["split"].update(train=1.5), r"prepare.split.train = 1.5"),
+    "conflicting fields": (
+        lambda p: p["pretrain"].update(min_lr=1.0, lr=0.1),
+        r"- pretrain = .*min_lr \(1.0\) must not exceed lr \(0.1\)",
+    ),
+}
+
+
+@pytest.mark.parametrize("stage", ["prepare", "pretrain"])
+@pytest.mark.parametrize("case", list(_MALFORMED))
+def test_malformed_params_stop_the_stage_process_before_any_work(
+    tmp_path, repo_params, mlflow_store, case, stage
+):
+    """Through the stage's own process (``python -m stages.<stage>``, what dvc.yaml runs): exit 2,
+    the error names the field, nothing written, no run in the store the stage would log to."""
+    import re
+
+    from tests.faults import run_stage_process
+
+    mutate, expected = _MALFORMED[case]
+    if mutate is None:
+        (tmp_path / "params.yaml").write_text("pretrain:\n  lr: [0.1\nproject: {name: x}\n")
+    else:
+        mutate(repo_params)
+        write_params(tmp_path, repo_params)
+    result = run_stage_process(tmp_path, stage, timeout=300)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.startswith(f"bigmodel-ops {stage}: error: params.yaml: "), result.stderr[-2000:]
+    assert re.search(expected, result.stderr), result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mlflow-store", "params.yaml"]
+    client = MlflowClient(mlflow_store)
+    assert [e.name for e in client.search_experiments()] == ["Default"]
+    assert not client.search_runs(["0"])

@@ -585,6 +585,19 @@ def _bad_aclimdb_folder(root: Path) -> dict[str, Any]:
     return params_dict(source={"kind": "aclimdb", "path": "acl", "label_column": None})
 
 
+def _fifty_mb_line(root: Path) -> dict[str, Any]:
+    write_csv(root / "reviews.csv", labeled_rows(40))
+    with open(root / "reviews.csv", "a", encoding="utf-8") as handle:
+        handle.write("word " * (10 << 20) + ",positive\n")  # one 50 MB field: a lost newline or quote
+    return params_dict(source=_csv_source("reviews.csv"))
+
+
+def _fifty_mb_text_line(root: Path) -> dict[str, Any]:
+    write_csv(root / "reviews.csv", labeled_rows(40))
+    (root / "u.txt").write_text("a fine line\n" + "x" * (50 << 20) + "\n", encoding="utf-8")
+    return params_dict(source=_csv_source("reviews.csv", unlabeled_path="u.txt"))
+
+
 def _empty_pool(root: Path) -> dict[str, Any]:
     write_csv(root / "reviews.csv", labeled_rows(100))
     return params_dict(source=_csv_source("reviews.csv"), pretrain_pool="unlabeled")
@@ -637,6 +650,14 @@ BAD_INPUTS = {
     ),
     "unknown aclimdb folder": (_bad_aclimdb_folder, r"folder 'meh' matches none of the declared labels"),
     "empty pretraining pool": (_empty_pool, r"the pretraining pool is empty \(pretrain_pool: 'unlabeled'"),
+    "50 MB single csv row": (
+        _fifty_mb_line,
+        r"reviews.csv: row 41: text of 52,428,799 characters is longer than prepare.max_chars \(1,000,000\)",
+    ),
+    "50 MB single text line": (
+        _fifty_mb_text_line,
+        r"u.txt: line 2: text of 52,428,800 characters is longer than prepare.max_chars \(1,000,000\)",
+    ),
 }
 
 

@@ -16,7 +16,7 @@ import torch
 
 from bigmodel_ops.classification.inputs import collate, tokenize_texts
 from bigmodel_ops.classification.model import SequenceClassifier
-from bigmodel_ops.contract import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, load_tokenizer
+from bigmodel_ops.contract import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, check_model_dir, load_tokenizer
 from bigmodel_ops.errors import CheckpointError
 from bigmodel_ops.model import ModelConfig, TransformerLM, load_weights
 
@@ -112,6 +112,7 @@ class TextClassifier:
 def load_classifier(directory: Path | str) -> TextClassifier:
     """Load an exported classifier (safetensors; no pickle). CheckpointError on bad files."""
     directory = Path(directory)
+    check_model_dir(directory, what="classifier", stage="finetune")
     payload = read_classifier_config(directory)
     try:
         config = ModelConfig.from_dict(payload["config"])

@@ -300,6 +300,7 @@ class ClassifierModule(L.LightningModule):
         self._best_state: dict[str, torch.Tensor] | None = None
         self._train_loss_sum: torch.Tensor | None = None
         self._train_loss_count = 0
+        self.diverged_at_step: int | None = None  # the optimizer step whose train loss was NaN/inf
 
     def forward(self, idx: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         return self.model(idx, lengths)
@@ -314,6 +315,10 @@ class ClassifierModule(L.LightningModule):
         logits = self(batch["idx"], batch["lengths"])
         loss = self.loss(logits, batch["labels"])
         detached = loss.detach()
+        if self.diverged_at_step is None and not bool(torch.isfinite(detached)):
+            # Stop at the end of this step: nothing later can be trusted (the caller raises).
+            self.diverged_at_step = int(self.global_step) + 1
+            self.trainer.should_stop = True
         self._train_loss_sum = detached if self._train_loss_sum is None else self._train_loss_sum + detached
         self._train_loss_count += 1
         return loss

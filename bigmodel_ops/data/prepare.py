@@ -26,7 +26,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from bigmodel_ops.config import PrepareParams, flatten
+from bigmodel_ops.config import PrepareParams, flatten, metric_key
 from bigmodel_ops.data.labels import UNLABELED, LabelError, LabelMapper
 from bigmodel_ops.data.normalize import normalize_text
 from bigmodel_ops.data.sources import RawBatch, SourcePlan, iter_source
@@ -113,6 +113,12 @@ class _PreparePass:
             if len(text) < prepare.min_chars:
                 self.dropped["short"] += 1
                 continue
+            if len(text) > prepare.max_chars:
+                raise DataError(
+                    f"{batch.where(index)}: text of {len(text):,} characters is longer than "
+                    f"prepare.max_chars ({prepare.max_chars:,}); a single text this long is almost always a "
+                    "broken file (a lost newline or quote): fix the file, or raise prepare.max_chars"
+                )
             digest = self.hasher.digest(text)
             if not self.dedup.add(digest, label_id):
                 continue
@@ -202,9 +208,15 @@ def _combined_digest(digests: dict[str, str]) -> str:
 
 def report_metrics(report: dict[str, Any]) -> dict[str, float]:
     """The numeric leaves of the report as `data.<dotted.key>` metrics."""
-    picked = {key: report[key] for key in ("rows", "labels", "length_chars", "input", "dropped")}
-    return {
+    picked = {key: report[key] for key in ("rows", "length_chars", "input", "dropped")}
+    metrics = {
         f"data.{key}": float(value)
         for key, value in flatten(picked).items()
         if isinstance(value, int | float) and not isinstance(value, bool)
     }
+    # Labels come from the data: in a metric name each is neutralised (metric_key: no '/', so no
+    # '../' or absolute path can reach MLflow's path-like names).
+    for split, counts in report["labels"].items():
+        for label, count in counts.items():
+            metrics[f"data.labels.{split}.{metric_key(str(label))}"] = float(count)
+    return metrics

@@ -26,7 +26,8 @@ train_loss every ``tracking.log_every_n_steps`` steps and val metrics per epoch 
 step (plus an ``epoch`` metric), and the pyfunc text model ``classifier`` (serving.py, models from
 code; signature: string column ``text`` -> ``label`` string, ``score`` double).
 
-A val loss that is NaN/inf after training raises TrainingDiverged and writes nothing.
+A NaN/inf train loss stops training at that step, and a val loss that is NaN/inf after training;
+both raise TrainingDiverged and write nothing.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections.abc import Sequence
 from typing import Any
 
 from bigmodel_ops.classification.export import save_classifier
@@ -97,10 +99,14 @@ def resolve_hparams(params: Params, paths: ProjectPaths) -> tuple[HyperParams, s
         raise ConfigError(f"{path}: {error}") from None
 
 
-def run(params: Params, *, paths: ProjectPaths, quiet: bool = False) -> dict[str, Any]:
+def run(
+    params: Params, *, paths: ProjectPaths, quiet: bool = False, callbacks: Sequence[Any] = ()
+) -> dict[str, Any]:
     """Fine-tune a sequence classifier on the labeled splits from the pretrained backbone.
 
-    Exports and logs the classifier; returns the report.
+    Exports and logs the classifier; returns the report. ``callbacks`` are added to the Trainer
+    (tests inject faults this way). A NaN/inf train loss stops training at that step and raises
+    TrainingDiverged: nothing is exported or logged as a model, and the run is marked FAILED.
     """
     hparams, source = resolve_hparams(params, paths)
     check_model_dir(paths.pretrained_model)
@@ -134,9 +140,15 @@ def run(params: Params, *, paths: ProjectPaths, quiet: bool = False) -> dict[str
             model_dir=paths.pretrained_model,
             splits=splits,
             hparams=hparams,
-            callbacks=[metrics],
+            callbacks=[metrics, *callbacks],
             quiet=quiet,
         )
+        if module.diverged_at_step is not None:
+            raise TrainingDiverged(
+                f"finetune: the train loss became NaN/inf at step {module.diverged_at_step}; training "
+                "stopped there and nothing was exported, logged as a model or registered. Lower the "
+                f"learning rate (lr={hparams.lr:g}, from {source}) or raise finetune.warmup_ratio"
+            )
         final = dict(module.best_val)
         if not final or not all(math.isfinite(v) for v in {**final, **module.last_val}.values()):
             raise TrainingDiverged(

@@ -8,7 +8,8 @@ Named steps, cheap checks first so that bad input fails in seconds and leaves no
    it must match the model config and the data/optimisation fingerprint, else CheckpointError
    (never a silent restart). Its MLflow run id is re-attached, so one run spans every resume;
 3. :func:`fit`: Lightning fit (resumes weights, optimizer, schedule, RNG and data position), a
-   final validation, the divergence check;
+   final validation, the divergence check; SIGTERM finishes the step in progress, checkpoints it
+   and stops (run KILLED, exit 143: :class:`~bigmodel_ops.pretraining.callbacks.GuardedCheckpoint`);
 4. :func:`export`: rank 0 writes model.safetensors + config.json + tokenizer.json from the final
    checkpoint (published atomically), the metrics report, logs the model folder and registers
    ``<project>-base`` with alias ``latest-pretrain``.
@@ -266,6 +267,8 @@ def fit(
     trainer.fit(
         module, datamodule=inputs.datamodule, ckpt_path=str(point.path) if point else None, weights_only=True
     )
+    if checkpoint.term_requested:  # SIGTERM after the last step: its checkpoint is written, stop now
+        checkpoint.stop()
     if metrics.last_val_step != trainer.global_step:
         trainer.validate(module, datamodule=inputs.datamodule, verbose=False)
     module.assert_finite()
@@ -352,8 +355,9 @@ def run(
 
     Returns the metrics report (also written to paths.pretrain_report). ``callbacks`` are added to
     the Trainer (tests inject faults this way). Raises DataError (shards / tokenizer / block
-    size), CheckpointError (an incompatible checkpoint) or TrainingDiverged (NaN/inf loss; the
-    last good checkpoint is kept and the MLflow run is marked FAILED).
+    size), CheckpointError (an incompatible checkpoint, no valid checkpoint in a folder that has
+    some, a checkpoint that cannot be written) or TrainingDiverged (NaN/inf loss; the last good
+    checkpoint is kept and the MLflow run is marked FAILED).
     """
     started = time.perf_counter()
     inputs = check_inputs(params, paths)
