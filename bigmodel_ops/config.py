@@ -44,6 +44,17 @@ class ProjectParams(_Strict):
     seed: int = Field(default=1337, ge=0)
 
 
+PIPELINE_STAGES = ("prepare", "tokenize", "pretrain", "tune", "finetune", "evaluate", "compress")
+DEFAULT_HEADLINE_METRICS: dict[str, list[str]] = {
+    "prepare": ["data.rows.train"],
+    "pretrain": ["val/loss", "val/gap_to_unigram"],
+    "tune": ["best_value"],
+    "finetune": ["best_val_acc"],
+    "evaluate": ["test_acc", "baseline_test_acc", "test_acc_minus_baseline"],
+    "compress": ["int8_speedup", "int8_acc_drop_points"],
+}
+
+
 class TrackingParams(_Strict):
     # MLFLOW_TRACKING_URI in the environment wins over this value.
     uri: str = "sqlite:///mlflow.db"
@@ -76,6 +87,27 @@ class TrackingParams(_Strict):
     # MLFLOW_HTTP_REQUEST_MAX_RETRIES / MLFLOW_HTTP_REQUEST_TIMEOUT in the environment win.
     http_max_retries: int = Field(default=1, ge=0, le=10)
     http_timeout_s: PositiveInt = 20
+    # Copied from each stage's run onto the pipeline run as `<stage>.<metric>`: the runs table's columns.
+    headline_metrics: dict[str, list[str]] = Field(default_factory=lambda: dict(DEFAULT_HEADLINE_METRICS))
+    # A running stage tags its run with a heartbeat this often; `bigmodel-ops runs reap` (and every
+    # stage start) ends FAILED a run whose heartbeat is older than heartbeat_stale_s AND whose
+    # process is gone.
+    heartbeat_interval_s: float = Field(default=30.0, gt=0.0)
+    heartbeat_stale_s: float = Field(default=120.0, gt=0.0)
+
+    @model_validator(mode="after")
+    def _check_front_page(self) -> TrackingParams:
+        unknown = sorted(set(self.headline_metrics) - set(PIPELINE_STAGES))
+        if unknown:
+            raise ValueError(
+                f"tracking.headline_metrics: unknown stage(s) {unknown}; stages: {list(PIPELINE_STAGES)}"
+            )
+        if self.heartbeat_stale_s <= self.heartbeat_interval_s:
+            raise ValueError(
+                f"tracking.heartbeat_stale_s ({self.heartbeat_stale_s:g}) must exceed "
+                f"tracking.heartbeat_interval_s ({self.heartbeat_interval_s:g})"
+            )
+        return self
 
 
 class SourceParams(_Strict):
@@ -127,6 +159,9 @@ class PrepareParams(_Strict):
     strip_markup: bool = True
     # Rows whose normalised text is shorter than this are dropped.
     min_chars: PositiveInt = 1
+    # A longer normalised text is refused (DataError naming the row): a line of megabytes is
+    # almost always a broken file (a lost newline or quote), not a document.
+    max_chars: PositiveInt = 1_000_000
     split: SplitParams = SplitParams()
     # all: every text (labeled + unlabeled) feeds pretraining; unlabeled: only the unlabeled pool.
     pretrain_pool: Literal["all", "unlabeled"] = "all"
@@ -414,8 +449,18 @@ class TuneParams(_Strict):
     # median | hyperband | successive_halving | threshold (needs prune_threshold) | none. Every
     # pruner acts on the reports of the validation subset every report_every_n_steps steps.
     pruner: Literal["median", "hyperband", "successive_halving", "threshold", "none"] = "median"
-    # Optuna storage URL; None = a journal file in the stage's output folder.
+    # Optuna storage URL (SQLAlchemy, e.g. postgresql://... for workers on many machines); None =
+    # a journal file in the stage's output folder (workers on one machine). `--storage` overrides.
     storage: str | None = None
+    # Worker processes on the study (`bigmodel-ops tune --workers N` overrides); the study runs
+    # exactly n_trials trials whatever their number.
+    workers: PositiveInt = 1
+    # Liveness of running trials: each worker records a heartbeat every heartbeat_interval_s; a
+    # RUNNING trial silent for more than grace_period_s is failed and retried (at most
+    # max_retry times) with the same parameters.
+    heartbeat_interval_s: PositiveInt = 5
+    grace_period_s: PositiveInt = 30
+    max_retry: int = Field(default=2, ge=0)
     # Epochs of fine-tuning per trial (the full val split is measured at each epoch's end).
     max_epochs: PositiveInt = 2
     # Fraction of the training batches each trial epoch sees (Lightning's limit_train_batches):
@@ -450,6 +495,11 @@ class TuneParams(_Strict):
     def _threshold_is_set(self) -> TuneParams:
         if self.pruner == "threshold" and self.prune_threshold is None:
             raise ValueError("pruner 'threshold' needs prune_threshold")
+        if self.grace_period_s <= self.heartbeat_interval_s:
+            raise ValueError(
+                f"grace_period_s ({self.grace_period_s}) must be above heartbeat_interval_s "
+                f"({self.heartbeat_interval_s}): a live worker would look dead between two heartbeats"
+            )
         if isinstance(self.max_resource, int) and self.max_resource < (self.min_resource or 1):
             raise ValueError(
                 f"max_resource ({self.max_resource}) is below min_resource ({self.min_resource})"
