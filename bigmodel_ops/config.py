@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+import urllib.parse
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -94,6 +95,20 @@ class TrackingParams(_Strict):
     # process is gone.
     heartbeat_interval_s: float = Field(default=30.0, gt=0.0)
     heartbeat_stale_s: float = Field(default=120.0, gt=0.0)
+
+    @field_validator("spool_dir", "artifact_location")
+    @classmethod
+    def _inside_the_project(cls, value: str, info: Any) -> str:
+        """A relative folder must stay in the project: no ``..`` segment, also %-encoded. A folder
+        elsewhere is an explicit choice: an absolute path, or for artifact_location a URI."""
+        if info.field_name == "artifact_location" and re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", value):
+            return value
+        decoded = urllib.parse.unquote(value)
+        if ".." in re.split(r"[/\\]", decoded):
+            raise ValueError(
+                f"{value!r} leaves the project through '..'; give a folder inside it or an absolute path"
+            )
+        return value
 
     @model_validator(mode="after")
     def _check_front_page(self) -> TrackingParams:

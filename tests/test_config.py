@@ -40,6 +40,14 @@ def test_gpu_profile_switch(repo_params):
         (lambda p: p["profiles"]["cpu"].update(max_steps=None), "set max_steps or max_tokens"),
         (lambda p: p["tune"]["search_space"]["lr"].update(low=0.0), "a log-scaled range needs low > 0"),
         (
+            lambda p: p["tracking"].update(spool_dir="../outside/spool"),
+            "tracking.spool_dir = \"../outside/spool\": Value error, '../outside/spool' leaves the project through '..'",
+        ),
+        (
+            lambda p: p["tracking"].update(artifact_location="art/%2e%2e/%2E%2E/x"),
+            "'art/%2e%2e/%2E%2E/x' leaves the project through '..'",
+        ),
+        (
             lambda p: p["profiles"]["cpu"].update(accelerator="cpu", strategy="fsdp"),
             "Value error, strategy 'fsdp' needs CUDA GPUs",
         ),
@@ -169,3 +177,12 @@ def test_malformed_params_stop_the_stage_process_before_any_work(
     client = MlflowClient(mlflow_store)
     assert [e.name for e in client.search_experiments()] == ["Default"]
     assert not client.search_runs(["0"])
+
+
+def test_tracking_folders_elsewhere_are_explicit_choices(repo_params, tmp_path):
+    """Absolute folders and artifact URIs are accepted; only '..' out of the project is refused."""
+    repo_params["tracking"].update(spool_dir=str(tmp_path / "spool"), artifact_location="s3://bucket/artifacts")
+    params = parse_params(repo_params, source="params.yaml")
+    assert params.tracking.spool_dir == str(tmp_path / "spool")
+    repo_params["tracking"].update(spool_dir="spool/..x", artifact_location="file:///srv/artifacts")
+    assert parse_params(repo_params, source="params.yaml").tracking.spool_dir == "spool/..x"
