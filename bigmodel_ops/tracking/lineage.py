@@ -273,4 +273,9 @@ class LineageContextProvider:
             return False
 
     def tags(self) -> dict[str, str]:
-        return safe_lineage_tags()
+        try:
+            return safe_lineage_tags()
+        except Exception as error:  # noqa: BLE001 - never stop a run, and record why tags are missing
+            # MLflow would swallow it with a log line only; the run itself must say so.
+            _logger.warning("bigmodel_ops lineage plugin failed: %s: %s", type(error).__name__, error)
+            return {PREFIX + "lineage_error": f"{type(error).__name__}: {error}"[:500]}
