@@ -7,6 +7,7 @@ migrated store is made per session and copied for each test.
 from __future__ import annotations
 
 import copy
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -50,3 +51,32 @@ def write_params(directory: Path, params: dict[str, Any], name: str = "params.ya
     path = directory / name
     path.write_text(yaml.safe_dump(params, sort_keys=False))
     return path
+
+
+POSTGRES_ENV = "BIGMODEL_OPS_TEST_POSTGRES_URL"
+POSTGRES_DEFAULT = "postgresql://postgres@127.0.0.1:5432/postgres"
+
+
+@pytest.fixture
+def postgres_url() -> Any:
+    """A fresh PostgreSQL database for this test (SQLAlchemy URL, psycopg 3 driver), dropped after.
+
+    The server comes from $BIGMODEL_OPS_TEST_POSTGRES_URL (default: trust auth on 127.0.0.1:5432);
+    the test skips, saying why, where none answers (.ci/run checks that CI's does).
+    """
+    import uuid
+
+    psycopg = pytest.importorskip("psycopg", reason="PostgreSQL tests need psycopg (pip install psycopg[binary])")
+    admin = os.environ.get(POSTGRES_ENV, POSTGRES_DEFAULT)
+    try:
+        connection = psycopg.connect(admin, autocommit=True, connect_timeout=5)
+    except psycopg.OperationalError as error:
+        pytest.skip(f"no PostgreSQL answers at ${POSTGRES_ENV} or {POSTGRES_DEFAULT}: {str(error).strip()[:200]}")
+    name = f"bmo_test_{uuid.uuid4().hex[:12]}"
+    with connection:
+        connection.execute(f'CREATE DATABASE "{name}"')
+        try:
+            base = admin.rsplit("/", 1)[0]
+            yield f"{base.replace('postgresql://', 'postgresql+psycopg://', 1)}/{name}"
+        finally:
+            connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

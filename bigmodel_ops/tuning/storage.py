@@ -136,11 +136,15 @@ def open_storage(
                 heartbeat_stale_trial_callback=retry,
             )
     except Exception as error:  # sqlalchemy ArgumentError / OperationalError, ImportError, ...
+        from bigmodel_ops.tracking.scrub import mask_uris
+
         detail = " ".join(str(error).split())[:300]
         raise ConfigError(
-            f"{setting} = {url!r}: cannot open the Optuna storage ({type(error).__name__}: {detail}); "
-            "give a reachable SQLAlchemy URL (e.g. postgresql://user@host/db or sqlite:///study.db), "
-            "or leave it unset for the journal file in outputs/tune"
+            mask_uris(  # the URL's password never reaches the console
+                f"{setting} = {url!r}: cannot open the Optuna storage ({type(error).__name__}: {detail}); "
+                "give a reachable SQLAlchemy URL (e.g. postgresql+psycopg://host/db or sqlite:///study.db), "
+                "or leave it unset for the journal file in outputs/tune"
+            )
         ) from None
 
 
