@@ -1,0 +1,165 @@
+"""Issue #13, scenario 1: SIGKILL of `pretrain` mid-run under `dvc repro`, then `dvc repro` again.
+
+A real git + DVC project in a temp dir (the repo's files and bundled data, tiny params) with its
+own sqlite MLflow store. `dvc repro pretrain` runs until the pretrain stage has written a
+checkpoint; then the whole process group (dvc and the stage) is SIGKILLed, as a lost terminal or
+an OOM killer would. The next `dvc repro pretrain` must resume from the last checkpoint, in the
+same MLflow run (ending FINISHED), and end with the weights of an uninterrupted `dvc repro
+pretrain` of a copy of the project made before the kill (CPU, within 1e-6).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from bigmodel_ops.model import load_pretrained
+from bigmodel_ops.paths import ProjectPaths
+from bigmodel_ops.pretraining.data import DataSpec, TokenStream, TrainBatches
+from bigmodel_ops.shards import ShardIndex
+from tests.conftest import REPO_ROOT
+from tests.test_pipeline_dvc import Project, _project_files, _tiny
+
+pytestmark = [pytest.mark.fault, pytest.mark.slow]
+
+MAX_STEPS = 40
+
+
+def _env(root: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_", "PYTEST_"))}
+    for name in ("RANK", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "SLURM_PROCID", "BIGMODEL_OPS_RUN_ID"):
+        env.pop(name, None)
+    env.update(
+        PYTHONPATH=str(root),
+        MLFLOW_TRACKING_URI=f"sqlite:///{root / 'mlflow.db'}",
+        GIT_AUTHOR_NAME="test",
+        GIT_AUTHOR_EMAIL="test@example.invalid",
+        GIT_COMMITTER_NAME="test",
+        GIT_COMMITTER_EMAIL="test@example.invalid",
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    )
+    return env
+
+
+def _pretrain_runs(client: MlflowClient) -> list:
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    runs = client.search_runs(experiments, filter_string="tags.`bigmodel_ops.stage` = 'pretrain'")
+    return [r for r in runs if r.info.run_name == "pretrain"]
+
+
+@pytest.fixture
+def projects(tmp_path: Path) -> tuple[Project, Project]:
+    """(to be killed, uninterrupted): both with prepare + tokenize already reproduced."""
+    root = tmp_path / "killed"
+    for name in _project_files():
+        target = root / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO_ROOT / name, target)
+    (root / "dvc.lock").unlink(missing_ok=True)
+    shutil.rmtree(root / "outputs", ignore_errors=True)
+    params = _tiny(yaml.safe_load((root / "params.yaml").read_text()))
+    params["profiles"]["cpu"].update(max_steps=MAX_STEPS, batch_size=4)
+    params["model"]["dropout"] = 0.1  # the restored RNG state matters
+    params["pretrain"].update(
+        checkpoint_every_n_steps=5, val_every_n_steps=20, val_batches=1, register_model=False
+    )
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    killed = Project(root, _env(root))
+    killed.run("git", "init", "-q")
+    killed.run("dvc", "init", "-q", "-f")
+    killed.run("git", "add", "-A")
+    killed.run("git", "commit", "-qm", "init")
+    killed.run("dvc", "repro", "tokenize")
+    straight_root = tmp_path / "straight"
+    shutil.copytree(root, straight_root, symlinks=True)
+    return killed, Project(straight_root, _env(straight_root))
+
+
+def test_sigkill_of_pretrain_under_dvc_repro_resumes_same_run_same_weights(projects):
+    killed, straight = projects
+    root = killed.root
+    paths = ProjectPaths(root=root)
+    log_path = root.parent / "first-repro.log"
+    with log_path.open("w") as log:
+        first = subprocess.Popen(
+            ["dvc", "repro", "pretrain"],
+            cwd=root,
+            env=killed.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    checkpoints: list[Path] = []
+    deadline = time.monotonic() + 300
+    try:
+        while time.monotonic() < deadline and first.poll() is None:
+            checkpoints = sorted(paths.pretrain_checkpoints.glob("config-*/step-*.ckpt"))
+            if checkpoints:
+                break
+            time.sleep(0.02)
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait(timeout=60)
+    assert checkpoints, f"no checkpoint before the stage ended:\n{log_path.read_text()[-4000:]}"
+    assert first.returncode == -signal.SIGKILL
+    # Killed mid-stage: no model, no pretrain entry in dvc.lock, the run left RUNNING.
+    assert not (paths.pretrained_model / "model.safetensors").exists()
+    lock = yaml.safe_load((root / "dvc.lock").read_text())
+    assert "pretrain" not in lock["stages"] and "tokenize" in lock["stages"]
+    client = MlflowClient(killed.env["MLFLOW_TRACKING_URI"])
+    (before,) = _pretrain_runs(client)
+    assert before.info.status == "RUNNING"
+    last_ckpt_step = max(
+        int(p.stem.split("-")[1]) for p in paths.pretrain_checkpoints.glob("config-*/step-*.ckpt")
+    )
+    assert 0 < last_ckpt_step < MAX_STEPS
+    # ...and mid-epoch: the checkpoint it resumes from is not at an epoch boundary.
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    spec = DataSpec(
+        objective=params["model"]["objective"],
+        block_size=params["model"]["block_size"],
+        batch_size=params["profiles"]["cpu"]["batch_size"],
+        seed=params["project"]["seed"],
+    )
+    per_epoch = len(TrainBatches(TokenStream.from_index(ShardIndex.load(paths.shards), "train"), spec))
+    assert last_ckpt_step % per_epoch != 0, (last_ckpt_step, per_epoch)
+
+    second = killed.run("dvc", "repro", "pretrain").stdout
+    assert "Running stage 'pretrain'" in second
+    assert "Running stage 'prepare'" not in second and "Running stage 'tokenize'" not in second
+    reference_out = straight.run("dvc", "repro", "pretrain").stdout
+    assert "Running stage 'pretrain'" in reference_out
+
+    report = json.loads(paths.pretrain_report.read_text())
+    reference = json.loads(ProjectPaths(root=straight.root).pretrain_report.read_text())
+    assert report["resumed_from_step"] == last_ckpt_step, report
+    assert report["global_step"] == reference["global_step"] == MAX_STEPS
+    assert not reference.get("resumed_from_step")
+
+    # The same MLflow run, re-attached and finished.
+    (after,) = _pretrain_runs(client)
+    assert after.info.run_id == before.info.run_id == report["run_id"]
+    assert after.info.status == "FINISHED"
+    assert after.data.tags["bigmodel_ops.resumed_from_step"] == str(last_ckpt_step)
+
+    # The same weights as the uninterrupted run.
+    a = load_pretrained(ProjectPaths(root=straight.root).pretrained_model).state_dict()
+    b = load_pretrained(paths.pretrained_model).state_dict()
+    assert a.keys() == b.keys()
+    diff = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert diff <= 1e-6, diff
+
+    # The lock now records pretrain; a further repro has nothing to do.
+    lock = yaml.safe_load((root / "dvc.lock").read_text())
+    assert "pretrain" in lock["stages"]
+    assert "Running stage" not in killed.run("dvc", "repro", "pretrain").stdout
