@@ -65,7 +65,9 @@ def build_parser(stages: dict[str, ModuleType]) -> argparse.ArgumentParser:
     add_common_args(dashboard)
     dashboard.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1)")
     dashboard.add_argument("--port", type=int, default=8080)
-    dashboard.add_argument("--storage", default=None, metavar="URL", help="default: tune.storage, else the journal")
+    dashboard.add_argument(
+        "--storage", default=None, metavar="URL", help="default: tune.storage, else the journal"
+    )
     return parser
 
 

@@ -66,12 +66,16 @@ def postgres_url() -> Any:
     """
     import uuid
 
-    psycopg = pytest.importorskip("psycopg", reason="PostgreSQL tests need psycopg (pip install psycopg[binary])")
+    psycopg = pytest.importorskip(
+        "psycopg", reason="PostgreSQL tests need psycopg (pip install psycopg[binary])"
+    )
     admin = os.environ.get(POSTGRES_ENV, POSTGRES_DEFAULT)
     try:
         connection = psycopg.connect(admin, autocommit=True, connect_timeout=5)
     except psycopg.OperationalError as error:
-        pytest.skip(f"no PostgreSQL answers at ${POSTGRES_ENV} or {POSTGRES_DEFAULT}: {str(error).strip()[:200]}")
+        pytest.skip(
+            f"no PostgreSQL answers at ${POSTGRES_ENV} or {POSTGRES_DEFAULT}: {str(error).strip()[:200]}"
+        )
     name = f"bmo_test_{uuid.uuid4().hex[:12]}"
     with connection:
         connection.execute(f'CREATE DATABASE "{name}"')

@@ -210,7 +210,9 @@ def test_huggingface_flag_exports_the_classifier_beside_the_variants(tmp_path: P
     ours = load_classifier(paths.classifier)
     texts = ["a wonderful film", "boring and dull, a tedious story"]
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
-    hf = transformers.AutoModelForSequenceClassification.from_pretrained(folder, trust_remote_code=True).eval()
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(
+        folder, trust_remote_code=True
+    ).eval()
     with torch.no_grad():
         theirs = hf(**tokenizer(texts, padding=True, return_tensors="pt")).logits
     assert theirs.numpy() == pytest.approx(ours.logits(texts).numpy(), abs=1e-4)
@@ -229,6 +231,8 @@ def test_huggingface_flag_without_transformers_fails_before_any_compute(tmp_path
     monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers -> ImportError
     from bigmodel_ops.errors import BigModelOpsError
 
-    with pytest.raises(BigModelOpsError, match=r"compress.huggingface: true needs .* pip install transformers"):
+    with pytest.raises(
+        BigModelOpsError, match=r"compress.huggingface: true needs .* pip install transformers"
+    ):
         run_compress(params, paths=paths, quiet=True)
     assert not paths.compress_dir.exists() and not paths.compress_report.exists()

@@ -181,7 +181,9 @@ def test_malformed_params_stop_the_stage_process_before_any_work(
 
 def test_tracking_folders_elsewhere_are_explicit_choices(repo_params, tmp_path):
     """Absolute folders and artifact URIs are accepted; only '..' out of the project is refused."""
-    repo_params["tracking"].update(spool_dir=str(tmp_path / "spool"), artifact_location="s3://bucket/artifacts")
+    repo_params["tracking"].update(
+        spool_dir=str(tmp_path / "spool"), artifact_location="s3://bucket/artifacts"
+    )
     params = parse_params(repo_params, source="params.yaml")
     assert params.tracking.spool_dir == str(tmp_path / "spool")
     repo_params["tracking"].update(spool_dir="spool/..x", artifact_location="file:///srv/artifacts")

@@ -108,7 +108,9 @@ def run(params: Params, *, paths: ProjectPaths, quiet: bool = False) -> dict[str
         _check_budget(params, result)
         if params.compress.huggingface:
             exported = export_hf(paths, out=folder / "hf")
-            _logger.info("compress: Hugging Face export of %s in %s", ", ".join(sorted(exported)), folder / "hf")
+            _logger.info(
+                "compress: Hugging Face export of %s in %s", ", ".join(sorted(exported)), folder / "hf"
+            )
         report = {**result.metrics, "model_version": version}
         metrics_file = pub.staged(paths.compress_report, name=paths.compress_report.name)
         metrics_file.write_text(json.dumps(report, indent=2) + "\n")
