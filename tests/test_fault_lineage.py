@@ -39,7 +39,7 @@ def project(tmp_path: Path, mlflow_store: str, monkeypatch: pytest.MonkeyPatch) 
     root = make_project(tmp_path / "repo")
     monkeypatch.chdir(root)
     monkeypatch.setenv("DVC_STAGE", "prepare")
-    mlflow.set_tracking_uri(mlflow_store)
+    # mlflow_store sets MLFLOW_TRACKING_URI; mlflow.set_tracking_uri would outlive this test.
     from mlflow.tracking.context.registry import _run_context_provider_registry
 
     # The provider under test is the one MLflow loaded through the entry point.
