@@ -51,7 +51,7 @@ def test_study_that_exists_with_another_direction(tmp_path: Path, monkeypatch, c
     [
         ("sqlite:////nonexistent-dir/sub/study.db", "OperationalError"),
         ("not a url", "ArgumentError"),
-        ("postgresql://user@127.0.0.1:1/optuna", "Error"),
+        ("postgresql://127.0.0.1:1/optuna", "Error"),  # a password in it is masked: test_tune_postgres.py
     ],
 )
 def test_unreachable_storage_names_the_setting(tmp_path: Path, monkeypatch, capsys, url: str, detail: str):
