@@ -3,8 +3,10 @@
 The model is ``models:/<evaluate.registered_model>@<evaluate.promote_alias>`` (by default
 ``models:/<project>-classifier@champion``, the version the evaluate stage's gate promoted) in the
 project's tracking store (MLFLOW_TRACKING_URI wins over ``tracking.uri``), or any MLflow model URI
-given with ``--model``. It is loaded with ``mlflow.pyfunc.load_model``: exactly what
-``mlflow models serve`` serves.
+given with ``--model``. It is downloaded, checked (:func:`bigmodel_ops.serving.verify_model_dir`:
+our models-from-code pyfunc, no pickle-format file, files equal to the digest recorded when it was
+logged; registry and run URIs must have one) and only then loaded with ``mlflow.pyfunc.load_model``:
+exactly what ``mlflow models serve`` serves.
 
 Texts come from the command line (one argument per text) or from ``--file`` (one text per line;
 ``-`` reads stdin). An empty or whitespace-only text is an error naming it (exit 2), checked before
@@ -23,6 +25,7 @@ from typing import Any, TextIO
 
 from bigmodel_ops.config import Params
 from bigmodel_ops.errors import BigModelOpsError, CheckpointError, DataError
+from bigmodel_ops.serving import MODEL_DIGEST_TAG
 
 PROB_PREFIX = "prob_"  # bigmodel_ops.pyfunc_model.PROB_PREFIX (not imported: it imports mlflow)
 _SHOWN_CHARS = 80
@@ -68,15 +71,32 @@ def read_texts(texts: Sequence[str] = (), file: Path | None = None) -> list[str]
 
 
 def load_model(model_uri: str, *, tracking_uri: str) -> Any:
-    """The pyfunc model at ``model_uri``; CheckpointError with MLflow's reason when it cannot load."""
+    """The pyfunc model at ``model_uri``, verified before it loads; CheckpointError with the reason
+    (MLflow's, or the verification's) when it cannot load."""
+    import tempfile
+
     import mlflow
     from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
 
-    from bigmodel_ops.serving import fluent_tracking_uri
+    from bigmodel_ops.serving import fluent_tracking_uri, recorded_digest, verify_model_dir
 
     try:
-        with fluent_tracking_uri(tracking_uri):
-            return mlflow.pyfunc.load_model(model_uri)
+        with (
+            fluent_tracking_uri(tracking_uri),
+            tempfile.TemporaryDirectory(prefix="bigmodel-ops-predict-") as tmp,
+        ):
+            local = Path(
+                mlflow.artifacts.download_artifacts(model_uri, dst_path=tmp, tracking_uri=tracking_uri)
+            )
+            expected = recorded_digest(MlflowClient(tracking_uri), model_uri)
+            if expected is None and model_uri.startswith(("models:/", "runs:/")):
+                raise CheckpointError(
+                    f"{model_uri}: refused: no {MODEL_DIGEST_TAG} recorded for it in the tracking store, so "
+                    "its code cannot be checked before it runs; log it with bigmodel_ops (the finetune stage)"
+                )
+            verify_model_dir(local, expected_digest=expected, model_uri=model_uri)
+            return mlflow.pyfunc.load_model(str(local))
     except (MlflowException, OSError) as error:
         reason = (getattr(error, "message", None) or str(error)).strip().splitlines()[0]
         hint = (

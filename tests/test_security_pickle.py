@@ -140,3 +140,76 @@ def test_planted_pickle_in_a_registered_models_artifact_is_refused(
     finally:
         mlflow.set_tracking_uri(None)
     assert not marker.exists()
+
+
+def _stored_champion(registered, tmp_path: Path) -> Path:
+    """The champion's folder in the artifact store itself (what a tamperer with write access to
+    the artifact store, but not to the tracking database, can change)."""
+    source = MlflowClient(registered.uri).get_model_version_by_alias(MODEL_NAME, "champion").source
+    local = Path(mlflow.artifacts.download_artifacts(source, tracking_uri=registered.uri))
+    assert local.is_relative_to(registered.root / "mlartifacts")  # the store itself, not a copy
+    return local
+
+
+def _predict_cli(registered, capsys) -> tuple[int, str]:
+    from bigmodel_ops.cli import main
+
+    code = main(["predict", "--params", str(registered.params_file), "a great film"])
+    return code, capsys.readouterr().err
+
+
+def test_a_registered_model_whose_mlmodel_was_rewritten_to_load_a_pickle_is_refused(
+    tmp_path: Path, _migrated_store: Path, monkeypatch: pytest.MonkeyPatch, capsys
+):
+    """The MLmodel of the stored champion is rewritten into a cloudpickle pyfunc whose
+    python_model.pkl carries the payload: `bigmodel-ops predict` refuses it, naming the MLmodel,
+    before anything is unpickled; plain mlflow.pyfunc.load_model would have run it."""
+    import yaml
+
+    _assert_payload_can_run(tmp_path)
+    marker = tmp_path / "PWNED-mlmodel"
+    (tmp_path / "served").mkdir()
+    registered = make_registered_model(tmp_path / "served", _migrated_store)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", registered.uri)
+    monkeypatch.chdir(registered.root)
+    stored = _stored_champion(registered, tmp_path)
+    assert _predict_cli(registered, capsys)[0] == 0  # untampered, verified: it loads and predicts
+
+    spec = yaml.safe_load((stored / "MLmodel").read_text())
+    flavor = spec["flavors"]["python_function"]
+    flavor.pop("model_code_path")
+    flavor.update(loader_module="mlflow.pyfunc.model", python_model="python_model.pkl")
+    (stored / "MLmodel").write_text(yaml.safe_dump(spec))
+    _pickle_file(stored / "python_model.pkl", marker)
+
+    code, err = _predict_cli(registered, capsys)
+    assert code != 0
+    assert "MLmodel: refused: not a bigmodel_ops models-from-code pyfunc" in err, err
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("target", ["code", "weights"])
+def test_a_registered_model_whose_files_changed_after_logging_is_refused(
+    target: str, tmp_path: Path, _migrated_store: Path, monkeypatch: pytest.MonkeyPatch, capsys
+):
+    """Code that would run at load (the shipped bigmodel_ops package) or the weights, changed in
+    the artifact store: the digest recorded at logging no longer matches, predict refuses and the
+    changed code never runs."""
+    marker = tmp_path / f"PWNED-{target}"
+    (tmp_path / "served").mkdir()
+    registered = make_registered_model(tmp_path / "served", _migrated_store)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", registered.uri)
+    monkeypatch.chdir(registered.root)
+    stored = _stored_champion(registered, tmp_path)
+    if target == "code":
+        (victim,) = stored.glob("code/bigmodel_ops/pyfunc_model.py")
+        victim.write_text(f"open({str(marker)!r}, 'w').close()\n" + victim.read_text())
+    else:
+        (victim,) = stored.rglob("model.safetensors")
+        data = bytearray(victim.read_bytes())
+        data[-1] ^= 0xFF  # one flipped bit in the last tensor: still a valid safetensors file
+        victim.write_bytes(bytes(data))
+    code, err = _predict_cli(registered, capsys)
+    assert code != 0
+    assert "refused: its files changed after it was logged" in err and "bigmodel_ops.model_sha256" in err, err
+    assert not marker.exists()
