@@ -15,7 +15,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -27,28 +26,11 @@ from bigmodel_ops.model import load_pretrained
 from bigmodel_ops.paths import ProjectPaths
 from bigmodel_ops.pretraining.data import DataSpec, TokenStream, TrainBatches
 from bigmodel_ops.shards import ShardIndex
-from tests.conftest import REPO_ROOT
-from tests.test_pipeline_dvc import Project, _project_files, _tiny
+from tests.dvc_project import Project, project_env
 
 pytestmark = [pytest.mark.fault, pytest.mark.slow]
 
 MAX_STEPS = 40
-
-
-def _env(root: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_", "PYTEST_"))}
-    for name in ("RANK", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "SLURM_PROCID", "BIGMODEL_OPS_RUN_ID"):
-        env.pop(name, None)
-    env.update(
-        PYTHONPATH=str(root),
-        MLFLOW_TRACKING_URI=f"sqlite:///{root / 'mlflow.db'}",
-        GIT_AUTHOR_NAME="test",
-        GIT_AUTHOR_EMAIL="test@example.invalid",
-        GIT_COMMITTER_NAME="test",
-        GIT_COMMITTER_EMAIL="test@example.invalid",
-        PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-    )
-    return env
 
 
 def _pretrain_runs(client: MlflowClient) -> list:
@@ -60,29 +42,20 @@ def _pretrain_runs(client: MlflowClient) -> list:
 @pytest.fixture
 def projects(tmp_path: Path) -> tuple[Project, Project]:
     """(to be killed, uninterrupted): both with prepare + tokenize already reproduced."""
-    root = tmp_path / "killed"
-    for name in _project_files():
-        target = root / name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(REPO_ROOT / name, target)
-    (root / "dvc.lock").unlink(missing_ok=True)
-    shutil.rmtree(root / "outputs", ignore_errors=True)
-    params = _tiny(yaml.safe_load((root / "params.yaml").read_text()))
-    params["profiles"]["cpu"].update(max_steps=MAX_STEPS, batch_size=4)
-    params["model"]["dropout"] = 0.1  # the restored RNG state matters
-    params["pretrain"].update(
-        checkpoint_every_n_steps=5, val_every_n_steps=20, val_batches=1, register_model=False
-    )
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    killed = Project(root, _env(root))
-    killed.run("git", "init", "-q")
-    killed.run("dvc", "init", "-q", "-f")
-    killed.run("git", "add", "-A")
-    killed.run("git", "commit", "-qm", "init")
+
+    def edit(params: dict) -> None:
+        params["profiles"]["cpu"].update(max_steps=MAX_STEPS, batch_size=4)
+        params["model"]["dropout"] = 0.1  # the restored RNG state matters
+        params["pretrain"].update(
+            checkpoint_every_n_steps=5, val_every_n_steps=20, val_batches=1, register_model=False
+        )
+
+    killed = Project.create(tmp_path / "killed", edit=edit)
+    root = killed.root
     killed.run("dvc", "repro", "tokenize")
     straight_root = tmp_path / "straight"
     shutil.copytree(root, straight_root, symlinks=True)
-    return killed, Project(straight_root, _env(straight_root))
+    return killed, Project(straight_root, project_env(straight_root))
 
 
 def test_sigkill_of_pretrain_under_dvc_repro_resumes_same_run_same_weights(projects):

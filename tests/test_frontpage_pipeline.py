@@ -19,9 +19,8 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from bigmodel_ops.tracking import frontpage
-from tests.conftest import REPO_ROOT
+from tests.dvc_project import STAGES, Project
 from tests.helpers_tracking import free_port, start_server, stop_server
-from tests.test_pipeline_dvc import STAGES, Project, _project_files, _tiny
 from tests.test_secrets import store_hits
 from tests.test_ui import CHROMIUM, _chromium, _visible_text
 
@@ -34,36 +33,17 @@ LOGGED = [stage for stage in STAGES if stage != "compress"]  # compress is disab
 
 @pytest.fixture(scope="module")
 def pipelines(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    root = tmp_path_factory.mktemp("frontpage")
-    for name in _project_files():
-        (root / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(REPO_ROOT / name, root / name)
-    (root / "dvc.lock").unlink(missing_ok=True)
-    params = _tiny(yaml.safe_load((root / "params.yaml").read_text()))
-    params["compress"]["enabled"] = False
-    params["evaluate"].pop("min_accuracy")  # the old name would override gate.min, the param we change
-    params["evaluate"]["gate"]["min"] = 0.0
-    params["tracking"]["uri"] = f"postgresql://alice:{PASSWORD}@db.invalid:5432/mlflow"
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_", "PYTEST_"))}
-    env.update(
-        PYTHONPATH=str(root),
-        MLFLOW_TRACKING_URI=f"sqlite:///{root / 'mlflow.db'}",
-        GIT_AUTHOR_NAME="test",
-        GIT_AUTHOR_EMAIL="test@example.invalid",
-        GIT_COMMITTER_NAME="test",
-        GIT_COMMITTER_EMAIL="test@example.invalid",
-        PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-    )
-    project = Project(root, env)
-    project.run("git", "init", "-q")
-    project.run("dvc", "init", "-q", "-f")
-    project.run("git", "add", "-A")
-    project.run("git", "commit", "-qm", "init")
+    def edit(params: dict) -> None:
+        params["compress"]["enabled"] = False
+        params["evaluate"].pop("min_accuracy")  # the old name would override gate.min, the param we change
+        params["evaluate"]["gate"]["min"] = 0.0
+        params["tracking"]["uri"] = f"postgresql://alice:{PASSWORD}@db.invalid:5432/mlflow"
+
+    project = Project.create(tmp_path_factory.mktemp("frontpage"), edit=edit)
+    root, env = project.root, project.env
     assert project.repro() == set(STAGES)
     first_lock = yaml.safe_load((root / "dvc.lock").read_text())
-    project.run("git", "add", "-A")
-    project.run("git", "commit", "-qm", "first pipeline")
+    project.commit("first pipeline")
     project.set_param("evaluate.gate.min", 0.05)
     assert project.repro() == {"evaluate", "compress"}
     client = MlflowClient(env["MLFLOW_TRACKING_URI"])

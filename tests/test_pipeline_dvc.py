@@ -8,113 +8,21 @@ stages, and `dvc exp run -S` records metrics that `dvc exp show` lists.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.conftest import REPO_ROOT
+from tests.dvc_project import STAGES, Project
 
 pytestmark = pytest.mark.slow
-
-STAGES = ["prepare", "tokenize", "pretrain", "tune", "finetune", "evaluate", "compress"]
-
-
-def _project_files() -> list[str]:
-    """Tracked plus untracked-but-not-ignored files: what a fresh clone would hold."""
-    out = subprocess.run(
-        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
-        cwd=REPO_ROOT,
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
-    return [line for line in out.splitlines() if line and (REPO_ROOT / line).is_file()]
-
-
-def _tiny(params: dict) -> dict:
-    """The repo's params, shrunk so the whole pipeline takes about a minute on 2 cores."""
-    params["tracking"]["system_metrics"] = False
-    params["tokenizer"]["vocab_size"] = 1000
-    cpu = params["profiles"]["cpu"]
-    cpu.update(model_preset="tiny", max_steps=12, batch_size=8)
-    params["model"]["block_size"] = 64
-    params["pretrain"].update(val_every_n_steps=6, val_batches=2, checkpoint_every_n_steps=6, warmup_steps=2)
-    params["tune"].update(n_trials=2, max_epochs=1)
-    params["tune"]["search_space"]["batch_size"] = {"type": "categorical", "choices": [32]}
-    params["finetune"].update(max_epochs=1, max_length=64)
-    params["evaluate"]["min_accuracy"] = 0.0
-    return params
-
-
-class Project:
-    def __init__(self, root: Path, env: dict[str, str]) -> None:
-        self.root = root
-        self.env = env
-
-    def run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-        result = subprocess.run(
-            list(args), cwd=self.root, env=self.env, capture_output=True, text=True, timeout=900
-        )
-        if check and result.returncode != 0:
-            raise AssertionError(
-                f"{' '.join(args)} exited {result.returncode}\nstdout:\n{result.stdout[-4000:]}\n"
-                f"stderr:\n{result.stderr[-6000:]}"
-            )
-        return result
-
-    def repro(self) -> set[str]:
-        """Run `dvc repro`; return the names of the stages that actually ran."""
-        out = self.run("dvc", "repro").stdout
-        return {stage for stage in STAGES if f"Running stage '{stage}'" in out}
-
-    def set_param(self, dotted: str, value) -> None:
-        path = self.root / "params.yaml"
-        data = yaml.safe_load(path.read_text())
-        node = data
-        *parents, leaf = dotted.split(".")
-        for key in parents:
-            node = node[key]
-        node[leaf] = value
-        path.write_text(yaml.safe_dump(data, sort_keys=False))
 
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory: pytest.TempPathFactory) -> Project:
-    root = tmp_path_factory.mktemp("pipeline")
-    for name in _project_files():
-        target = root / name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(REPO_ROOT / name, target)
-    for stale in ("dvc.lock",):
-        (root / stale).unlink(missing_ok=True)
-    params = _tiny(yaml.safe_load((root / "params.yaml").read_text()))
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_", "PYTEST_"))}
-    env.update(
-        # The copy's own package, so that what DVC hashes is what runs.
-        PYTHONPATH=str(root),
-        MLFLOW_TRACKING_URI=f"sqlite:///{root / 'mlflow.db'}",
-        GIT_AUTHOR_NAME="test",
-        GIT_AUTHOR_EMAIL="test@example.invalid",
-        GIT_COMMITTER_NAME="test",
-        GIT_COMMITTER_EMAIL="test@example.invalid",
-        PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-    )
-    proj = Project(root, env)
-    proj.run("git", "init", "-q")
-    proj.run("dvc", "init", "-q", "-f") if not (root / ".dvc").exists() else None
-    proj.run("git", "add", "-A")
-    proj.run("git", "commit", "-qm", "init")
+    proj = Project.create(tmp_path_factory.mktemp("pipeline"))
     ran = proj.repro()
     assert ran == set(STAGES), f"first repro ran only {ran}"
-    proj.run("git", "add", "-A")
-    proj.run("git", "commit", "-qm", "first repro")
+    proj.commit("first repro")
     return proj
 
 

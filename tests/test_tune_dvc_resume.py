@@ -15,12 +15,11 @@ from pathlib import Path
 
 import optuna
 import pytest
-import yaml
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from bigmodel_ops.tuning.storage import HEARTBEAT_ATTR, open_storage
-from tests.test_pipeline_dvc import Project, _project_files, _tiny
+from tests.dvc_project import Project
 
 pytestmark = pytest.mark.slow
 
@@ -35,38 +34,12 @@ def _studies(journal: Path) -> list[optuna.Study]:
 
 @pytest.fixture
 def project(tmp_path: Path) -> Project:
-    import shutil
-    import sys
+    def edit(params: dict) -> None:
+        params["tune"].update(
+            n_trials=3, pruner="none", heartbeat_interval_s=1, grace_period_s=3, report_every_n_steps=5
+        )
 
-    from tests.conftest import REPO_ROOT
-
-    root = tmp_path / "repo"
-    for name in _project_files():
-        target = root / name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(REPO_ROOT / name, target)
-    (root / "dvc.lock").unlink(missing_ok=True)
-    params = _tiny(yaml.safe_load((root / "params.yaml").read_text()))
-    params["tune"].update(
-        n_trials=3, pruner="none", heartbeat_interval_s=1, grace_period_s=3, report_every_n_steps=5
-    )
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_", "PYTEST_"))}
-    env.update(
-        PYTHONPATH=str(root),
-        MLFLOW_TRACKING_URI=f"sqlite:///{root / 'mlflow.db'}",
-        GIT_AUTHOR_NAME="test",
-        GIT_AUTHOR_EMAIL="test@example.invalid",
-        GIT_COMMITTER_NAME="test",
-        GIT_COMMITTER_EMAIL="test@example.invalid",
-        PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-    )
-    proj = Project(root, env)
-    proj.run("git", "init", "-q")
-    proj.run("dvc", "init", "-q", "-f")
-    proj.run("git", "add", "-A")
-    proj.run("git", "commit", "-qm", "init")
-    return proj
+    return Project.create(tmp_path / "repo", edit=edit)
 
 
 def test_sigkill_during_tune_then_dvc_repro_continues_the_same_study(project: Project):
