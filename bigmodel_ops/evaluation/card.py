@@ -4,7 +4,9 @@
 its version, the training recipe (backbone, pretraining budget and objective from
 ``outputs/metrics/pretrain.json``, the best tuned params from ``outputs/tune/best_params.json``,
 the fine-tuning hparams actually used), test metrics beside the TF-IDF baseline, the gate
-decision, intended use and limits, and the runs that made it. The evaluate stage writes it to
+decision, the cost of producing it (device-hours, CPU-hours and energy of pretraining, tuning with
+its trials, and fine-tuning: the ``cost/*`` metrics of their runs, :mod:`bigmodel_ops.cost`),
+intended use and limits, and the runs that made it. The evaluate stage writes it to
 ``outputs/evaluate/model_card.md``, logs it to its run and sets it as the version's description
 (:func:`description`).
 
@@ -21,6 +23,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
+
+from bigmodel_ops.cost import ESTIMATE_WATTS_PER_CORE, ESTIMATE_WATTS_PER_GPU
 
 CARD_FILE = "model_card.md"
 # MLflow's SQL stores declare a model version's description as VARCHAR(5000).
@@ -87,6 +91,54 @@ def _metrics_table(metrics: Mapping[str, float]) -> list[str]:
     return rows
 
 
+_COST_STAGES = {"pretrain": "pretrain", "tune": "tune (all trials)", "finetune": "finetune"}
+
+
+def _sig(value: float) -> str:
+    return f"{value:.3g}"
+
+
+def _cost_section(cost: Mapping[str, Any] | None) -> list[str]:
+    """The "Cost" section: one row per stage of the lineage (a ``Cost`` or None) and the total."""
+    lines = ["## Cost", ""]
+    found = {stage: c for stage, c in (cost or {}).items() if c is not None}
+    if not found:
+        return [
+            *lines,
+            "No cost recorded: the training runs of this version logged no `cost/*` metrics (they ran "
+            "before cost metering) or could not be read.",
+            "",
+        ]
+    lines += [
+        "What producing this version took: every training run of its lineage (`cost/*` metrics of "
+        "their MLflow runs).",
+        "",
+        "| stage | device-hours | CPU-hours | energy (kWh) | energy source |",
+        "|---|---|---|---|---|",
+    ]
+    for stage, shown in _COST_STAGES.items():
+        c = found.get(stage)
+        if c is None:
+            lines.append(f"| {shown} | not recorded | | | |")
+        else:
+            row = f"{_sig(c.device_hours)} | {_sig(c.cpu_hours)} | {_sig(c.energy_kwh)} | {c.energy_source or '?'}"
+            lines.append(f"| {shown} | {row} |")
+    costs = list(found.values())
+    total = sum(costs[1:], costs[0])
+    label = "**total**" if len(found) == len(_COST_STAGES) else "**total** (recorded stages)"
+    lines += [
+        f"| {label} | {_sig(total.device_hours)} | {_sig(total.cpu_hours)} | {_sig(total.energy_kwh)} "
+        f"| {total.energy_source or '?'} |",
+        "",
+        "Device-hours: wall time x devices in use (GPUs, or processes on CPU). CPU-hours: the training "
+        "processes' CPU time. Energy: `nvml` is the GPUs' own counters, `rapl` the CPU packages' "
+        f"(the whole socket), `estimate` is CPU-hours x {ESTIMATE_WATTS_PER_CORE:g} W per core (+ "
+        f"{ESTIMATE_WATTS_PER_GPU:g} W per GPU-hour without NVML).",
+        "",
+    ]
+    return lines
+
+
 def _kv(items: Mapping[str, Any]) -> str:
     return ", ".join(f"`{k}`={v}" for k, v in items.items()) or "none"
 
@@ -105,8 +157,11 @@ def model_card(
     best_params: Path | None = None,
     n_test: int | None = None,
     n_train: int | None = None,
+    cost: Mapping[str, Any] | None = None,
 ) -> str:
-    """The markdown card of version ``version`` of registered model ``name`` (see the module doc)."""
+    """The markdown card of version ``version`` of registered model ``name`` (see the module doc).
+
+    ``cost``: {stage: :class:`bigmodel_ops.cost.Cost` or None} for pretrain, tune and finetune."""
     pretrain = _read_json(pretrain_report)
     tuned = _read_json(best_params)
     backbone = dict(classifier_config.get("config") or {})
@@ -176,8 +231,8 @@ def model_card(
         f"{classifier_config.get('max_length', '?')} tokens, best epoch "
         f"{classifier_config.get('best_epoch', '?')}; hparams {_kv(hparams)}."
     )
+    lines += ["", *_cost_section(cost)]
     lines += [
-        "",
         "## Evaluation (test split)",
         "",
         *_metrics_table(metrics),

@@ -20,8 +20,10 @@
    its data version (dvc.lock md5s), git commit and pipeline id; then the gate (``evaluate.gate``,
    registry.apply_gate): ``challenger`` always, ``champion`` when it passes, the reason on the version;
    then the version's model card (:mod:`bigmodel_ops.evaluation.card`: data, recipe, metrics beside
-   the baseline, gate decision, intended use and limits) becomes its description and
-   ``evaluate/model_card.md``.
+   the baseline, gate decision, the cost of producing it, intended use and limits) becomes its
+   description and ``evaluate/model_card.md``; the cost (device-hours, CPU-hours, energy of the
+   pretrain, tune (with its trials) and finetune runs of its lineage) also goes on the version as
+   tags ``cost.device_hours``, ``cost.cpu_hours``, ``cost.energy_kwh``, ``cost.energy_source``.
 6. Outputs are moved into place only after all of that succeeded.
 """
 
@@ -277,6 +279,8 @@ def _publish_model_card(
     and set as the version's description (replacing the gate's one-line description, which the
     card contains)."""
     name, version = promotion["model"], str(promotion["version"])
+    cost = _lineage_cost(stage.client, promotion)
+    _tag_cost(stage.client, name, version, cost)
     text = card.model_card(
         name=name,
         version=version,
@@ -290,11 +294,44 @@ def _publish_model_card(
         best_params=paths.best_params,
         n_test=len(inputs.texts),
         n_train=len(inputs.train_texts),
+        cost=cost,
     )
     card_file = staged[paths.evaluate_dir] / card.CARD_FILE
     card_file.write_text(text)
     stage.log_artifact(card_file, "evaluate")
     stage.client.update_model_version(name, version, description=card.description(stage.scrub(text)))
+
+
+def _lineage_cost(client: Any, promotion: dict[str, Any]) -> dict[str, Any]:
+    """{stage: Cost or None} of the pretrain, tune and finetune runs that made the version (their
+    ``cost/*`` metrics, a run's child runs, i.e. tune's trials, included); None where the run is
+    unknown, unreadable or logged no cost."""
+    from bigmodel_ops.tracking.frontpage import run_cost
+
+    cost: dict[str, Any] = {}
+    for stage in LINEAGE_STAGES:
+        run_id = promotion.get(f"{stage}_run_id")
+        cost[stage] = None
+        if run_id and run_id != "unknown":
+            try:
+                cost[stage] = run_cost(client, run_id)
+            except Exception as error:  # noqa: BLE001 - a deleted run only leaves a gap on the card
+                _logger.warning("evaluate: no cost for the %s run %s: %s", stage, run_id, error)
+    return cost
+
+
+def _tag_cost(client: Any, name: str, version: str, cost: dict[str, Any]) -> None:
+    """The version's total cost as tags ``cost.<key>`` (nothing when no run logged a cost)."""
+    from bigmodel_ops.cost import SOURCE_TAG
+
+    found = [c for c in cost.values() if c is not None]
+    if not found:
+        return
+    total = sum(found[1:], found[0])
+    tags = {f"cost.{k}": f"{v:.6g}" for k, v in total.as_dict().items()}
+    tags[SOURCE_TAG] = total.energy_source or "estimate"
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, value)
 
 
 def _json_safe(values: dict[str, float]) -> dict[str, float | None]:

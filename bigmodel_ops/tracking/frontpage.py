@@ -4,6 +4,11 @@
   ``tracking.headline_metrics`` are copied from its run onto the parent as ``<stage>.<metric>``
   (``evaluate.test_acc``); a new parent copies them from the runs that produced the outputs of the
   stages DVC will skip (pipeline.py's registry), so every parent is complete.
+- Cost: the parent holds ``cost.device_hours``, ``cost.cpu_hours`` and ``cost.energy_kwh``, the
+  sums over the runs that produced its stages' outputs (the ``bigmodel_ops.stage_run.<stage>``
+  tags, reused stages included) of the ``cost/*`` metrics each training run logs
+  (:mod:`bigmodel_ops.cost`), a stage's child runs (tune's trials) included, and the tag
+  ``cost.energy_source`` (their sources); recomputed whenever a stage finishes (:func:`log_pipeline_cost`).
 - The runs table: a shared view of the experiment (:func:`set_table_view`) shows these metrics as
   columns beside the Dataset column: :func:`table_url`.
 - Datasets: the parent records the prepared splits and the token shards (:data:`DATASETS`) as
@@ -25,8 +30,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from mlflow.entities import Metric
+from mlflow.entities import Metric, RunTag
 from mlflow.tracking import MlflowClient
+
+from bigmodel_ops.cost import KEYS as COST_KEYS
+from bigmodel_ops.cost import SOURCE_TAG, Cost
+from bigmodel_ops.tracking.pipeline import STAGE_RUN_TAG
 
 VIEW_KEY = (
     "bigmodel-ops"  # the runs table with the headline columns: /#/experiments/<id>/runs?viewStateShareKey=...
@@ -65,12 +74,67 @@ def copy_headline(
     return values
 
 
+PIPELINE_COST_PREFIX = "cost."  # the parent's sums: cost.device_hours, cost.cpu_hours, cost.energy_kwh
+
+
+def run_cost(client: MlflowClient, run_id: str) -> Cost | None:
+    """The cost a run logged (``cost/*`` metrics, tag ``cost.energy_source``) plus that of its
+    child runs (the tune run's trials); None when none of them logged any. Raises when the run
+    cannot be read."""
+    run = client.get_run(run_id)
+    runs, token = [run], None
+    while True:
+        page = client.search_runs(
+            [run.info.experiment_id],
+            filter_string=f"tags.`mlflow.parentRunId` = '{run_id}'",
+            max_results=1000,
+            page_token=token,
+        )
+        runs.extend(page)
+        token = page.token
+        if not token:
+            break
+    costs = [Cost.from_metrics(r.data.metrics, r.data.tags.get(SOURCE_TAG, "")) for r in runs]
+    found = [c for c in costs if c is not None]
+    return sum(found[1:], found[0]) if found else None
+
+
+def stage_runs(client: MlflowClient, parent_id: str) -> dict[str, str]:
+    """{stage: run id} of the runs that produced the parent's stages (its stage_run tags)."""
+    tags = client.get_run(parent_id).data.tags
+    return {k[len(STAGE_RUN_TAG) :]: v for k, v in sorted(tags.items()) if k.startswith(STAGE_RUN_TAG)}
+
+
+def log_pipeline_cost(client: MlflowClient, *, parent_id: str) -> Cost | None:
+    """Log onto the parent the sums of its stage runs' costs (:func:`run_cost` of each run in
+    :func:`stage_runs`; a run that cannot be read counts nothing); returns them, None (nothing
+    logged) when no stage run has a cost."""
+    costs = []
+    for run_id in stage_runs(client, parent_id).values():
+        try:
+            found = run_cost(client, run_id)
+        except Exception:  # noqa: BLE001 - a deleted run only leaves out its cost
+            continue
+        if found is not None:
+            costs.append(found)
+    if not costs:
+        return None
+    total = sum(costs[1:], costs[0])
+    now = int(time.time() * 1000)
+    metrics = [Metric(k, v, now, 0) for k, v in total.metrics(PIPELINE_COST_PREFIX).items()]
+    tags = [RunTag(SOURCE_TAG, total.energy_source or "estimate")]
+    client.log_batch(parent_id, metrics=metrics, tags=tags)
+    return total
+
+
 def set_table_view(client: MlflowClient, experiment_id: str, wanted: Mapping[str, list[str]]) -> None:
-    """Save the runs table's view with a Dataset column and one column per headline metric, as an
-    MLflow shared view (an experiment tag the UI reads for ``?viewStateShareKey=`` :data:`VIEW_KEY`)."""
+    """Save the runs table's view with a Dataset column, one column per headline metric and the
+    pipeline's cost, as an MLflow shared view (an experiment tag the UI reads for
+    ``?viewStateShareKey=`` :data:`VIEW_KEY`)."""
     columns = [
         "attributes.`Dataset`",
         *(f"metrics.`{stage}.{key}`" for stage, keys in wanted.items() for key in keys),
+        *(f"metrics.`{PIPELINE_COST_PREFIX}{key}`" for key in COST_KEYS),
     ]
     client.set_experiment_tag(
         experiment_id, f"mlflow.sharedViewState.{VIEW_KEY}", json.dumps({"selectedColumns": columns})

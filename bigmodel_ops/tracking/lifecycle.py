@@ -4,15 +4,15 @@
   ``resume_run_id`` (status back to RUNNING; an unknown id starts a new run with a warning), or
   create the run with MLflow's context tags, lineage (lineage.py) and host/PID/heartbeat tags
   under the pipeline version's parent run (``attach_to_parent``, pipeline.py: found, or created
-  with all params and the headline metrics of the stages it reuses); record the parent's datasets
+  with all params and the headline metrics and cost of the stages it reuses); record the parent's datasets
   (``log_datasets``, frontpage.py); start the heartbeat; export the run id as
   ``BIGMODEL_OPS_RUN_ID`` to the processes the stage starts. Everything logged is scrubbed of
   secrets first (scrub.py), queued (transport.py), and spooled during an outage (spool.py; a run
   started during one gets a placeholder id ``offline-...``).
 - ``finish`` / ``fail`` / ``kill``: stop the heartbeat and system metrics, end the run, give the
   parent the same status; a finished stage becomes the producer of its outputs (parent tags and
-  ``.bigmodel_ops/stage_runs.json``) and copies its headline metrics onto the parent, whose DAG
-  artifact is redrawn (frontpage.py).
+  ``.bigmodel_ops/stage_runs.json``) and copies its headline metrics onto the parent, whose cost
+  sums are recomputed and whose DAG artifact is redrawn (frontpage.py).
 """
 
 from __future__ import annotations
@@ -148,7 +148,8 @@ class StageLifecycle:
 
     def attach_to_parent(self) -> str | None:
         """The pipeline version's parent run, found (status back to RUNNING) or created (with all
-        params and the headline metrics of the stages it reuses); None while the store is unreachable."""
+        params, the headline metrics and the cost of the stages it reuses); None while the store is
+        unreachable."""
         experiment_id = self.sender.experiment_id(self.experiment, self.location)
         if experiment_id is None or self.sender.offline:
             return None
@@ -167,6 +168,7 @@ class StageLifecycle:
                 reused = {stage: str(e.get("run_id")) for stage, e in pipeline.read_registry(root).items()}
                 wanted = self.tracking.headline_metrics
                 frontpage.copy_headline(client, parent_id=parent_id, runs=reused, wanted=wanted)
+                _log_pipeline_cost(client, parent_id)
                 frontpage.set_table_view(client, experiment_id, wanted)
             else:
                 client.update_run(parent_id, status="RUNNING")
@@ -286,6 +288,7 @@ class StageLifecycle:
                     frontpage.copy_headline(
                         client, parent_id=self.parent_id, runs={self.stage: real}, wanted=wanted
                     )
+                    _log_pipeline_cost(client, self.parent_id)
                 if self.root is not None and self.sender.reachable():
                     frontpage.log_dag(
                         self.sender,
@@ -300,6 +303,14 @@ class StageLifecycle:
         if finished and self.root is not None:
             with contextlib.suppress(OSError):
                 pipeline.record_stage(self.root, stage=self.stage, run_id=real, pipeline_id=self.pipeline_id)
+
+
+def _log_pipeline_cost(client: MlflowClient, parent_id: str) -> None:
+    """The parent's cost sums (frontpage.log_pipeline_cost); a failure only warns."""
+    try:
+        frontpage.log_pipeline_cost(client, parent_id=parent_id)
+    except Exception as error:  # noqa: BLE001 - the front page must not stop a stage
+        _logger.warning("could not sum the cost of pipeline run %s: %s", parent_id, error)
 
 
 def _artifact_location(location: str, uri: str) -> str | None:
