@@ -13,7 +13,9 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shutil
+import time
 import uuid
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -37,6 +39,7 @@ class Publication:
         self._staged: dict[Path, Path] = {}
         self._created: list[Path] = []
         self._wrappers: list[Path] = []
+        self._swept: set[Path] = set()
         for target in targets:
             self.staged(target)
 
@@ -48,6 +51,9 @@ class Publication:
         """
         target = Path(target)
         if target not in self._staged:
+            if target.parent.is_dir() and target.parent not in self._swept:
+                self._swept.add(target.parent)
+                sweep_leftovers(target.parent)
             self._make_dirs(target.parent)
             wrapper = target.parent / f".{target.name}.{self._suffix}"
             if name is not None:
@@ -83,6 +89,50 @@ class Publication:
             with contextlib.suppress(OSError):
                 folder.rmdir()  # only if empty: something else may live there now
         self._created.clear()
+
+
+# `.NAME.tmp-PID-XXXXXXXX` (staged) and `.NAME.old-PID-XXXXXXXX` (moved aside by _swap).
+_LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)-[0-9a-f]{8}$")
+# A staged file younger than this is left alone even when its PID is not alive here: on a shared
+# file system it may belong to a live process of another machine.
+LEFTOVER_MIN_AGE_S = 60.0
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sweep_leftovers(folder: Path, *, min_age_s: float = LEFTOVER_MIN_AGE_S) -> list[Path]:
+    """Clean up after publishes into ``folder`` that were killed mid-way; the paths acted on.
+
+    A ``.NAME.old-PID-…`` (the previous NAME, moved aside just before the kill) whose process is
+    gone is moved back to NAME when NAME is missing (the finished work is not lost), else removed.
+    A staged ``.NAME.tmp-PID-…`` whose process is gone and which is older than ``min_age_s`` is
+    removed. Entries of live processes (this one included) are left alone. Never raises on a
+    file that vanishes meanwhile.
+    """
+    acted: list[Path] = []
+    now = time.time()
+    for entry in sorted(Path(folder).iterdir(), key=lambda p: p.name):
+        match = _LEFTOVER.match(entry.name)
+        if match is None or int(match["pid"]) == os.getpid() or _pid_alive(int(match["pid"])):
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            target = entry.with_name(match["name"])
+            if match["kind"] == "old" and not (target.exists() or target.is_symlink()):
+                os.replace(entry, target)
+            elif match["kind"] == "old" or now - entry.lstat().st_mtime >= min_age_s:
+                _remove(entry)
+            else:
+                continue
+            acted.append(entry)
+    return acted
 
 
 class DiskFullError(BigModelOpsError, OSError):

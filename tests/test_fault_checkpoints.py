@@ -179,3 +179,91 @@ def test_resume_from_a_truncated_named_checkpoint_is_refused_naming_it(
         match=rf"{named}: checkpoint named by pretrain.resume_from cannot be used: corrupt or truncated",
     ):
         run_pretrain(params, paths=paths, quiet=True)
+
+
+_KILLED_WRITER = """
+import os, signal, sys
+from pathlib import Path
+from bigmodel_ops.fsutil import publish
+
+folder, size = Path(sys.argv[1]), int(sys.argv[2])
+target = folder / "step-00000008.ckpt"
+with publish(target) as pub:
+    with open(pub.staged(target), "wb") as handle:
+        handle.write(os.urandom(size // 2))  # half a checkpoint written...
+        handle.flush()
+        os.kill(os.getpid(), signal.SIGKILL)  # ...when the process is killed
+"""
+
+_KILLED_SWAP = """
+import os, signal, sys
+from pathlib import Path
+
+# Killed inside fsutil._swap, between moving last.ckpt aside and moving its successor in.
+folder, suffix = Path(sys.argv[1]), f"{os.getpid()}-0123abcd"
+os.replace(folder / "last.ckpt", folder / f".last.ckpt.old-{suffix}")
+(folder / f".last.ckpt.tmp-{suffix}").write_bytes(b"a newer, unpublished last.ckpt")
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_leftovers_of_a_sigkill_mid_checkpoint_write_are_cleaned_and_nothing_finished_is_lost(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mlflow_store: str
+):
+    """Two real processes SIGKILLed inside our atomic writer: one halfway through staging a
+    checkpoint, one between moving last.ckpt aside and moving its successor in (so last.ckpt is
+    missing). The next pretrain run resumes from the newest complete checkpoint (step 4), moves the
+    old last.ckpt back rather than losing it, removes the dead writers' temporary files, and
+    never exposes a partial file under a final name."""
+    import os
+    import subprocess
+    import sys
+
+    from bigmodel_ops.fsutil import LEFTOVER_MIN_AGE_S, sweep_leftovers
+    from tests.conftest import REPO_ROOT
+
+    paths = _trained(tmp_path, monkeypatch)
+    folder = ckpt_dir(paths)
+    step4 = (folder / "step-00000004.ckpt").read_bytes()
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    for script, args in ((_KILLED_WRITER, [str(len(step4))]), (_KILLED_SWAP, [])):
+        done = subprocess.run([sys.executable, "-c", script, str(folder), *args], env=env, timeout=120)
+        assert done.returncode == -9
+    staged = sorted(folder.glob(".step-00000008.ckpt.tmp-*"))
+    moved = sorted(folder.glob(".last.ckpt.old-*"))
+    assert len(staged) == 1 and len(moved) == 1 and not (folder / "last.ckpt").exists()
+    assert not (folder / "step-00000008.ckpt").exists()  # nothing partial under a final name
+    # A fresh staging file may belong to a live writer on another machine: kept until it is old.
+    assert sweep_leftovers(folder) == moved and (folder / "last.ckpt").read_bytes() == step4
+    assert staged[0].exists()
+    old = staged[0].stat().st_mtime - LEFTOVER_MIN_AGE_S - 1
+    for path in folder.glob(".*.tmp-*"):
+        os.utime(path, (old, old))
+
+    _continue_to(tmp_path, 8)
+    result = run_stage_process(tmp_path, "pretrain")
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(paths.pretrain_report.read_text())
+    assert report["resumed_from_step"] == 4 and report["global_step"] == 8
+    assert not list(folder.glob(".*.tmp-*")) and not list(folder.glob(".*.old-*")), sorted(
+        p.name for p in folder.iterdir()
+    )
+    assert find_resume_point(folder).global_step == 8
+
+
+def test_the_sweep_leaves_a_live_writers_files_alone(tmp_path: Path):
+    import os
+    import subprocess
+
+    from bigmodel_ops.fsutil import sweep_leftovers
+
+    writer = subprocess.Popen(["sleep", "60"])
+    try:
+        staged = tmp_path / f".model.tmp-{writer.pid}-0123abcd"
+        staged.write_bytes(b"being written")
+        os.utime(staged, (0, 0))  # old, but its writer is alive
+        assert sweep_leftovers(tmp_path) == [] and staged.exists()
+    finally:
+        writer.kill()
+        writer.wait()
+    assert sweep_leftovers(tmp_path) == [staged] and not staged.exists()
