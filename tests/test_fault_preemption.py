@@ -141,3 +141,77 @@ def test_sigterm_from_outside_to_the_real_cli_checkpoints_and_the_next_run_resum
     assert report["resumed_from_step"] == stopped_at and report["global_step"] == stopped_at + 2
     assert report["run_id"] == run.info.run_id
     assert client.get_run(run.info.run_id).info.status == "FINISHED"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target", ["rank0", "group"])
+def test_sigterm_under_ddp_checkpoints_on_every_rank_at_one_step_and_the_next_run_resumes(
+    target: str, tmp_path: Path, mlflow_store: str
+):
+    """2 CPU processes (DDP, gloo). SIGTERM to rank 0 only (`kill PID`, a timeout) or to the whole
+    process group (what SLURM sends every task at preemption): the ranks agree on one step, rank 0
+    writes its checkpoint, both processes exit, the stage exits 143 with its one run KILLED, and
+    the next run (2 processes again) resumes from that step in the same run."""
+    import psutil
+
+    root = tmp_path / "project"
+    setup = dict(
+        train_docs=80,
+        profiles={"max_steps": 5000, "devices": 2, "strategy": "ddp"},
+        tracking={"log_every_n_steps": 10},
+        pretrain={"checkpoint_every_n_steps": 10, "val_every_n_steps": 1000, "register_model": False},
+    )
+    _, paths, _ = make_project(root, **setup)
+    command, env = stage_command("pretrain")
+    process = subprocess.Popen(
+        command,
+        cwd=root,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while not list(paths.pretrain_checkpoints.glob("config-*/step-00000010.ckpt")):
+            assert process.poll() is None, process.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "no checkpoint of step 10 within 300 s"
+            time.sleep(0.02)
+        ranks = [process.pid] + [child.pid for child in psutil.Process(process.pid).children(recursive=True)]
+        assert len(ranks) >= 2, ranks  # Lightning started rank 1 as a child process
+        if target == "group":
+            os.killpg(process.pid, signal.SIGTERM)
+        else:
+            process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=180)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    assert process.returncode == 143, stderr[-3000:]
+    assert "stopped by SIGTERM after step" in stderr, stderr[-3000:]
+    deadline = time.monotonic() + 30
+    while any(psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie" for pid in ranks[1:]):
+        assert time.monotonic() < deadline, "a rank outlived the stage"
+        time.sleep(0.2)
+    folder = ckpt_dir(paths)
+    stopped_at = _step_of(folder / "last.ckpt")
+    assert 10 <= stopped_at < 5000 and (folder / f"step-{stopped_at:08d}.ckpt").is_file()
+    assert not list(folder.glob(".*"))  # nothing half-written by either rank
+    client = MlflowClient(mlflow_store)
+    (run,) = _pretrain_runs(client)  # rank 1 opened no run
+    assert run.info.status == "KILLED"
+
+    write_params(
+        root,
+        **{k: v for k, v in setup.items() if k != "train_docs"}
+        | {"profiles": {**setup["profiles"], "max_steps": stopped_at + 2}},
+    )
+    resumed = _cli(root)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    report = json.loads(paths.pretrain_report.read_text())
+    assert report["world_size"] == 2
+    assert report["resumed_from_step"] == stopped_at and report["global_step"] == stopped_at + 2
+    assert report["run_id"] == run.info.run_id
+    assert client.get_run(run.info.run_id).info.status == "FINISHED"
