@@ -263,8 +263,10 @@ class ClassifierModule(L.LightningModule):
     """Fine-tunes a SequenceClassifier (or its LoRA-wrapped form); logs ``val_loss``, ``val_acc``
     and ``val_f1`` per epoch.
 
-    Validation metrics are computed over the whole validation set at epoch end (gathered
-    across ranks under DDP; a DistributedSampler may repeat a few samples to even out ranks).
+    Validation metrics are computed over the whole validation set at epoch end, exactly: under
+    DDP each rank scores its shard, the logits are gathered with their row numbers, and the few
+    rows a DistributedSampler repeats to even out the ranks are counted once (so the metrics are
+    those of one process scoring the whole split, up to float rounding).
     ``val_loss`` is the plain cross-entropy (no smoothing, no class weights), comparable across
     settings; the training loss is the objective (label smoothing and class weights applied).
 
@@ -292,6 +294,7 @@ class ClassifierModule(L.LightningModule):
         self.register_buffer("class_weights", class_weights, persistent=False)
         self._val_logits: list[torch.Tensor] = []
         self._val_labels: list[torch.Tensor] = []
+        self._val_rows: list[torch.Tensor] = []
         self.last_val: dict[str, float] = {}
         self.best_val: dict[str, float] = {}
         self.best_epoch: int | None = None
@@ -324,20 +327,31 @@ class ClassifierModule(L.LightningModule):
         return loss
 
     def take_train_loss(self) -> float | None:
-        """Mean train loss since the last call (one device sync), or None without steps."""
+        """Mean train loss since the last call (one device sync), or None without steps.
+
+        Under DDP, the mean over the ranks (one all-reduce; MetricsCallback calls this on every
+        rank at the same steps): the loss of the global batch.
+        """
         if self._train_loss_sum is None or not self._train_loss_count:
             return None
-        value = float(self._train_loss_sum.item()) / self._train_loss_count
+        mean = self._train_loss_sum.float() / self._train_loss_count
+        trainer = self._trainer
+        if trainer is not None and trainer.world_size > 1:
+            mean = trainer.strategy.reduce(mean, reduce_op="mean")
+        value = float(mean.item())
         self._train_loss_sum, self._train_loss_count = None, 0
         return value
 
     def on_validation_epoch_start(self) -> None:
         self._val_logits.clear()
         self._val_labels.clear()
+        self._val_rows.clear()
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self._val_logits.append(self(batch["idx"], batch["lengths"]).float())
         self._val_labels.append(batch["labels"])
+        if "rows" in batch:
+            self._val_rows.append(batch["rows"])
 
     def on_validation_epoch_end(self) -> None:
         if not self._val_logits:
@@ -347,6 +361,13 @@ class ClassifierModule(L.LightningModule):
         if self.trainer.world_size > 1:
             logits = self.all_gather(logits).flatten(0, 1)
             labels = self.all_gather(labels).flatten(0, 1)
+            if len(self._val_rows) == len(self._val_logits):
+                # Each row once, in split order: drop the sampler's padding repeats.
+                rows = self.all_gather(torch.cat(self._val_rows)).flatten(0, 1)
+                order = torch.argsort(rows, stable=True)
+                keep = torch.ones_like(order, dtype=torch.bool)
+                keep[1:] = rows[order][1:] != rows[order][:-1]
+                logits, labels = logits[order[keep]], labels[order[keep]]
         loss = F.cross_entropy(logits, labels)
         summary = metrics_from_confusion(confusion_matrix(logits.argmax(-1), labels, self.num_labels))
         self.last_val = {
@@ -421,12 +442,32 @@ class _SplitDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.split)
 
-    def __getitem__(self, index: int) -> tuple[list[int], int]:
-        return self.split.ids[index], int(self.split.labels[index])
+    def __getitem__(self, index: int) -> tuple[list[int], int, int]:
+        return self.split.ids[index], int(self.split.labels[index]), index
+
+
+def collate_rows(batch: Sequence[tuple[list[int], int, int]]) -> dict[str, torch.Tensor]:
+    """:func:`~bigmodel_ops.classification.inputs.collate` plus ``rows`` (B,): each example's row
+    number in its split (how DDP validation counts every row once)."""
+    out = collate([(ids, label) for ids, label, _ in batch])
+    out["rows"] = torch.tensor([row for _, _, row in batch], dtype=torch.long)
+    return out
 
 
 class ClassificationDataModule(L.LightningDataModule):
-    """Train / val loaders over already tokenised splits (tokenise once, reuse across trials)."""
+    """Train / val loaders over already tokenised splits (tokenise once, reuse across trials).
+
+    Both loaders shard by rank with our own :class:`~torch.utils.data.DistributedSampler`
+    (Lightning keeps a DistributedSampler it is given), one process included (1 replica):
+
+    - train: one permutation of the split per epoch (seeded by ``seed + epoch``, the same on every
+      rank and with any rank count), rank r taking its positions ``r, r + W, ...``; so with W
+      ranks of ``batch_size`` B, step i's batches together are exactly the batch i of one process
+      with batch size ``B x W`` when the split size is a multiple of ``B x W`` (otherwise the
+      sampler repeats up to W - 1 rows to even out the ranks, and the last step differs);
+    - val: contiguous order, sharded the same way; the module counts each row once
+      (:meth:`ClassifierModule.on_validation_epoch_end`).
+    """
 
     def __init__(
         self, splits: Mapping[str, TokenizedSplit], *, batch_size: int, seed: int, num_workers: int = 0
@@ -438,13 +479,18 @@ class ClassificationDataModule(L.LightningDataModule):
         self.num_workers = num_workers
 
     def _loader(self, split: str, *, shuffle: bool) -> torch.utils.data.DataLoader:
-        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
+        trainer = self.trainer
+        world = trainer.world_size if trainer is not None else 1
+        rank = trainer.global_rank if trainer is not None else 0
+        dataset = _SplitDataset(self.splits[split])
+        sampler = torch.utils.data.DistributedSampler(
+            dataset, num_replicas=world, rank=rank, shuffle=shuffle, seed=self.seed, drop_last=False
+        )
         return torch.utils.data.DataLoader(
-            _SplitDataset(self.splits[split]),
+            dataset,
             batch_size=self.batch_size,
-            shuffle=shuffle,
-            generator=generator,
-            collate_fn=collate,
+            sampler=sampler,  # Lightning sets its epoch before each training epoch
+            collate_fn=collate_rows,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )

@@ -15,8 +15,12 @@ Named steps, cheap checks first so that bad input fails in seconds and leaves no
    ``<project>-base`` with alias ``latest-pretrain``.
 
 Runs unchanged under Lightning's DDP launcher (which re-runs the command for the other ranks),
-torchrun or SLURM: only global rank 0 logs and writes outputs. The algorithms are in
-:mod:`bigmodel_ops.pretraining`.
+torchrun (``deploy/torchrun.sh``) or SLURM (``deploy/slurm.sbatch``): only global rank 0 logs and
+writes outputs (one MLflow run, one set of checkpoints). ``devices`` x ``num_nodes`` processes
+with ``batch_size`` B train on exactly the batches (and validate on exactly the rows) of one
+process with batch B x world size: each rank reads its own rows of every global batch
+(:class:`~bigmodel_ops.pretraining.data.TrainBatches`), and the logged train loss is the mean
+over the ranks. The algorithms are in :mod:`bigmodel_ops.pretraining`.
 """
 
 from __future__ import annotations

@@ -1,10 +1,17 @@
 """Pretraining batches cut straight from memory-mapped token shards.
 
-Every batch is a pure function of (seed, epoch, batch index, rank): random windows and
-masks come from a NumPy generator seeded with that tuple, never from a global RNG. So the
-data position is just two integers, and a resumed run continues with exactly the batches
+Every training row is a pure function of (seed, epoch, global row number): its random window
+and its masks come from a NumPy generator seeded with that tuple, never from a global RNG. So
+the data position is just two integers, and a resumed run continues with exactly the batches
 an uninterrupted run would have seen, whatever happened in between (worker processes,
 prefetching, a SIGKILL).
+
+Ranks (DDP, multi-node) share one sequence of global batches of ``batch_size x world_size``
+rows: at step ``i``, rank ``r`` takes rows ``[(i * W + r) * B, (i * W + r + 1) * B)`` of the
+epoch (:class:`TrainBatches`). Because a row does not depend on which rank or batch holds it,
+the union of the ranks' batches at step ``i`` is exactly the batch a single process with batch
+size ``B x W`` gets at step ``i`` (same windows, same masks, same epoch length): DDP with W
+processes and one process with the global batch train on the same data, step for step.
 
 The train loader counts the batches it has handed to the training loop (not those its
 workers have prefetched) and exposes ``state_dict``/``load_state_dict``; Lightning finds
@@ -19,7 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -143,18 +150,79 @@ def mask_tokens(
     """
     B, T = tokens.shape
     M = masked_count(T, mask_rate)
+    return _apply_masks(
+        tokens,
+        scores=rng.random((B, T)),
+        action=lambda: rng.random((B, M)),
+        replacements=lambda slots: random_ids[rng.integers(0, len(random_ids), size=int(slots.sum()))],
+        mask_rate=mask_rate,
+        mask_id=mask_id,
+        protected_ids=protected_ids,
+    )
+
+
+def mask_tokens_from_uniforms(
+    tokens: np.ndarray,
+    uniforms: np.ndarray,
+    *,
+    mask_rate: float,
+    mask_id: int,
+    protected_ids: np.ndarray,
+    random_ids: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`mask_tokens` driven by per-row uniforms in [0, 1), ``(B, T + 2M)`` (see
+    :func:`mask_uniforms`): row b's masks depend on row b's tokens and uniforms only, so a row
+    is masked alike whichever batch (or rank) holds it."""
+    B, T = tokens.shape
+    M = masked_count(T, mask_rate)
+    if uniforms.shape != (B, mask_uniforms(T, mask_rate)):
+        raise ValueError(f"uniforms {uniforms.shape}, expected {(B, mask_uniforms(T, mask_rate))}")
+    pick = uniforms[:, T + M :]
+    return _apply_masks(
+        tokens,
+        scores=uniforms[:, :T].copy(),
+        action=lambda: uniforms[:, T : T + M],
+        replacements=lambda slots: random_ids[
+            np.minimum((pick[slots] * len(random_ids)).astype(np.int64), len(random_ids) - 1)
+        ],
+        mask_rate=mask_rate,
+        mask_id=mask_id,
+        protected_ids=protected_ids,
+    )
+
+
+def mask_uniforms(block_size: int, mask_rate: float) -> int:
+    """Uniforms one row's masks use: a score per position, then an action and a replacement draw
+    per predicted slot."""
+    return block_size + 2 * masked_count(block_size, mask_rate)
+
+
+def _apply_masks(
+    tokens: np.ndarray,
+    *,
+    scores: np.ndarray,
+    action: Callable[[], np.ndarray],
+    replacements: Callable[[np.ndarray], np.ndarray],
+    mask_rate: float,
+    mask_id: int,
+    protected_ids: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The masking of :func:`mask_tokens` from its random inputs: ``scores`` (B, T) in [0, 1)
+    (modified in place), ``action()`` (B, M) in [0, 1), ``replacements(slots)`` the random ids of
+    the slots that ``slots`` (a (B, M) bool array) marks, in row-major order."""
+    B, T = tokens.shape
+    M = masked_count(T, mask_rate)
     protected = np.isin(tokens, protected_ids)
-    scores = rng.random((B, T))
     scores[protected] = 2.0  # never among the M smallest unless the row runs out of tokens
     positions = np.argpartition(scores, M - 1, axis=1)[:, :M] if M < T else np.argsort(scores, axis=1)
     positions = np.sort(positions, axis=1)
     valid = np.take_along_axis(scores, positions, axis=1) < 1.0
     labels = np.where(valid, np.take_along_axis(tokens, positions, axis=1), IGNORE_INDEX)
-    action = rng.random((B, M))
+    act = action()
     replacement = np.take_along_axis(tokens, positions, axis=1).copy()
-    replacement[action < 0.8] = mask_id
-    random_slot = (action >= 0.8) & (action < 0.9)
-    replacement[random_slot] = random_ids[rng.integers(0, len(random_ids), size=int(random_slot.sum()))]
+    replacement[act < 0.8] = mask_id
+    random_slot = (act >= 0.8) & (act < 0.9)
+    replacement[random_slot] = replacements(random_slot)
     replacement = np.where(valid, replacement, np.take_along_axis(tokens, positions, axis=1))
     inputs = tokens.copy()
     np.put_along_axis(inputs, positions, replacement, axis=1)
@@ -198,19 +266,27 @@ class BatchMaker:
         self.random_ids = np.setdiff1d(np.arange(spec.vocab_size, dtype=np.int64), specials)
         self.protected_ids = np.asarray(sorted(set(spec.protected_ids)), dtype=np.int64)
 
-    def build(self, offsets: np.ndarray, rng: np.random.Generator) -> dict[str, torch.Tensor]:
+    def build_rows(self, offsets: np.ndarray, uniforms: np.ndarray | None) -> dict[str, torch.Tensor]:
+        """The batch of windows at ``offsets``, each row masked with its own uniforms
+        (``(B, mask_uniforms(...))``; unused, may be None, for the causal objective)."""
         spec = self.spec
         tokens = self.stream.windows(offsets, spec.span)
         if spec.objective == "causal":
             return {"tokens": torch.from_numpy(tokens)}
-        inputs, positions, labels = mask_tokens(
+        assert uniforms is not None
+        masked = mask_tokens_from_uniforms(
             tokens[:, : spec.block_size],
-            rng=rng,
+            uniforms,
             mask_rate=spec.mask_rate,
             mask_id=spec.mask_id,
             protected_ids=self.protected_ids,
             random_ids=self.random_ids,
         )
+        return self._masked(masked)
+
+    @staticmethod
+    def _masked(masked: tuple[np.ndarray, np.ndarray, np.ndarray]) -> dict[str, torch.Tensor]:
+        inputs, positions, labels = masked
         return {
             "input_ids": torch.from_numpy(inputs),
             "positions": torch.from_numpy(positions),
@@ -228,7 +304,22 @@ def check_split_length(stream: TokenStream, spec: DataSpec, *, split: str, where
 
 
 class TrainBatches(Dataset):
-    """Train batches addressed by (epoch, index); see the module docstring for determinism."""
+    """Train batches addressed by (epoch, index); see the module docstring for determinism.
+
+    What the sharding guarantees, for ``world_size`` W and per-rank ``batch_size`` B (G = B x W):
+
+    - rank r's batch ``index`` i of an epoch holds the epoch's global rows
+      ``(i * W + r) * B ... (i * W + r + 1) * B - 1`` (:meth:`rows`): no two ranks (and no two
+      steps) of an epoch ever share a row;
+    - a row's window and masks depend on (seed, epoch, row) only, so the ranks' batches of step
+      i together are exactly the batch i of one process with batch size G, and an epoch has the
+      same number of steps either way (``n_windows // G``);
+    - ``sampling: sequential``: row k is the contiguous window starting at token ``k * block_size``,
+      so the windows of all ranks are disjoint and an epoch covers windows ``0 .. steps * G - 1``
+      once each; ``sampling: random``: row k's window starts at an independent uniform offset
+      (windows of different rows may overlap by chance, on one rank or across ranks, as with one
+      process).
+    """
 
     def __init__(self, stream: TokenStream, spec: DataSpec, *, rank: int = 0, world_size: int = 1) -> None:
         self.maker = BatchMaker(stream, spec)
@@ -241,44 +332,78 @@ class TrainBatches(Dataset):
             self.batches_per_epoch = self.n_windows // (spec.batch_size * world_size)
         else:
             self.batches_per_epoch = max(1, self.n_windows // (spec.batch_size * world_size))
+        # Uniforms per row: a window offset (random sampling), then the masks (masked objective).
+        self._offset_uniforms = int(spec.sampling != "sequential")
+        self._row_uniforms = self._offset_uniforms + (
+            mask_uniforms(spec.block_size, spec.mask_rate) if spec.objective == "masked" else 0
+        )
 
     def __len__(self) -> int:
         return self.batches_per_epoch
 
+    def rows(self, index: int) -> np.ndarray:
+        """The epoch's global row numbers that this rank's batch ``index`` holds."""
+        # Ranks interleave global batches of batch_size rows, so no two share a row.
+        g = index * self.world_size + self.rank
+        return np.arange(g * self.spec.batch_size, (g + 1) * self.spec.batch_size, dtype=np.int64)
+
+    def row_uniforms(self, epoch: int, rows: np.ndarray) -> np.ndarray | None:
+        """(len(rows), k) uniforms in [0, 1), row k's from a generator seeded (seed, epoch, k)."""
+        if not self._row_uniforms:
+            return None
+        seed, n = self.spec.seed, self._row_uniforms
+        return np.stack([np.random.default_rng([seed, epoch, int(row)]).random(n) for row in rows])
+
     def __getitem__(self, key: tuple[int, int]) -> dict[str, torch.Tensor]:
         epoch, index = key
         spec = self.spec
-        # The global batch number on this rank: ranks interleave so no two share a batch.
-        g = index * self.world_size + self.rank
-        rng = np.random.default_rng([spec.seed, epoch, g])
+        rows = self.rows(index)
+        uniforms = self.row_uniforms(epoch, rows)
         if spec.sampling == "sequential":
-            first = g * spec.batch_size
-            offsets = (np.arange(first, first + spec.batch_size) * spec.block_size).astype(np.int64)
+            offsets = rows * spec.block_size
         else:
-            offsets = rng.integers(0, len(self.stream) - spec.span + 1, size=spec.batch_size)
-        return self.maker.build(offsets, rng)
+            assert uniforms is not None
+            starts = len(self.stream) - spec.span + 1
+            offsets = np.minimum((uniforms[:, 0] * starts).astype(np.int64), starts - 1)
+        masks = uniforms[:, self._offset_uniforms :] if uniforms is not None else None
+        return self.maker.build_rows(offsets, masks)
 
 
 class ValBatches(Dataset):
-    """A fixed set of val batches: windows spread evenly over the split, fixed masks."""
+    """A fixed set of val batches: windows spread evenly over the split, fixed masks.
 
-    def __init__(self, stream: TokenStream, spec: DataSpec, *, n_batches: int) -> None:
+    ``n_batches`` global batches of ``batch_size x world_size`` rows (windows evenly spaced over
+    the split, identical every time); rank r scores rows ``r * B .. (r + 1) * B - 1`` of each,
+    and a row's masks depend on (seed, row) only. So the ranks together score exactly the rows one
+    process with batch size ``B x W`` scores, and the mean of the ranks' losses is its loss.
+    """
+
+    def __init__(
+        self, stream: TokenStream, spec: DataSpec, *, n_batches: int, rank: int = 0, world_size: int = 1
+    ) -> None:
         spec = dataclasses.replace(spec, mask_rate=spec.val_mask_rate)
         self.maker = BatchMaker(stream, spec)
         self.spec = spec
-        n = n_batches * spec.batch_size
+        B, W = spec.batch_size, world_size
+        n = n_batches * B * W
         last = len(stream) - spec.span
         # Evenly spaced (overlapping only when the split is small) and identical every time.
-        self.offsets = (
-            np.linspace(0, last, num=n).round().astype(np.int64).reshape(n_batches, spec.batch_size)
-        )
+        offsets = np.linspace(0, last, num=n).round().astype(np.int64).reshape(n_batches, W, B)
+        self.offsets = offsets[:, rank]
+        self.rows = np.arange(n, dtype=np.int64).reshape(n_batches, W, B)[:, rank]
+        self._uniforms = mask_uniforms(spec.block_size, spec.mask_rate) if spec.objective == "masked" else 0
 
     def __len__(self) -> int:
         return len(self.offsets)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        rng = np.random.default_rng([self.spec.seed, 2**31 - 1, i])
-        return self.maker.build(self.offsets[i], rng)
+        uniforms = None
+        if self._uniforms:
+            seed, n = self.spec.seed, self._uniforms
+            uniforms = np.stack(
+                [np.random.default_rng([seed, 2**31 - 1, int(row)]).random(n) for row in self.rows[i]]
+            )
+        return self.maker.build_rows(self.offsets[i], uniforms)
 
 
 class _PositionSampler(Sampler):
@@ -363,8 +488,9 @@ class ResumableBatchLoader(DataLoader):
 class PretrainDataModule(pl.LightningDataModule):
     """Train/val loaders over a shards folder for one DataSpec.
 
-    The rank and world size come from the trainer at `setup`, so the same module works
-    for one process, DDP and multi-node runs (each rank reads its own batches).
+    The rank and world size come from the trainer when the loaders are made, so the same module
+    works for one process, DDP and multi-node runs: each rank reads its own rows of every global
+    train and val batch (:class:`TrainBatches`, :class:`ValBatches`).
     """
 
     def __init__(
@@ -415,8 +541,11 @@ class PretrainDataModule(pl.LightningDataModule):
         return self._train_loader
 
     def val_dataloader(self) -> DataLoader:
+        trainer = self.trainer
+        rank = trainer.global_rank if trainer is not None else 0
+        world = trainer.world_size if trainer is not None else 1
         return DataLoader(
-            ValBatches(self.val_stream, self.spec, n_batches=self.val_batches),
+            ValBatches(self.val_stream, self.spec, n_batches=self.val_batches, rank=rank, world_size=world),
             batch_size=None,
             shuffle=False,
             num_workers=0,

@@ -201,10 +201,19 @@ class LMModule(pl.LightningModule):
     # -- divergence ------------------------------------------------------------------------
 
     def take_train_loss(self) -> float | None:
-        """Mean train loss since the last call (syncs with the device), or None without steps."""
+        """Mean train loss since the last call (syncs with the device), or None without steps.
+
+        Under DDP it is the mean over all ranks (one all-reduce; every rank calls this at the
+        same logging steps, from MetricsCallback): the loss of the global batch, as one process
+        with that batch would report it.
+        """
         if self.train_loss_sum is None or self.train_loss_count == 0:
             return None
-        value = float(self.train_loss_sum.item()) / self.train_loss_count
+        mean = self.train_loss_sum / self.train_loss_count
+        trainer = self._trainer
+        if trainer is not None and trainer.world_size > 1:
+            mean = trainer.strategy.reduce(mean, reduce_op="mean")
+        value = float(mean.item())
         self.train_loss_sum.zero_()
         self.train_loss_count = 0
         return value
