@@ -199,7 +199,8 @@ def build_trainer(
     ``validate``: an int validates every that many optimizer steps regardless of epochs,
     ``"epoch"`` at the end of each epoch, None never. With ``max_steps`` and no ``max_epochs``
     training runs over as many epochs as the step budget needs. The pretraining loader shards
-    batches by rank itself (``use_distributed_sampler=False``); fine-tuning uses Lightning's.
+    batches by rank itself (``use_distributed_sampler=False``); fine-tuning's datamodule brings
+    its own seeded ``DistributedSampler`` (Lightning keeps it).
     ``limit_train_batches``: Lightning's (None or 1.0: every batch). The progress bar counts
     optimizer steps against ``max_steps`` (:class:`StepProgressBar`) for a step budget without
     ``max_epochs``, batches per epoch otherwise. With ``meter_cost`` a Trainer that has a
@@ -261,7 +262,8 @@ class MetricsCallback(Callback):
     validation metrics after each validation; all at the global step, from global rank 0.
 
     What it reads of the LightningModule: ``take_train_loss()`` (the mean loss since the last
-    call: one host sync per logging interval, none per step) and ``last_val`` (a dict of the
+    call: one host sync per logging interval, none per step; under DDP an all-reduce, so it is
+    called on every rank at the same steps, never on rank 0 alone) and ``last_val`` (a dict of the
     latest validation metrics, e.g. ``{"val/loss": ...}``). ``assert_finite()`` is called after
     each logging interval when the module has it (a NaN/inf loss stops training there).
 

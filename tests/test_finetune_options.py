@@ -458,6 +458,10 @@ def test_finetune_stage_with_lora_mean_pooling_and_the_scratch_control(tmp_path:
     assert run.data.metrics["control_val_acc"] == report["control_val_acc"]
     assert run.data.params["hparams.method"] == "lora"
     assert math.isfinite(run.data.metrics["best_val_loss"])
+    # the stage's cost covers both fits: the main fit's, then (latest) the main plus the control's
+    history = MlflowClient().get_metric_history(run.info.run_id, "cost/cpu_hours")
+    assert len(history) == 2 and history[1].value > history[0].value > 0
+    assert run.data.metrics["cost/cpu_hours"] == history[1].value
     # the control is saved for the evaluate stage to score on the test split
     assert json.loads((paths.control_classifier / "control.json").read_text()) == {"trained": True}
     control = load_classifier(paths.control_classifier)

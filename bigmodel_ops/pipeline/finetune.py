@@ -48,6 +48,7 @@ from bigmodel_ops.classification.training import (
 )
 from bigmodel_ops.config import Params
 from bigmodel_ops.contract import CONTROL_FILE, TOKENIZER_FILE, check_model_dir
+from bigmodel_ops.cost import Cost
 from bigmodel_ops.errors import ConfigError, TrainingDiverged
 from bigmodel_ops.fsutil import publish, write_json_atomic
 from bigmodel_ops.model import read_exported_config
@@ -55,7 +56,7 @@ from bigmodel_ops.paths import ProjectPaths
 from bigmodel_ops.pipeline._common import stage_run
 from bigmodel_ops.pipeline._finetuning import fit_config, hyperparams
 from bigmodel_ops.serving import MODEL_ARTIFACT_PATH, log_pyfunc_model
-from bigmodel_ops.trainer import MetricsCallback
+from bigmodel_ops.trainer import CostCallback, MetricsCallback, cost_of
 
 _logger = logging.getLogger(__name__)
 
@@ -166,11 +167,11 @@ def run(
         }
         classifier = module.export_model().cpu()  # best epoch, adapters merged
         del module
-        control = None
+        control, both_fits = None, None
         if params.finetune.control == "scratch":
             # Every rank trains the control (DDP needs all of them); rank 0 reports it.
-            control, control_report = _train_control(
-                fit, hparams, paths=paths, splits=splits, ours=final, quiet=quiet
+            control, control_report, both_fits = _train_control(
+                fit, hparams, paths=paths, splits=splits, ours=final, quiet=quiet, offset=cost_of(trainer)
             )
             report.update(control_report)
         if not trainer.is_global_zero:
@@ -178,7 +179,9 @@ def run(
         run.log_metrics(
             {f"best_{k}": v for k, v in final.items()}
             | {"best_epoch": report["best_epoch"]}
-            | {k: v for k, v in report.items() if k.startswith(("control_", "pretrained_gain"))},
+            | {k: v for k, v in report.items() if k.startswith(("control_", "pretrained_gain"))}
+            # The stage's cost covers the control's fit too (same step, later: the latest value).
+            | (both_fits.metrics() if both_fits is not None else {}),
             step=report["global_step"],
         )
         _export(
@@ -259,15 +262,23 @@ def _check_setup(fit: Any, hparams: HyperParams, paths: ProjectPaths) -> tuple[i
 
 
 def _train_control(
-    fit: Any, hparams: HyperParams, *, paths: ProjectPaths, splits: Any, ours: dict, quiet: bool
-) -> tuple[Any, dict[str, Any]]:
+    fit: Any,
+    hparams: HyperParams,
+    *,
+    paths: ProjectPaths,
+    splits: Any,
+    ours: dict,
+    quiet: bool,
+    offset: Cost | None,
+) -> tuple[Any, dict[str, Any], Cost | None]:
     """The from-scratch control with the same recipe: (its best model, its best val metrics as
-    ``control_*``)."""
+    ``control_*``, its cost plus ``offset``: the cost of both fits)."""
     control, trainer = fit_classifier(
         fit,
         model_dir=paths.pretrained_model,
         splits=splits,
         hparams=hparams.replace(from_scratch=True),
+        callbacks=[CostCallback(offset=offset)],
         quiet=quiet,
     )
     best = {k: v for k, v in control.best_val.items() if math.isfinite(v)}
@@ -281,7 +292,7 @@ def _train_control(
         best.get("val_acc", float("nan")),
         ours["val_acc"],
     )
-    return control.export_model().cpu(), out
+    return control.export_model().cpu(), out, cost_of(trainer)
 
 
 def _example_texts(paths: ProjectPaths) -> list[str]:
