@@ -70,7 +70,7 @@ class ProjectPaths:
 
     @property
     def best_params(self) -> Path:
-        return self.tune_dir / "best_params.json"
+        return self.tune_dir / "best_params.yaml"
 
     @property
     def tune_report(self) -> Path:

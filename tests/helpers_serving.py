@@ -4,7 +4,6 @@ the real evaluate stage, which registers it, applies the gate (champion) and wri
 
 from __future__ import annotations
 
-import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +11,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+import yaml
 from mlflow.tracking import MlflowClient
 
 from bigmodel_ops.paths import ProjectPaths
@@ -51,7 +51,9 @@ def make_registered_model(root: Path, migrated_store: Path) -> Registered:
         params, paths, params_file, run_id = make_evaluate_project(root, gate={"min": 0.0, "max": {}})
         write_pretrain_report(paths, "pretrain-run-0")
         paths.tune_dir.mkdir(parents=True, exist_ok=True)
-        paths.best_params.write_text(json.dumps({"lr": 0.003, "batch_size": 16, "value": 0.75, "trial": 1}))
+        paths.best_params.write_text(
+            yaml.safe_dump({"lr": 0.003, "batch_size": 16, "value": 0.75, "trial": 1})
+        )
         client = MlflowClient(uri)
         client.update_run(run_id, status="RUNNING")
         log_pyfunc_model(

@@ -10,6 +10,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import torch
+import yaml
 from mlflow.tracking import MlflowClient
 
 from bigmodel_ops.classification.export import load_classifier
@@ -40,7 +41,7 @@ def test_finetune_evaluate_register_and_gate(tmp_path: Path, monkeypatch, mlflow
     # the tune stage's output, fabricated: finetune must take these values over params.finetune
     paths.tune_dir.mkdir(parents=True)
     tuned = {"lr": 0.004, "dropout": 0.05, "weight_decay": 0.02, "batch_size": 8, "value": 0.9, "trial": 3}
-    paths.best_params.write_text(json.dumps(tuned))
+    paths.best_params.write_text(yaml.safe_dump(tuned))
 
     report = run_finetune(params, paths=paths, quiet=True)
 
@@ -194,7 +195,7 @@ def test_finetune_bad_inputs(tmp_path: Path, monkeypatch, capsys, case: str):
         )
         expected = "outputs/prepared/val.parquet: row 0: label 'neutral' is not in prepare.labels"
     else:
-        expected = "outputs/tune/best_params.json: not found, but finetune.use_tuned is true"
+        expected = "outputs/tune/best_params.yaml: not found, but finetune.use_tuned is true"
     assert main(["finetune", "--params", str(params_file), "--quiet"]) == 2
     assert expected in capsys.readouterr().err
     _no_outputs(paths)

@@ -34,7 +34,7 @@ def test_first_repro_produces_every_output(project: Project):
         "outputs/tokenizer/tokenizer.json",
         "outputs/shards/index.json",
         "outputs/pretrain/model/model.safetensors",
-        "outputs/tune/best_params.json",
+        "outputs/tune/best_params.yaml",
         "outputs/finetune/model/model.safetensors",
         "outputs/metrics/evaluate.json",
     ]:

@@ -45,11 +45,11 @@ def test_tune_study_nested_runs_resume_and_pruning(tmp_path: Path, monkeypatch, 
     states = [t.state for t in study.trials]
     assert states == [optuna.trial.TrialState.COMPLETE] * 2
     assert (paths.tune_dir / JOURNAL_FILE).is_file()
-    best = json.loads(paths.best_params.read_text())
+    best = yaml.safe_load(paths.best_params.read_text())
     assert set(best) == {"lr", "dropout", "weight_decay", "batch_size", "value", "trial"}
     assert best["trial"] == study.best_trial.number and best["value"] == study.best_value
     assert best["lr"] == study.best_trial.params["lr"] and best["batch_size"] == 16
-    assert yaml.safe_load((paths.tune_dir / "best_params.yaml").read_text()) == best
+    assert not (paths.tune_dir / "best_params.json").exists()  # one file, the one finetune reads
     steps = [t.user_attrs["optimizer_steps"] for t in study.trials]
     assert steps == [2, 2] and [t.user_attrs["budget_steps"] for t in study.trials] == [2, 2]  # 32 rows / 16
     assert report == {
@@ -105,7 +105,7 @@ def test_tune_study_nested_runs_resume_and_pruning(tmp_path: Path, monkeypatch, 
     study = _journal_study(params, paths)
     assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE", "PRUNED"]
     assert report["n_pruned"] == 1 and report["n_complete"] == 2 and report["n_trials"] == 3
-    assert json.loads(paths.best_params.read_text()) == best  # a pruned trial is never the best
+    assert yaml.safe_load(paths.best_params.read_text()) == best  # a pruned trial is never the best
     runs = _runs(mlflow_store)
     names = sorted(r.info.run_name for r in runs if r.info.run_name.startswith("tune/trial-"))
     assert names == ["tune/trial-0", "tune/trial-1", "tune/trial-2"]  # 0 and 1 were not re-run
@@ -132,7 +132,7 @@ def test_tune_with_no_completed_trial_fails_and_writes_nothing(tmp_path: Path, m
     code = main(["tune", "--params", str(params_file), "--quiet"])
     err = capsys.readouterr().err
     assert code == 2
-    assert "no trial of study" in err and "1 pruned" in err and "best_params.json was not written" in err
+    assert "no trial of study" in err and "1 pruned" in err and "best_params.yaml was not written" in err
     assert not paths.best_params.exists() and not paths.tune_report.exists()
     assert (paths.tune_dir / JOURNAL_FILE).is_file()  # finished (pruned) trials are kept for the next run
     assert not [p for p in paths.tune_dir.iterdir() if p.name.startswith(".")]

@@ -60,7 +60,7 @@ class HyperParams:
     """Every fine-tuning setting a trial may override (the ``finetune`` params' training keys).
 
     Built from params with :meth:`from_dict` (``bigmodel_ops.pipeline._finetuning.hyperparams``);
-    a trial or ``best_params.json`` changes any of them with :meth:`override` (``lora.rank`` and
+    a trial or ``best_params.yaml`` changes any of them with :meth:`override` (``lora.rank`` and
     ``lora_rank`` both name :attr:`lora_rank`). Defaults are the schema's defaults.
     """
 

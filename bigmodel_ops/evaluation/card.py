@@ -2,7 +2,7 @@
 
 :func:`model_card` writes what a user of a version needs to know: what it classifies, the data and
 its version, the training recipe (backbone, pretraining budget and objective from
-``outputs/metrics/pretrain.json``, the best tuned params from ``outputs/tune/best_params.json``,
+``outputs/metrics/pretrain.json``, the best tuned params from ``outputs/tune/best_params.yaml``,
 the fine-tuning hparams actually used), test metrics beside the TF-IDF baseline, the gate
 decision, the cost of producing it (device-hours, CPU-hours and energy of pretraining, tuning with
 its trials, and fine-tuning: the ``cost/*`` metrics of their runs, :mod:`bigmodel_ops.cost`),
@@ -17,12 +17,13 @@ path that is a URL is shown without its user info and query.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
+
+import yaml
 
 from bigmodel_ops.cost import ESTIMATE_WATTS_PER_CORE, ESTIMATE_WATTS_PER_GPU
 
@@ -42,11 +43,12 @@ _SUMMARY = (
 
 
 def _read_json(path: Path | None) -> dict[str, Any]:
+    """A JSON or YAML mapping file ({} when absent or unreadable: the card says what is missing)."""
     if path is None:
         return {}
     try:
-        value = json.loads(Path(path).read_text())
-    except (OSError, ValueError):
+        value = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError, yaml.YAMLError):
         return {}
     return value if isinstance(value, dict) else {}
 
@@ -224,7 +226,7 @@ def model_card(
             f"{_kv(shown)}."
         )
     else:
-        lines.append("- Tuning: no best params (outputs/tune/best_params.json); params.finetune used.")
+        lines.append("- Tuning: no best params (outputs/tune/best_params.yaml); params.finetune used.")
     hparams = classifier_config.get("hparams") or {}
     lines.append(
         f"- Fine-tuning: {classifier_config.get('pooling', '?')} pooling, max length "

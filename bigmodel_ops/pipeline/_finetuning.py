@@ -23,6 +23,6 @@ def fit_config(params: Params) -> FitConfig:
 
 
 def hyperparams(params: Params) -> HyperParams:
-    """Every fine-tuning setting of ``params.finetune`` (a trial or best_params.json overrides
+    """Every fine-tuning setting of ``params.finetune`` (a trial or best_params.yaml overrides
     some of them with :meth:`HyperParams.override`)."""
     return HyperParams.from_dict(params.finetune.model_dump(mode="json"))

@@ -2,7 +2,7 @@
 
 Hyperparameters: every ``finetune`` setting (:func:`~bigmodel_ops.pipeline._finetuning.hyperparams`),
 with lr / dropout / weight_decay / batch_size (and any other fine-tuning setting it holds) taken from
-``<tune_dir>/best_params.json`` when ``finetune.use_tuned`` (a ConfigError naming the file when it
+``<tune_dir>/best_params.yaml`` when ``finetune.use_tuned`` (a ConfigError naming the file when it
 is missing or malformed). Training runs at most ``finetune.max_epochs`` epochs on the train split
 with the val split evaluated after each epoch (``finetune.early_stopping_patience`` stops earlier);
 the active sizing profile decides devices and precision. The BEST epoch (by val_acc) is exported,
@@ -38,6 +38,8 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+import yaml
+
 from bigmodel_ops.classification.export import save_classifier
 from bigmodel_ops.classification.inputs import effective_max_length, load_splits
 from bigmodel_ops.classification.training import (
@@ -65,7 +67,7 @@ _TUNED_KEYS = {"lr": float, "dropout": float, "weight_decay": float, "batch_size
 
 
 def resolve_hparams(params: Params, paths: ProjectPaths) -> tuple[HyperParams, str]:
-    """(hyperparameters, source): source is "tuned" (best_params.json) or "params"."""
+    """(hyperparameters, source): source is "tuned" (best_params.yaml) or "params"."""
     base = hyperparams(params)
     if not params.finetune.use_tuned:
         return base, "params"
@@ -76,9 +78,9 @@ def resolve_hparams(params: Params, paths: ProjectPaths) -> tuple[HyperParams, s
             "finetune.use_tuned: false to use the finetune values in params.yaml)"
         )
     try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise ConfigError(f"{path}: not valid JSON: {error}") from None
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        raise ConfigError(f"{path}: not valid YAML: {error}") from None
     values: dict[str, Any] = {}
     for key, kind in _TUNED_KEYS.items():
         raw = data.get(key) if isinstance(data, dict) else None

@@ -25,9 +25,9 @@ KILLED (``optuna.state = FAIL``). The ``tune`` run's id is kept in the study (us
 next run of the stage, so a study interrupted and continued stays one ``tune`` run. The parent is
 tagged with the best trial and its run id.
 
-Outputs (only when at least one trial completed): ``best_params.json`` and the same in
-``best_params.yaml`` (the dependency of ``finetune``: the searched settings of the best trial
-plus the effective lr / dropout / weight_decay / batch_size), Optuna's optimisation-history,
+Outputs (only when at least one trial completed): ``best_params.yaml`` (the dependency of
+``finetune``: the searched settings of the best trial plus the effective lr / dropout /
+weight_decay / batch_size, its value and number), Optuna's optimisation-history,
 intermediate-values, parameter-importance and parallel-coordinate plots in ``outputs/tune/``
 (also MLflow artifacts under ``plots/``), and the report ``outputs/metrics/tune.json`` (best
 value, trials by state, total trial seconds and optimizer steps, steps saved by pruning). With
@@ -80,8 +80,7 @@ from bigmodel_ops.tuning.workers import ClientRun, end_stale_trial_run, fill_que
 _logger = logging.getLogger(__name__)
 
 JOURNAL_FILE = "study.journal"
-BEST_PARAMS_YAML = "best_params.yaml"
-# Always in best_params.json (finetune reads them), searched or not.
+# Always in best_params.yaml (finetune reads them), searched or not.
 CORE_SETTINGS = ("lr", "dropout", "weight_decay", "batch_size")
 # A trial that runs out of memory or hits a numerical error fails alone; user errors
 # (BigModelOpsError) stop the stage.
@@ -216,7 +215,7 @@ def run(
     """Search fine-tuning hyperparameters with Optuna (pruned trials, nested MLflow runs, workers).
 
     Runs (or continues) the study with ``workers`` processes (default ``tune.workers``) on
-    ``storage`` (default ``tune.storage``); writes best_params.json / .yaml, the plots and the
+    ``storage`` (default ``tune.storage``); writes best_params.yaml, the plots and the
     report, and returns the report. Raises BigModelOpsError when no trial completed, or before
     any trial when an input, the search space, the storage or the study is wrong.
     ``extra_callbacks``: Lightning callbacks added to every trial this process runs (tests).
@@ -302,9 +301,8 @@ def run(
         report, best = _summarise(study, run=run, name=name, paths=paths, base=base)
         for plot in save_plots(study, paths.tune_dir):
             run.log_artifact(plot, "plots")
-        run.log_dict(best, "best_params.json")
-        write_json_atomic(paths.best_params, best)
-        _write_yaml_atomic(paths.tune_dir / BEST_PARAMS_YAML, best)
+        run.log_dict(best, paths.best_params.name)
+        _write_yaml_atomic(paths.best_params, best)
         write_json_atomic(paths.tune_report, report)
         _logger.info("tune: best %s = %.4f (trial %d)", tune.metric, best["value"], best["trial"])
     return report
