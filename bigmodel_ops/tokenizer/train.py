@@ -73,6 +73,31 @@ def build_tokenizer(params: TokenizerParams, *, show_progress: bool = False) -> 
     return tokenizer, trainer
 
 
+def canonical_ids(tokenizer: Tokenizer, *, keep: int) -> Tokenizer:
+    """The WordPiece tokenizer with its ids renumbered in a fixed order: the first ``keep`` (the
+    special tokens) unchanged, then single characters, then ``##`` characters, then longer pieces,
+    each group sorted by text.
+
+    The trainer numbers the ``##`` pieces (and so, through tie-breaking, the pieces merged from
+    them) in hash-map order, which changes from one process to the next (huggingface/tokenizers
+    issue #1794), so the same data gave a differently numbered tokenizer, and different shards,
+    on every run. WordPiece encodes by longest match over the vocabulary, never by id, so the
+    renumbering changes no tokenization, only makes the ids a function of the vocabulary.
+    Edge case: where many candidate merges tie on count (tiny or synthetic corpora), the same
+    hash order can change which pieces are merged, and then the vocabulary itself differs between
+    runs; on natural text it does not (tests/test_tokenize.py trains on the bundled reviews).
+    """
+    import json
+
+    data = json.loads(tokenizer.to_str())
+    vocab: dict[str, int] = data["model"]["vocab"]
+    ordered = sorted(vocab, key=vocab.__getitem__)
+    head, rest = ordered[:keep], ordered[keep:]
+    rest.sort(key=lambda t: (len(t.removeprefix("##")) > 1, t.startswith("##"), t))
+    data["model"]["vocab"] = {token: index for index, token in enumerate(head + rest)}
+    return Tokenizer.from_str(json.dumps(data))
+
+
 def check_vocab_size(params: TokenizerParams) -> None:
     """Fail before reading any data when the vocab cannot even hold the fixed alphabet."""
     needed = len(SPECIAL_NAMES) + BYTE_ALPHABET
@@ -110,6 +135,8 @@ def train_tokenizer(
     finally:
         bar.close()
     specials = params.special_tokens.as_list()
+    if params.kind == "wordpiece":
+        tokenizer = canonical_ids(tokenizer, keep=len(specials))
     got = [tokenizer.token_to_id(token) for token in specials]
     if got != list(range(len(specials))):  # a tokenizers behaviour change, not a user error
         raise RuntimeError(f"special tokens {specials} got ids {got}, expected 0..{len(specials) - 1}")
