@@ -1,33 +1,42 @@
-"""Trials per minute with 1 and 2 tune workers, and what storage plus tracking cost per trial.
+"""Trials per minute with 1, 2, 4 ... tune workers, on the journal file and on PostgreSQL.
 
 Builds a temporary project from the repo's params.yaml (the bundled IMDb reviews) with the
 ``tiny`` model preset, runs the prepare, tokenize and pretrain stages once through the library,
-then runs the ``tune`` stage (no pruner, so every trial trains its whole budget) twice on the same
-pretrained model with the same trial count: ``workers=1`` and ``workers=2``, each on a fresh
-journal study, with MLflow on a temporary sqlite store.
+then runs the ``tune`` stage (no pruner, so every trial trains its whole budget) once per storage
+and worker count on the same pretrained model with the same trial count, each on a fresh study:
+the journal file (``outputs/tune/study.journal``, deleted before each run) and/or PostgreSQL (a
+fresh database per run, created and dropped on the server of ``$BIGMODEL_OPS_TEST_POSTGRES_URL``,
+default ``postgresql://postgres@127.0.0.1:5432/postgres``), with MLflow on a temporary sqlite store.
 
-- ``trials_per_min_1`` / ``trials_per_min_2``: trials over the stage's wall time (what a user
-  waits for, worker start-up included);
-- ``overhead_pct``: the Optuna storage and MLflow tracking work of one trial, replayed alone
-  (the same operations a trial of the 2-worker study did: pop a queued trial, draw its params,
-  its heartbeats, one report and one subset metric per report step, its user attributes, the
-  tell; a nested MLflow run with its params, tags and cost metrics, through the worker-process
-  path), over the shorter of the two runs' median trial wall times, in percent. The median of 5
-  replays is used.
+- ``<storage>_trials_per_min_<n>`` (e.g. ``journal_trials_per_min_4``,
+  ``postgresql_trials_per_min_4``): trials over the stage's wall time with ``n`` workers (what a
+  user waits for, worker start-up included); ``trials_per_min_<n>`` without prefix are the
+  journal's (the keys of earlier versions);
+- ``<storage>_overhead_ms_per_trial`` / ``<storage>_overhead_pct``: the Optuna storage and MLflow
+  tracking work of one trial, replayed alone (the same operations a trial of the last run did:
+  pop a queued trial, draw its params, its heartbeats, one report and one subset metric per report
+  step, its user attributes, the tell; a nested MLflow run with its params, tags and cost metrics,
+  through the worker-process path) on a fresh study of that storage, over the shortest median
+  trial wall time of that storage's runs, in percent. The median of 5 replays is used.
+  ``overhead_pct`` / ``overhead_ms_per_trial`` without prefix are the journal's.
 
-Prints both runs, then, last, one JSON line with those keys and the per-run details.
+Prints each run, then, last, one JSON line with those keys and the per-run details.
 
 Usage::
 
-    python benchmarks/tune_workers.py [--quick] [--n-trials 8] [--keep DIR]
+    python benchmarks/tune_workers.py [--quick] [--n-trials 8] [--workers 1,2,4]
+        [--storage journal,postgresql] [--keep DIR]
 
 ``--quick``: 8 pretraining steps and 4 trials on a quarter of the train split (checks the code
 path; the figures are only indicative). Without it, 60 pretraining steps and 8 trials of one epoch.
+More workers than cores oversubscribe the CPU (each worker gets cores // workers torch threads,
+at least 1).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import logging
@@ -35,7 +44,9 @@ import os
 import statistics
 import sys
 import time
+import uuid
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -73,9 +84,12 @@ def build_params(args: argparse.Namespace, *, tracking_uri: str) -> dict[str, An
     return raw
 
 
-def replay_overhead(study_trial: Any, *, root: Path, tracking_uri: str, repeats: int = 5) -> float:
-    """Median seconds of one trial's storage + tracking operations, replayed on fresh stores of
-    the same kinds (a journal file; the sqlite MLflow store through ClientRun)."""
+def replay_overhead(
+    study_trial: Any, *, root: Path, tracking_uri: str, storage_url: str | None = None, repeats: int = 5
+) -> float:
+    """Median seconds of one trial's storage + tracking operations, replayed on fresh studies of
+    the same kind (a new journal file, or a new study in the ``storage_url`` database; the sqlite
+    MLflow store through ClientRun)."""
     import optuna
     from mlflow.tracking import MlflowClient
 
@@ -90,9 +104,13 @@ def replay_overhead(study_trial: Any, *, root: Path, tracking_uri: str, repeats:
     times = []
     for k in range(repeats):
         storage = open_storage(
-            None, journal=root / f"replay-{k}.journal", heartbeat_interval=5, grace_period=30, max_retry=2
+            storage_url,
+            journal=root / f"replay-{k}.journal",
+            heartbeat_interval=5,
+            grace_period=30,
+            max_retry=2,
         )
-        study = optuna.create_study(storage=storage, study_name="replay", direction="maximize")
+        study = optuna.create_study(storage=storage, study_name=f"replay-{k}", direction="maximize")
         fill_queue(study, n_trials=1)
         started = time.perf_counter()
         study._thread_local.cached_all_trials = None
@@ -128,15 +146,104 @@ def _workers_used(tracking_uri: str, tune_run_id: str) -> list[int]:
     return sorted({int(r.data.tags["optuna.worker"]) for r in runs if "optuna.worker" in r.data.tags})
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+POSTGRES_ENV = "BIGMODEL_OPS_TEST_POSTGRES_URL"  # the server of tests/conftest.py's postgres_url
+POSTGRES_DEFAULT = "postgresql://postgres@127.0.0.1:5432/postgres"
+STORAGES = ("journal", "postgresql")
+
+
+def _admin_connection() -> tuple[str, Any]:
+    """(the admin URL, an autocommit connection to it); SystemExit saying why when none answers."""
+    try:
+        import psycopg
+    except ImportError:
+        raise SystemExit(
+            "tune-workers: --storage postgresql needs psycopg (pip install psycopg[binary])"
+        ) from None
+    admin = os.environ.get(POSTGRES_ENV, POSTGRES_DEFAULT)
+    try:
+        return admin, psycopg.connect(admin, autocommit=True, connect_timeout=5)
+    except psycopg.OperationalError as error:
+        raise SystemExit(
+            f"tune-workers: no PostgreSQL answers at ${POSTGRES_ENV} or {POSTGRES_DEFAULT}: "
+            f"{str(error).strip()[:200]}"
+        ) from None
+
+
+@contextlib.contextmanager
+def fresh_database(label: str) -> Iterator[str]:
+    """A new, empty PostgreSQL database on the server of ``$BIGMODEL_OPS_TEST_POSTGRES_URL``
+    (SQLAlchemy URL, psycopg 3 driver), dropped afterwards."""
+    admin, connection = _admin_connection()
+    name = f"bmo_bench_{label}_{uuid.uuid4().hex[:8]}"
+    with connection:
+        connection.execute(f'CREATE DATABASE "{name}"')
+        try:
+            base = admin.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://", 1)
+            yield f"{base}/{name}"
+        finally:
+            connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def _study_storage(storage_url: str | None, paths: Any) -> Any:
+    from bigmodel_ops.pipeline import tune
+    from bigmodel_ops.tuning.storage import open_storage
+
+    return open_storage(
+        storage_url,
+        journal=paths.tune_dir / tune.JOURNAL_FILE,
+        heartbeat_interval=5,
+        grace_period=30,
+        max_retry=2,
+    )
+
+
+def tune_once(
+    raw: dict[str, Any], *, paths: Any, workers: int, storage_url: str | None, tracking_uri: str
+) -> tuple[dict[str, Any], list[Any]]:
+    """One run of the tune stage on a fresh study: (its figures, the study's trials)."""
     import optuna
 
     from bigmodel_ops.config import parse_params
-    from bigmodel_ops.paths import ProjectPaths
-    from bigmodel_ops.pipeline import prepare, pretrain, tokenize, tune
-    from bigmodel_ops.tuning.storage import open_storage
+    from bigmodel_ops.pipeline import tune
 
+    (paths.tune_dir / tune.JOURNAL_FILE).unlink(missing_ok=True)
+    variant = parse_params(copy.deepcopy(raw))
+    t0 = time.perf_counter()
+    report = tune.run(variant, paths=paths, quiet=True, workers=workers, storage=storage_url)
+    seconds = time.perf_counter() - t0
+    study = optuna.load_study(
+        study_name=tune.name_of_study(variant, paths), storage=_study_storage(storage_url, paths)
+    )
+    trials = study.get_trials()
+    walls = [float(t.user_attrs["wall_seconds"]) for t in trials if "wall_seconds" in t.user_attrs]
+    figures = {
+        "stage_seconds": round(seconds, 1),
+        "n_trials": report["n_trials"],
+        "n_complete": report["n_complete"],
+        "trials_per_min": round(report["n_trials"] / (seconds / 60.0), 2),
+        "median_trial_seconds": round(statistics.median(walls), 2),
+        "workers_that_ran_trials": _workers_used(tracking_uri, study.user_attrs["mlflow_run_id"]),
+    }
+    return figures, trials
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from bigmodel_ops.config import parse_params
+    from bigmodel_ops.paths import ProjectPaths
+    from bigmodel_ops.pipeline import prepare, pretrain, tokenize
+
+    if "postgresql" in args.storage:  # fail before the setup, not after the journal runs
+        _admin_connection()[1].close()
     started_all = time.perf_counter()
+    summary: dict[str, Any] = {
+        "benchmark": "tune_workers",
+        "quick": bool(args.quick),
+        "n_trials": args.n_trials,
+        "workers": args.workers,
+        "storages": args.storage,
+        "cpus": os.cpu_count(),
+    }
+    runs: dict[str, dict[str, dict[str, Any]]] = {}
     with project_dir(args.keep, prefix="tune-workers-") as root:
         uri = f"sqlite:///{root / 'mlflow.db'}"
         os.environ["MLFLOW_TRACKING_URI"] = uri
@@ -145,8 +252,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         paths = ProjectPaths(root)
         log(
             f"tune-workers: tiny preset, {params.tune.n_trials} trials of {params.tune.max_epochs} epoch x "
-            f"{params.tune.train_fraction:.0%} of train, no pruner, {os.cpu_count()} CPUs"
-            f"{' [QUICK]' if args.quick else ''}"
+            f"{params.tune.train_fraction:.0%} of train, no pruner, workers {args.workers}, storages "
+            f"{args.storage}, {os.cpu_count()} CPUs{' [QUICK]' if args.quick else ''}"
         )
         if not (paths.pretrained_model / "model.safetensors").is_file():
             t0 = time.perf_counter()
@@ -154,68 +261,86 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             tokenize.run(params, paths=paths, quiet=True)
             pretrain.run(params, paths=paths, quiet=True)
             log(f"setup: {time.perf_counter() - t0:.0f} s")
-        results: dict[str, dict[str, Any]] = {}
-        last_study = None
-        for workers in (1, 2):
-            (paths.tune_dir / tune.JOURNAL_FILE).unlink(missing_ok=True)
-            variant = parse_params(copy.deepcopy(raw))
-            t0 = time.perf_counter()
-            report = tune.run(variant, paths=paths, quiet=True, workers=workers)
-            seconds = time.perf_counter() - t0
-            storage = open_storage(
-                None,
-                journal=paths.tune_dir / tune.JOURNAL_FILE,
-                heartbeat_interval=5,
-                grace_period=30,
-                max_retry=2,
-            )
-            last_study = optuna.load_study(study_name=tune.name_of_study(variant, paths), storage=storage)
-            trials = last_study.get_trials()
-            walls = [float(t.user_attrs["wall_seconds"]) for t in trials if "wall_seconds" in t.user_attrs]
-            results[str(workers)] = {
-                "stage_seconds": round(seconds, 1),
-                "n_trials": report["n_trials"],
-                "n_complete": report["n_complete"],
-                "trials_per_min": round(report["n_trials"] / (seconds / 60.0), 2),
-                "median_trial_seconds": round(statistics.median(walls), 2),
-                "workers_that_ran_trials": _workers_used(uri, last_study.user_attrs["mlflow_run_id"]),
-            }
+        for kind in args.storage:
+            results: dict[str, dict[str, Any]] = {}
+            trials: list[Any] = []
+            for workers in args.workers:
+                with contextlib.ExitStack() as stack:
+                    url = stack.enter_context(fresh_database(f"w{workers}")) if kind == "postgresql" else None
+                    results[str(workers)], trials = tune_once(
+                        raw, paths=paths, workers=workers, storage_url=url, tracking_uri=uri
+                    )
+                figures = results[str(workers)]
+                summary[f"{kind}_trials_per_min_{workers}"] = figures["trials_per_min"]
+                log(
+                    f"{kind}, workers={workers}: {figures['n_trials']} trials in {figures['stage_seconds']:.1f} s "
+                    f"({figures['trials_per_min']:.2f} trials/min), median trial "
+                    f"{figures['median_trial_seconds']:.2f} s"
+                )
+            # The replay copies the median trial of the last run (the most workers).
+            last = results[str(args.workers[-1])]["median_trial_seconds"]
+            median_trial = min(trials, key=lambda t: abs(float(t.user_attrs["wall_seconds"]) - last))
+            with contextlib.ExitStack() as stack:
+                url = stack.enter_context(fresh_database("replay")) if kind == "postgresql" else None
+                overhead_s = replay_overhead(median_trial, root=root, tracking_uri=uri, storage_url=url)
+            # Against the shortest median trial (several workers share the cores, so trials differ):
+            # the larger, conservative percentage.
+            reference = min(r["median_trial_seconds"] for r in results.values())
+            overhead_pct = 100.0 * overhead_s / reference
+            summary[f"{kind}_overhead_ms_per_trial"] = round(overhead_s * 1000, 1)
+            summary[f"{kind}_overhead_pct"] = round(overhead_pct, 3)
+            runs[kind] = results
             log(
-                f"workers={workers}: {report['n_trials']} trials in {seconds:.1f} s "
-                f"({results[str(workers)]['trials_per_min']:.2f} trials/min), median trial "
-                f"{results[str(workers)]['median_trial_seconds']:.2f} s"
+                f"{kind}: storage + tracking per trial: {overhead_s * 1000:.0f} ms replayed, "
+                f"{overhead_pct:.2f}% of a {reference:.2f} s trial (target <= 2%)"
             )
-        median_trial = min(
-            trials,
-            key=lambda t: abs(float(t.user_attrs["wall_seconds"]) - results["2"]["median_trial_seconds"]),
+    if "journal" in runs:  # the keys of earlier versions
+        for workers in args.workers:
+            summary[f"trials_per_min_{workers}"] = summary[f"journal_trials_per_min_{workers}"]
+        summary["overhead_pct"] = summary["journal_overhead_pct"]
+        summary["overhead_ms_per_trial"] = summary["journal_overhead_ms_per_trial"]
+    summary["runs"] = runs
+    summary["seconds_total"] = round(time.perf_counter() - started_all, 1)
+    return summary
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected worker counts like 1,2,4, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"worker counts must be at least 1, got {text!r}")
+    return values
+
+
+def _storage_list(text: str) -> list[str]:
+    values = [v.strip() for v in text.split(",") if v.strip()]
+    unknown = sorted(set(values) - set(STORAGES))
+    if not values or unknown:
+        raise argparse.ArgumentTypeError(
+            f"storages are {', '.join(STORAGES)} (comma-separated), got {text!r}"
         )
-        overhead_s = replay_overhead(median_trial, root=root, tracking_uri=uri)
-        # Against the 1-worker median trial: the shorter one (two workers share the cores), so the
-        # larger, conservative percentage.
-        reference = min(results["1"]["median_trial_seconds"], results["2"]["median_trial_seconds"])
-        overhead_pct = 100.0 * overhead_s / reference
-        log(
-            f"storage + tracking per trial: {overhead_s * 1000:.0f} ms replayed, {overhead_pct:.2f}% of a "
-            f"{reference:.2f} s trial (target <= 2%)"
-        )
-    return {
-        "benchmark": "tune_workers",
-        "quick": bool(args.quick),
-        "n_trials": args.n_trials,
-        "cpus": os.cpu_count(),
-        "trials_per_min_1": results["1"]["trials_per_min"],
-        "trials_per_min_2": results["2"]["trials_per_min"],
-        "overhead_pct": round(overhead_pct, 3),
-        "overhead_ms_per_trial": round(overhead_s * 1000, 1),
-        "runs": results,
-        "seconds_total": round(time.perf_counter() - started_all, 1),
-    }
+    return list(dict.fromkeys(values))
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny budget: checks the code path")
     parser.add_argument("--n-trials", type=int, default=None, help="trials per run (default 8; quick 4)")
+    parser.add_argument(
+        "--workers",
+        type=_int_list,
+        default=[1, 2],
+        help="worker counts to run, comma-separated (default 1,2)",
+    )
+    parser.add_argument(
+        "--storage",
+        type=_storage_list,
+        default=["journal"],
+        help="journal and/or postgresql, comma-separated (default journal); PostgreSQL: the server of "
+        f"${POSTGRES_ENV} (default {POSTGRES_DEFAULT}), a fresh database per run",
+    )
     parser.add_argument("--keep", type=Path, default=None, help="project folder to keep and reuse")
     args = parser.parse_args(argv)
     if args.n_trials is None:

@@ -86,7 +86,8 @@ def _add_predict_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--model",
         metavar="URI",
-        help="MLflow model URI (default: models:/<evaluate.registered_model>@<evaluate.promote_alias>)",
+        help="MLflow model URI, or an exported classifier folder such as outputs/finetune/model "
+        "(default: models:/<evaluate.registered_model>@<evaluate.promote_alias>)",
     )
     parser.add_argument("--json", action="store_true", help="one JSON object per line")
 

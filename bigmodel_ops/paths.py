@@ -102,7 +102,7 @@ class ProjectPaths:
         figures (PNG) and promotion.json."""
         return self.outputs / "evaluate"
 
-    # evaluate: DVC plots (JSON lists of rows, declared with templates in dvc.yaml; git-tracked)
+    # evaluate: DVC plots (JSON lists of rows, declared with templates in dvc.yaml; cached by DVC like every output)
     @property
     def roc_curve(self) -> Path:
         """Rows {fpr, tpr, threshold}."""

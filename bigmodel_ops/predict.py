@@ -6,7 +6,9 @@ project's tracking store (MLFLOW_TRACKING_URI wins over ``tracking.uri``), or an
 given with ``--model``. It is downloaded, checked (:func:`bigmodel_ops.serving.verify_model_dir`:
 our models-from-code pyfunc, no pickle-format file, files equal to the digest recorded when it was
 logged; registry and run URIs must have one) and only then loaded with ``mlflow.pyfunc.load_model``:
-exactly what ``mlflow models serve`` serves.
+exactly what ``mlflow models serve`` serves. ``--model`` may also name an exported classifier folder
+(``outputs/finetune/model``: safetensors + config.json + tokenizer.json, what ``dvc pull`` brings
+to another machine), read without MLflow's store, with the same pyfunc code.
 
 Texts come from the command line (one argument per text) or from ``--file`` (one text per line;
 ``-`` reads stdin). An empty or whitespace-only text is an error naming it (exit 2), checked before
@@ -70,6 +72,21 @@ def read_texts(texts: Sequence[str] = (), file: Path | None = None) -> list[str]
     return result
 
 
+class _FolderModel:
+    """Our pyfunc model's ``predict`` over a classifier folder (no MLflow store involved)."""
+
+    def __init__(self, folder: Path) -> None:
+        from types import SimpleNamespace
+
+        from bigmodel_ops.pyfunc_model import ARTIFACT_KEY, TextClassifierModel
+
+        self._model = TextClassifierModel()
+        self._model.load_context(SimpleNamespace(artifacts={ARTIFACT_KEY: str(folder)}))
+
+    def predict(self, frame: Any) -> Any:
+        return self._model.predict(None, frame)
+
+
 def load_model(model_uri: str, *, tracking_uri: str) -> Any:
     """The pyfunc model at ``model_uri``, verified before it loads; CheckpointError with the reason
     (MLflow's, or the verification's) when it cannot load."""
@@ -81,6 +98,9 @@ def load_model(model_uri: str, *, tracking_uri: str) -> Any:
 
     from bigmodel_ops.serving import fluent_tracking_uri, recorded_digest, verify_model_dir
 
+    folder = Path(model_uri)
+    if folder.is_dir() and not (folder / "MLmodel").exists():
+        return _FolderModel(folder)  # load_classifier: safetensors only, CheckpointError naming files
     try:
         with (
             fluent_tracking_uri(tracking_uri),

@@ -17,7 +17,7 @@
 # with `bigmodel-ops validate`). Every node needs the same code, params.yaml and
 # outputs/tokenizer + outputs/shards (`dvc pull` or a shared filesystem), and the same
 # MLFLOW_TRACKING_URI: only global rank 0 opens the MLflow run, writes checkpoints, the exported
-# model and outputs/pretrain. Checkpoints go to outputs/checkpoints on node 0: put outputs/ on a
+# model and outputs/pretrain. Checkpoints go to outputs/pretrain/checkpoints on node 0: put outputs/ on a
 # shared filesystem (or keep node 0 fixed) so that a rerun resumes.
 #
 # Environment (defaults: one node, every visible GPU, or 2 CPU processes without a GPU):

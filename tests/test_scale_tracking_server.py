@@ -56,7 +56,12 @@ def test_dvc_repro_logs_everything_to_a_postgresql_backed_server(tmp_path: Path,
         print(log.read_text()[-4000:], file=sys.stderr)
         raise
     finally:
-        stop_server(server)
+        # SIGTERM: `bigmodel-ops ui` then stops the server's own process group (SIGKILL would orphan it).
+        server.terminate()
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            stop_server(server)
     # Nothing reached a local store: the stages logged over HTTP only.
     assert not (project.root / "mlflow.db").exists()
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -221,3 +222,23 @@ def test_mlflow_models_serve(store: Registered):
             **round_trip_latency(url, TEXTS, batch_size=32, repeats=10),
         }
         print("serve round-trip latency (ms):", json.dumps({k: round(v, 2) for k, v in latency.items()}))
+
+
+def test_predict_from_an_exported_classifier_folder_needs_no_tracking_store(
+    store: Registered, tmp_path: Path, capsys
+):
+    """`--model outputs/finetune/model`: the folder `dvc pull` brings, read without MLflow's store,
+    answers as the registered champion does; a folder with bad weights is refused naming the file."""
+    champion = main(["predict", "--params", str(store.params_file), "--json", *TEXTS])
+    assert champion == 0
+    expected = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    folder = str(store.paths.classifier)
+    assert main(["predict", "--params", str(store.params_file), "--json", "--model", folder, *TEXTS]) == 0
+    got = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["label"] for r in got] == [r["label"] for r in expected]
+    assert [r["score"] for r in got] == pytest.approx([r["score"] for r in expected], abs=1e-6)
+    broken = tmp_path / "broken"
+    shutil.copytree(store.paths.classifier, broken)
+    (broken / "model.safetensors").write_bytes(b"not weights")
+    assert main(["predict", "--params", str(store.params_file), "--model", str(broken), "x"]) != 0
+    assert "model.safetensors" in capsys.readouterr().err
