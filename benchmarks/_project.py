@@ -28,3 +28,21 @@ def project_dir(keep: Path | None, *, prefix: str) -> Iterator[Path]:
 
 def log(message: str) -> None:
     print(message, flush=True)
+
+
+def make_shards(directory: Path, *, vocab: int, tokens: int, seed: int = 0, val_tokens: int = 65_536) -> None:
+    """Token shards of random ids in ``directory`` (throughput does not depend on what text says)."""
+    import numpy as np
+
+    from bigmodel_ops.shards import ShardIndex, ShardWriter, dtype_for_vocab
+
+    rng = np.random.default_rng(seed)
+    dtype = dtype_for_vocab(vocab)
+    directory.mkdir(parents=True, exist_ok=True)
+    splits = {}
+    for split, n in (("train", tokens), ("val", val_tokens)):
+        writer = ShardWriter(directory, split=split, dtype=dtype, shard_tokens=max(n, 1024))
+        writer.append(rng.integers(5, vocab, size=n).astype(dtype), documents=1)
+        splits[split] = writer.close()
+    specials = {"pad": 0, "unk": 1, "cls": 2, "sep": 3, "mask": 4}
+    ShardIndex(directory, dtype.name, vocab, specials, "", splits).write()

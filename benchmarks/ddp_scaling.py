@@ -39,23 +39,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-
-def make_shards(directory: Path, *, vocab: int, tokens: int, seed: int = 0) -> None:
-    """Random token ids (throughput does not depend on what the text says)."""
-    import numpy as np
-
-    from bigmodel_ops.shards import ShardIndex, ShardWriter, dtype_for_vocab
-
-    rng = np.random.default_rng(seed)
-    dtype = dtype_for_vocab(vocab)
-    directory.mkdir(parents=True, exist_ok=True)
-    splits = {}
-    for split, n in (("train", tokens), ("val", 16_384)):
-        writer = ShardWriter(directory, split=split, dtype=dtype, shard_tokens=max(n, 1024))
-        writer.append(rng.integers(5, vocab, size=n).astype(dtype), documents=1)
-        splits[split] = writer.close()
-    specials = {"pad": 0, "unk": 1, "cls": 2, "sep": 3, "mask": 4}
-    ShardIndex(directory, dtype.name, vocab, specials, "", splits).write()
+from benchmarks._project import make_shards  # noqa: E402
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -231,7 +215,7 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="ddp-scaling-") as tmp:
         out = Path(tmp)
         shards = out / "shards"
-        make_shards(shards, vocab=args.vocab, tokens=args.tokens)
+        make_shards(shards, vocab=args.vocab, tokens=args.tokens, val_tokens=16_384)
         runs: dict[int, list[dict]] = {1: [], 2: []}
         for _ in range(args.repeats):  # interleaved, so a burst of load elsewhere hits both
             for world in (1, 2):

@@ -36,7 +36,6 @@ import time
 import warnings
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -44,11 +43,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import lightning.pytorch as pl  # noqa: E402
 from lightning.pytorch.callbacks import Callback  # noqa: E402
 
+from benchmarks._project import make_shards  # noqa: E402
 from bigmodel_ops.model import PRESETS, TransformerLM, config_from_preset, parameter_groups  # noqa: E402
 from bigmodel_ops.pretraining.data import DataSpec, ResumableBatchLoader, TokenStream, TrainBatches  # noqa: E402
 from bigmodel_ops.pretraining.flops import cuda_device_name, mfu, peak_flops, training_flops_per_token  # noqa: E402
 from bigmodel_ops.pretraining.lm_module import LMModule, OptimConfig, _LRLambda  # noqa: E402
-from bigmodel_ops.shards import ShardIndex, ShardWriter, dtype_for_vocab  # noqa: E402
+from bigmodel_ops.shards import ShardIndex  # noqa: E402
 from bigmodel_ops.trainer import MetricsCallback, build_trainer, configure_torch  # noqa: E402
 
 DEFAULT_VOCAB = {"gpt2-124m": 50257, "bert-base": 30522}
@@ -86,23 +86,6 @@ class StepTimer(Callback):
     @property
     def data_wait_fraction(self) -> float:
         return (self.fetch_stop - self.fetch_start) / max(self.seconds, 1e-12)
-
-
-def make_shards(directory: Path, *, vocab: int, tokens: int, seed: int) -> ShardIndex:
-    """Random token ids (throughput does not depend on what the text says)."""
-    rng = np.random.default_rng(seed)
-    dtype = dtype_for_vocab(vocab)
-    directory.mkdir(parents=True, exist_ok=True)
-    splits = {}
-    for split, n in (("train", tokens), ("val", 65_536)):
-        writer = ShardWriter(directory, split=split, dtype=dtype, shard_tokens=max(n, 1024))
-        writer.append(rng.integers(5, vocab, size=n).astype(dtype), documents=1)
-        splits[split] = writer.close()
-    index = ShardIndex(
-        directory, dtype.name, vocab, {"pad": 0, "unk": 1, "cls": 2, "sep": 3, "mask": 4}, "", splits
-    )
-    index.write()
-    return ShardIndex.load(directory)
 
 
 def new_loader(index: ShardIndex, spec: DataSpec, *, workers: int, pin: bool) -> ResumableBatchLoader:
@@ -282,12 +265,13 @@ def main() -> None:
         config = config_from_preset(
             args.preset, vocab_size=vocab, objective=args.objective, block_size=args.block_size
         )
-        index = make_shards(
+        make_shards(
             Path(tmp) / "shards",
             vocab=vocab,
             tokens=max(2_000_000, 4 * args.batch_size * (config.block_size + 1)),
             seed=0,
         )
+        index = ShardIndex.load(Path(tmp) / "shards")
         spec = DataSpec(
             objective=args.objective,
             block_size=config.block_size,

@@ -164,7 +164,8 @@ def _record_digest(client: Any, info: Any, *, tracking_uri: str) -> None:
 
     import mlflow
 
-    with tempfile.TemporaryDirectory(prefix="bigmodel-ops-model-") as tmp:
+    # models:/ URIs resolve through MLflow's global tracking URI, whatever tracking_uri= says.
+    with fluent_tracking_uri(tracking_uri), tempfile.TemporaryDirectory(prefix="bigmodel-ops-model-") as tmp:
         local = mlflow.artifacts.download_artifacts(info.model_uri, dst_path=tmp, tracking_uri=tracking_uri)
         client.set_logged_model_tags(info.model_id, {MODEL_DIGEST_TAG: model_digest(Path(local))})
 

@@ -118,6 +118,19 @@ class Project:
             )
         return result
 
+    def start(self, *args: str, log: Path) -> subprocess.Popen:
+        """Start a command in its own process group (to be killed whole, dvc and its stage),
+        its stdout and stderr going to ``log``."""
+        with log.open("w") as handle:
+            return subprocess.Popen(
+                list(args),
+                cwd=self.root,
+                env=self.env,
+                stdout=handle,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+
     def commit(self, message: str) -> None:
         self.run("git", "add", "-A")
         self.run("git", "commit", "-qm", message, "--allow-empty")

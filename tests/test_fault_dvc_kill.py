@@ -14,7 +14,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
 import time
 from pathlib import Path
 
@@ -63,15 +62,7 @@ def test_sigkill_of_pretrain_under_dvc_repro_resumes_same_run_same_weights(proje
     root = killed.root
     paths = ProjectPaths(root=root)
     log_path = root.parent / "first-repro.log"
-    with log_path.open("w") as log:
-        first = subprocess.Popen(
-            ["dvc", "repro", "pretrain"],
-            cwd=root,
-            env=killed.env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    first = killed.start("dvc", "repro", "pretrain", log=log_path)
     checkpoints: list[Path] = []
     deadline = time.monotonic() + 300
     try:

@@ -24,7 +24,6 @@ import os
 import shutil
 import signal
 import sqlite3
-import subprocess
 import time
 from pathlib import Path
 
@@ -68,15 +67,7 @@ def _kill_during(project: Project, stage: str) -> str:
     db = project.root / "mlflow.db"
     before = set(_running(db, stage))
     log_path = project.root.parent / f"kill-{stage}.log"
-    with log_path.open("w") as log:
-        victim = subprocess.Popen(
-            ["dvc", "repro", stage],
-            cwd=project.root,
-            env=project.env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    victim = project.start("dvc", "repro", stage, log=log_path)
     run_id = None
     deadline = time.monotonic() + 600
     try:

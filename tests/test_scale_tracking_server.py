@@ -22,6 +22,7 @@ import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
+from bigmodel_ops.serving import fluent_tracking_uri
 from tests.dvc_project import STAGES, Project
 from tests.helpers_tracking import free_port, stop_server, wait_http
 
@@ -99,11 +100,12 @@ def _check_artifacts(client: MlflowClient, uri: str, root: Path, downloads: Path
     (logged,) = client.search_logged_models(
         [experiment.experiment_id], filter_string=f"source_run_id = '{finetune.info.run_id}'"
     )
-    model_files = Path(
-        mlflow.artifacts.download_artifacts(
-            f"models:/{logged.model_id}", dst_path=str(downloads / "model"), tracking_uri=uri
+    with fluent_tracking_uri(uri):  # models:/ URIs resolve through MLflow's global tracking URI
+        model_files = Path(
+            mlflow.artifacts.download_artifacts(
+                f"models:/{logged.model_id}", dst_path=str(downloads / "model")
+            )
         )
-    )
     assert (model_files / "MLmodel").is_file() and list(model_files.rglob("model.safetensors"))
     (evaluate,) = client.search_runs([experiment.experiment_id], "attributes.run_name = 'evaluate'")
     (downloads / "evaluate").mkdir()

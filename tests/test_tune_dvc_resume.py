@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import time
 from pathlib import Path
 
@@ -45,15 +44,7 @@ def project(tmp_path: Path) -> Project:
 def test_sigkill_during_tune_then_dvc_repro_continues_the_same_study(project: Project):
     root = project.root
     journal = root / "outputs" / "tune" / "study.journal"
-    log = (root.parent / "first-repro.log").open("w")
-    first = subprocess.Popen(
-        ["dvc", "repro", "tune"],
-        cwd=root,
-        env=project.env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    first = project.start("dvc", "repro", "tune", log=root.parent / "first-repro.log")
     victim = None
     deadline = time.monotonic() + 900
     try:
