@@ -67,6 +67,7 @@ def project_env(root: Path, *, tracking_uri: str | None = None) -> dict[str, str
         GIT_COMMITTER_NAME="test",
         GIT_COMMITTER_EMAIL="test@example.invalid",
         PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        COLUMNS="500",  # DVC wraps its messages at the terminal width; keep each on one line
     )
     return env
 
