@@ -52,7 +52,7 @@ def make_registered_model(root: Path, migrated_store: Path) -> Registered:
         write_pretrain_report(paths, "pretrain-run-0")
         paths.tune_dir.mkdir(parents=True, exist_ok=True)
         paths.best_params.write_text(
-            yaml.safe_dump({"lr": 0.003, "batch_size": 16, "value": 0.75, "trial": 1})
+            yaml.safe_dump({"lr": 0.003, "batch_size": 16, "value": 0.75, "trial": 1}, sort_keys=False)
         )
         client = MlflowClient(uri)
         client.update_run(run_id, status="RUNNING")
