@@ -46,3 +46,17 @@ def make_shards(directory: Path, *, vocab: int, tokens: int, seed: int = 0, val_
         splits[split] = writer.close()
     specials = {"pad": 0, "unk": 1, "cls": 2, "sep": 3, "mask": 4}
     ShardIndex(directory, dtype.name, vocab, specials, "", splits).write()
+
+
+def repo_params() -> dict:
+    """The repo's params.yaml as a raw mapping, its data paths made absolute (the benchmarks run
+    the stages in a throwaway folder)."""
+    import yaml
+
+    root = Path(__file__).resolve().parents[1]
+    raw = yaml.safe_load((root / "params.yaml").read_text())
+    source = raw["prepare"]["source"]
+    source["path"] = str((root / source["path"]).resolve())
+    if source.get("unlabeled_path"):
+        source["unlabeled_path"] = str((root / source["unlabeled_path"]).resolve())
+    return raw

@@ -44,7 +44,7 @@ import yaml
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
-from benchmarks._project import log, project_dir  # noqa: E402
+from benchmarks._project import log, project_dir, repo_params  # noqa: E402
 
 QUICK = {
     # A few steps of a small model: enough to run every code path, not to learn anything.
@@ -58,11 +58,7 @@ QUICK = {
 
 def build_params(args: argparse.Namespace, *, tracking_uri: str) -> dict[str, Any]:
     """The repo's params.yaml (raw mapping) with the benchmark's data path, budget and tracking."""
-    raw = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
-    source = raw["prepare"]["source"]
-    source["path"] = str((REPO_ROOT / source["path"]).resolve())
-    if source.get("unlabeled_path"):
-        source["unlabeled_path"] = str((REPO_ROOT / source["unlabeled_path"]).resolve())
+    raw = repo_params()
     if args.seed is not None:
         raw["project"]["seed"] = args.seed
     raw["tracking"].update({"uri": tracking_uri, "system_metrics": False})

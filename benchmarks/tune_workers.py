@@ -50,20 +50,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
-from benchmarks._project import log, project_dir  # noqa: E402
+from benchmarks._project import log, project_dir, repo_params  # noqa: E402
 
 
 def build_params(args: argparse.Namespace, *, tracking_uri: str) -> dict[str, Any]:
-    raw = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
-    source = raw["prepare"]["source"]
-    source["path"] = str((REPO_ROOT / source["path"]).resolve())
-    if source.get("unlabeled_path"):
-        source["unlabeled_path"] = str((REPO_ROOT / source["unlabeled_path"]).resolve())
+    raw = repo_params()
     raw["tracking"].update({"uri": tracking_uri, "system_metrics": False})
     raw["pretrain"]["register_model"] = False
     steps = 8 if args.quick else 60
