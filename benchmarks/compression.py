@@ -37,7 +37,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bigmodel_ops import compression  # noqa: E402
+from bigmodel_ops import compression, onnx_export  # noqa: E402
 from bigmodel_ops.classification.export import load_classifier  # noqa: E402
 
 
@@ -127,7 +127,7 @@ def main() -> int:
     parser.add_argument("--label-column", default="label")
     parser.add_argument("--limit", type=int, default=None, help="measure on at most this many texts")
     parser.add_argument("--train-steps", type=int, default=150)
-    parser.add_argument("--exporter", choices=compression.EXPORTERS, default="dynamo")
+    parser.add_argument("--exporter", choices=onnx_export.EXPORTERS, default="dynamo")
     parser.add_argument("--repeats", type=int, default=20, help="interleaved latency rounds")
     parser.add_argument("--threads", type=int, default=1, help="torch / onnxruntime threads; 0: all cores")
     parser.add_argument("--out", type=Path, default=None, help="keep the variants here")

@@ -10,11 +10,13 @@ The library of the ``compress`` stage (:mod:`bigmodel_ops.pipeline.compress`) an
   :func:`save_int8` as safetensors, never pickle: each quantised weight as its int8 values plus
   scale and zero point (the packed quantised tensors themselves are not safetensors-serialisable),
   rebuilt exactly by :func:`load_int8`.
-- ``onnx``: the fp32 model exported to ONNX (:func:`export_onnx`; the torch.export-based exporter
-  by default) and run with onnxruntime. Its logits must equal torch's within a tolerance on a fixed
-  batch (:func:`check_onnx`), else CheckpointError naming the file.
+- ``onnx``: the fp32 model exported to ONNX and run with onnxruntime; its logits must equal
+  torch's within a tolerance on a fixed batch, else CheckpointError naming the file.
 - ``onnx_int8``: the ONNX model with onnxruntime's dynamic quantisation of MatMul / Gemm (the same
-  Linear layers as ``int8``), :func:`quantize_onnx`.
+  Linear layers as ``int8``).
+
+The ONNX side (export, quantisation, onnxruntime sessions, the check) is
+:mod:`bigmodel_ops.onnx_export`; this module holds the torch int8 variant and the measuring.
 
 :func:`compress_classifier` builds them into a folder and measures each against the fp32 model on
 labeled texts: accuracy and its drop in points, prediction agreement (%), CPU latency at batch 1
@@ -31,7 +33,7 @@ import logging
 import shutil
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,29 +42,23 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from bigmodel_ops import onnx_export
 from bigmodel_ops.classification.export import TextClassifier, read_classifier_config
 from bigmodel_ops.classification.inputs import collate, tokenize_texts
 from bigmodel_ops.classification.model import SequenceClassifier
 from bigmodel_ops.contract import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, load_tokenizer
 from bigmodel_ops.errors import CheckpointError
 from bigmodel_ops.model import ModelConfig, TransformerLM
+from bigmodel_ops.onnx_export import ONNX_FILE, ONNX_INT8_FILE, Runner
 
 _logger = logging.getLogger(__name__)
 
 INT8_FORMAT = "bigmodel_ops.classifier-int8/1"
 INT8_WEIGHTS = "model.int8.safetensors"
-ONNX_FILE = "model.onnx"
-ONNX_INT8_FILE = "model.int8.onnx"
 REPORT_FILE = "report.json"
-INPUT_NAMES = ("idx", "lengths")
-OUTPUT_NAME = "logits"
-EXPORTERS = ("dynamo", "torchscript")
 BATCH_SIZES = (1, 32)
 HEADLINE_BATCH = 32  # `<variant>_speedup` is the batch-32 ratio (b1 is reported beside it)
 VARIANTS = ("int8", "onnx", "onnx_int8")
-
-# Runs a model on (idx, lengths) and returns (B, num_labels) float32 logits.
-Runner = Callable[[torch.Tensor, torch.Tensor], np.ndarray]
 
 
 @dataclass(frozen=True)
@@ -116,12 +112,16 @@ def quantize_int8(model: SequenceClassifier) -> nn.Module:
     """A copy of model with int8 dynamic quantisation of :func:`quantizable_linears` (eval mode)."""
     import copy
 
+    return _quantize_linears(copy.deepcopy(model).eval(), quantizable_linears(model))
+
+
+def _quantize_linears(model: nn.Module, names: Sequence[str]) -> nn.Module:
+    """model with int8 dynamic quantisation of its Linear layers ``names`` (eval mode): the one call
+    of torch's quantiser, for :func:`quantize_int8` and :func:`load_int8` alike."""
     from torch.ao.quantization import quantize_dynamic
 
     with _quiet_deprecations():
-        return quantize_dynamic(
-            copy.deepcopy(model).eval(), set(quantizable_linears(model)), dtype=torch.qint8
-        ).eval()
+        return quantize_dynamic(model, set(names), dtype=torch.qint8).eval()
 
 
 def _quantized_modules(model: nn.Module) -> dict[str, nn.Module]:
@@ -220,10 +220,7 @@ def load_int8(directory: Path | str) -> TextClassifier:
             f"{mismatch}: missing {sorted(set(missing) - expected_missing)}, unexpected {unexpected}"
         )
     # 2. quantise the same layers, then put the stored int8 weights in place
-    from torch.ao.quantization import quantize_dynamic
-
-    with _quiet_deprecations():
-        qmodel = quantize_dynamic(model, set(names), dtype=torch.qint8).eval()
+    qmodel = _quantize_linears(model, names)
     modules = _quantized_modules(qmodel)
     try:
         for name in names:
@@ -265,105 +262,7 @@ def _int8_weight(tensors: dict[str, torch.Tensor], name: str, scheme: str) -> to
     return weight
 
 
-# ---- ONNX --------------------------------------------------------------------------------------
-
-
-def export_onnx(
-    model: SequenceClassifier,
-    path: Path,
-    *,
-    example: tuple[torch.Tensor, torch.Tensor],
-    opset: int,
-    exporter: str,
-) -> Path:
-    """Export model (fp32) to one ONNX file: inputs idx (batch, seq) and lengths (batch), int64;
-    output logits (batch, num_labels). Batch and sequence length are dynamic (seq up to block_size).
-
-    ``dynamo``: the torch.export-based exporter (torch's default since 2.9; needs onnxscript).
-    ``torchscript``: the older tracing exporter (``dynamo=False``), deprecated by torch, faster to run.
-    """
-    if exporter not in EXPORTERS:
-        raise ValueError(f"exporter must be one of {EXPORTERS}, got {exporter!r}")
-    model = model.eval()
-    kwargs: dict[str, Any]
-    if exporter == "dynamo":
-        batch = torch.export.Dim("batch")
-        seq = torch.export.Dim("seq", max=model.backbone.config.block_size)
-        kwargs = {"dynamic_shapes": ({0: batch, 1: seq}, {0: batch}), "external_data": False}
-    else:
-        kwargs = {
-            "dynamic_axes": {
-                "idx": {0: "batch", 1: "seq"},
-                "lengths": {0: "batch"},
-                OUTPUT_NAME: {0: "batch"},
-            }
-        }
-    export_logger = logging.getLogger("torch.onnx")
-    level = export_logger.level
-    export_logger.setLevel(logging.ERROR)  # "torchvision is not installed" and the like
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(_Discard()):
-            warnings.simplefilter("ignore")
-            torch.onnx.export(
-                model,
-                example,
-                str(path),
-                dynamo=exporter == "dynamo",
-                opset_version=opset,
-                input_names=list(INPUT_NAMES),
-                output_names=[OUTPUT_NAME],
-                verbose=False,
-                **kwargs,
-            )
-    finally:
-        export_logger.setLevel(level)
-    return path
-
-
-class _Discard:
-    def write(self, text: str) -> int:
-        return len(text)
-
-    def flush(self) -> None:
-        pass
-
-
-def quantize_onnx(source: Path, target: Path) -> Path:
-    """onnxruntime dynamic quantisation (int8 weights) of the MatMul / Gemm nodes of source,
-    after onnxruntime's pre-processing (shape inference and graph optimisation)."""
-    import tempfile
-
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        prepared = Path(tmp) / "prepared.onnx"
-        quant_pre_process(str(source), str(prepared))
-        quantize_dynamic(
-            str(prepared), str(target), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"]
-        )
-    return target
-
-
-def onnx_runner(path: Path) -> Runner:
-    """An onnxruntime CPU session on path, with torch's thread count and no spinning threads (an
-    idle spinning pool would steal the CPU from the variant timed next)."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = torch.get_num_threads()
-    options.inter_op_num_threads = 1
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    options.log_severity_level = 3
-    try:
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    except Exception as error:  # onnxruntime raises its own exception types
-        raise CheckpointError(f"{path}: onnxruntime cannot load it: {error}") from None
-
-    def run(idx: torch.Tensor, lengths: torch.Tensor) -> np.ndarray:
-        return session.run([OUTPUT_NAME], {"idx": idx.numpy(), "lengths": lengths.numpy()})[0]
-
-    return run
+# ---- measuring ---------------------------------------------------------------------------------
 
 
 def torch_runner(model: nn.Module) -> Runner:
@@ -374,29 +273,6 @@ def torch_runner(model: nn.Module) -> Runner:
             return model(idx, lengths).float().numpy()
 
     return run
-
-
-def check_onnx(
-    runner: Runner,
-    reference: Runner,
-    batch: tuple[torch.Tensor, torch.Tensor],
-    *,
-    tolerance: float,
-    path: Path,
-) -> float:
-    """Max abs difference of the logits on batch; CheckpointError naming path above tolerance."""
-    got, want = runner(*batch), reference(*batch)
-    diff = float(np.max(np.abs(got - want))) if got.shape == want.shape else float("inf")
-    if not np.isfinite(diff) or diff > tolerance:
-        raise CheckpointError(
-            f"{path}: the ONNX export disagrees with the torch model: max abs logit difference "
-            f"{diff:.3g} on a fixed batch of {batch[0].shape[0]} texts (shape {got.shape} vs "
-            f"{want.shape}), above the tolerance {tolerance:g} (compress.tolerance); nothing was published"
-        )
-    return diff
-
-
-# ---- measuring ---------------------------------------------------------------------------------
 
 
 def encode(classifier: TextClassifier, texts: Sequence[str]) -> list[list[int]]:
@@ -511,7 +387,7 @@ def _compress(
     started = time.perf_counter()
     save_int8(quantize_int8(fp32), out_dir, classifier_dir=classifier_dir)
     int8 = load_int8(out_dir)  # what is measured is what was saved
-    onnx_path = export_onnx(
+    onnx_path = onnx_export.export_onnx(
         fp32,
         out_dir / ONNX_FILE,
         example=make_batch(ids[:2]),
@@ -519,14 +395,14 @@ def _compress(
         exporter=settings.exporter,
     )
     runners: dict[str, Runner] = {"fp32": reference, "int8": torch_runner(int8.model)}
-    runners["onnx"] = onnx_runner(onnx_path)
-    onnx_diff = check_onnx(
+    runners["onnx"] = onnx_export.onnx_runner(onnx_path)
+    onnx_diff = onnx_export.check_onnx(
         runners["onnx"], reference, check_batch, tolerance=settings.tolerance, path=onnx_path
     )
     files = {"fp32": classifier_dir / WEIGHTS_FILE, "int8": out_dir / INT8_WEIGHTS, "onnx": onnx_path}
     if settings.onnx_int8:
-        files["onnx_int8"] = quantize_onnx(onnx_path, out_dir / ONNX_INT8_FILE)
-        runners["onnx_int8"] = onnx_runner(files["onnx_int8"])
+        files["onnx_int8"] = onnx_export.quantize_onnx(onnx_path, out_dir / ONNX_INT8_FILE)
+        runners["onnx_int8"] = onnx_export.onnx_runner(files["onnx_int8"])
     build_s = time.perf_counter() - started
 
     logits = {name: predict_logits(run, ids, batch_size=settings.batch_size) for name, run in runners.items()}
@@ -570,15 +446,8 @@ def _compress(
             "int8": "torch.ao.quantization.quantize_dynamic, qint8 weights, Linear layers",
             "onnx_int8": "onnxruntime.quantization.quantize_dynamic, QInt8 weights, MatMul/Gemm",
         },
-        "versions": _versions(),
+        "versions": {"torch": torch.__version__, **onnx_export.versions()},
         "threads": torch.get_num_threads(),
     }
     (out_dir / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
     return Result(metrics=metrics, report=report, over_budget=over_budget)
-
-
-def _versions() -> dict[str, str]:
-    import onnx
-    import onnxruntime
-
-    return {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}

@@ -1,7 +1,7 @@
 """What a training run cost: device-hours, CPU-hours and energy, measured from fit start to end.
 
 One job: :class:`CostMeter` is started when a ``Trainer.fit`` starts and read when it ends (the
-Lightning callback that drives it is :class:`bigmodel_ops.trainer.CostCallback`, which
+Lightning callback that drives it is :class:`bigmodel_ops.cost_callback.CostCallback`, which
 :func:`~bigmodel_ops.trainer.build_trainer` adds to every Trainer that has a
 :class:`~bigmodel_ops.trainer.MetricsCallback`: pretraining, each tuning trial, fine-tuning).
 Plain Python: no Lightning, no MLflow, torch only imported to find a GPU's NVML handle, so the

@@ -12,7 +12,7 @@ import torch
 from mlflow.tracking import MlflowClient
 from safetensors import safe_open
 
-from bigmodel_ops import cli, compression
+from bigmodel_ops import cli, compression, onnx_export
 from bigmodel_ops.classification.export import load_classifier
 from bigmodel_ops.classification.inputs import read_labeled_split
 from bigmodel_ops.cli import main as cli_main
@@ -84,7 +84,7 @@ def test_stage_writes_checked_variants_logs_them_and_tags_the_version(tmp_path: 
     texts, _ = read_labeled_split(paths.prepared / "test.parquet", classifier.labels)
     idx, lengths = compression.make_batch(compression.encode(classifier, texts))
     want = compression.torch_runner(classifier.model)(idx, lengths)
-    got = compression.onnx_runner(out / "model.onnx")(idx, lengths)
+    got = onnx_export.onnx_runner(out / "model.onnx")(idx, lengths)
     assert np.abs(got - want).max() < 1e-4
     with safe_open(str(out / "model.int8.safetensors"), "pt") as weights:
         dtypes = {weights.get_tensor(k).dtype for k in weights.keys() if k.endswith(".weight_int8")}
@@ -113,7 +113,7 @@ def test_stage_writes_checked_variants_logs_them_and_tags_the_version(tmp_path: 
 def test_onnx_disagreement_is_a_clear_error_and_publishes_nothing(tmp_path: Path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     params, paths, client = _project(tmp_path, exporter="torchscript")
-    export = compression.export_onnx
+    export = onnx_export.export_onnx
 
     def export_a_different_model(model, path, **kwargs):
         import copy
@@ -123,7 +123,7 @@ def test_onnx_disagreement_is_a_clear_error_and_publishes_nothing(tmp_path: Path
             other.head.bias += 0.01  # an exporter bug that shifts every logit
         return export(other, path, **kwargs)
 
-    monkeypatch.setattr(compression, "export_onnx", export_a_different_model)
+    monkeypatch.setattr(onnx_export, "export_onnx", export_a_different_model)
     with pytest.raises(CheckpointError, match=r"model\.onnx: the ONNX export disagrees .* tolerance 0.001"):
         run_compress(params, paths=paths, quiet=True)
     assert not paths.compress_dir.exists() and not paths.compress_report.exists()

@@ -18,9 +18,10 @@ from mlflow.tracking import MlflowClient
 
 from bigmodel_ops import cost
 from bigmodel_ops.config import parse_params
+from bigmodel_ops.cost_callback import CostCallback, cost_of
 from bigmodel_ops.evaluation import card
 from bigmodel_ops.tracking import frontpage
-from bigmodel_ops.trainer import CostCallback, MetricsCallback, build_trainer, cost_of
+from bigmodel_ops.trainer import MetricsCallback, build_trainer
 from tests.helpers_tracking import clear_run_env, make_project, raw_params, tracked_run
 
 METRICS = {f"cost/{k}" for k in cost.KEYS}

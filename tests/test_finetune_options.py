@@ -19,19 +19,18 @@ import torch
 import torch.nn.functional as F
 
 from bigmodel_ops.classification import training
+from bigmodel_ops.classification.class_weights import balanced_class_weights, class_weight_tensor
 from bigmodel_ops.classification.export import load_classifier, save_classifier
 from bigmodel_ops.classification.inputs import collate, load_splits
 from bigmodel_ops.classification.lora import merge_lora
 from bigmodel_ops.classification.model import SequenceClassifier
+from bigmodel_ops.classification.optimization import optimizer_groups
 from bigmodel_ops.classification.training import (
     ClassifierModule,
     FitConfig,
     HyperParams,
-    balanced_class_weights,
     build_classifier,
-    class_weight_tensor,
     fit_classifier,
-    optimizer_groups,
     prepare_model,
     trainable_parameters,
 )

@@ -22,16 +22,10 @@ from bigmodel_ops.errors import CheckpointError, DataError, TrainingDiverged
 from bigmodel_ops.model import IGNORE_INDEX, ModelConfig, TransformerLM, load_pretrained, parameter_groups
 from bigmodel_ops.pipeline.pretrain import run as run_pretrain
 from bigmodel_ops.pretraining.checkpoints import find_resume_point
-from bigmodel_ops.pretraining.data import (
-    DataSpec,
-    ResumableBatchLoader,
-    TokenStream,
-    TrainBatches,
-    mask_tokens,
-    masked_count,
-)
+from bigmodel_ops.pretraining.data import DataSpec, ResumableBatchLoader, TokenStream, TrainBatches
 from bigmodel_ops.pretraining.flops import mfu, peak_flops
 from bigmodel_ops.pretraining.lm_module import lr_factor
+from bigmodel_ops.pretraining.masking import mask_tokens, masked_count
 from bigmodel_ops.shards import ShardIndex
 from tests.faults import PoisonAtStep
 from tests.helpers_pretrain import ckpt_dir, make_project, raw_params, train_tokenizer, write_shards

@@ -176,7 +176,7 @@ def test_ranks_read_disjoint_rows_that_make_one_global_batch(tmp_path: Path, obj
 
 def test_row_keyed_masks_keep_bert_80_10_10_and_the_separator():
     """The per-row masking the train batches use (mask_tokens_from_uniforms) is BERT's masking."""
-    from bigmodel_ops.pretraining.data import mask_tokens_from_uniforms, mask_uniforms
+    from bigmodel_ops.pretraining.masking import mask_tokens_from_uniforms, mask_uniforms
 
     rng = np.random.default_rng(0)
     T, rate, sep, mask_id = 64, 0.25, 3, 4

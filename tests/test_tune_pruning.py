@@ -12,31 +12,40 @@ from bigmodel_ops.pipeline.tune import run as run_tune
 from tests.helpers_finetune import make_project
 
 
-def test_pruner_stops_a_diverging_trial_before_its_budget(tmp_path: Path, monkeypatch, mlflow_store: str):
+def _project(tmp_path: Path, monkeypatch, **tune):
+    """(params, paths) of a project of 48 train / 16 eval rows with these tune settings, made
+    the working directory."""
     monkeypatch.chdir(tmp_path)
-    params, paths, _ = make_project(
-        tmp_path,
-        n_train=48,
-        n_eval=16,
-        tune={
-            "n_trials": 2,
-            "max_epochs": 2,  # 48 rows / batch 8 = 6 steps an epoch: a budget of 12 optimizer steps
-            "metric": "val_loss",
-            "pruner": "threshold",
-            "prune_threshold": 3.0,  # a val loss of 3 nats on a 2-class problem: diverged
-            "pruner_warmup_steps": 2,
-            "report_every_n_steps": 1,
-            "report_val_fraction": 0.5,
-            "search_space": {
-                "lr": {"type": "float", "low": 1e-3, "high": 1.0, "log": True},
-                "batch_size": {"type": "categorical", "choices": [8]},
-            },
-        },
-    )
+    params, paths, _ = make_project(tmp_path, n_train=48, n_eval=16, tune=tune)
+    return params, paths
+
+
+def _journal(paths):
+    """The stage's journal storage of the study."""
     from optuna.storages.journal import JournalFileBackend, JournalStorage
 
+    return JournalStorage(JournalFileBackend(str(paths.tune_dir / JOURNAL_FILE)))
+
+
+def test_pruner_stops_a_diverging_trial_before_its_budget(tmp_path: Path, monkeypatch, mlflow_store: str):
+    params, paths = _project(
+        tmp_path,
+        monkeypatch,
+        n_trials=2,
+        max_epochs=2,  # 48 rows / batch 8 = 6 steps an epoch: a budget of 12 optimizer steps
+        metric="val_loss",
+        pruner="threshold",
+        prune_threshold=3.0,  # a val loss of 3 nats on a 2-class problem: diverged
+        pruner_warmup_steps=2,
+        report_every_n_steps=1,
+        report_val_fraction=0.5,
+        search_space={
+            "lr": {"type": "float", "low": 1e-3, "high": 1.0, "log": True},
+            "batch_size": {"type": "categorical", "choices": [8]},
+        },
+    )
     paths.tune_dir.mkdir(parents=True)
-    storage = JournalStorage(JournalFileBackend(str(paths.tune_dir / JOURNAL_FILE)))
+    storage = _journal(paths)
     study = optuna.create_study(
         storage=storage, study_name=name_of_study(params, paths), direction="minimize"
     )
@@ -77,18 +86,14 @@ def test_pruner_stops_a_diverging_trial_before_its_budget(tmp_path: Path, monkey
 def test_a_nan_trial_fails_and_the_study_goes_on(tmp_path: Path, monkeypatch, mlflow_store: str):
     from tests.faults import PoisonAtStep
 
-    monkeypatch.chdir(tmp_path)
-    params, paths, _ = make_project(
+    params, paths = _project(
         tmp_path,
-        n_train=48,
-        n_eval=16,
-        tune={
-            "n_trials": 3,
-            "pruner": "none",
-            "report_every_n_steps": 1,
-            "max_epochs": 1,  # 48 rows / batch 8: a budget of 6 optimizer steps
-            "search_space": {"batch_size": {"type": "categorical", "choices": [8]}},
-        },
+        monkeypatch,
+        n_trials=3,
+        pruner="none",
+        report_every_n_steps=1,
+        max_epochs=1,  # 48 rows / batch 8: a budget of 6 optimizer steps
+        search_space={"batch_size": {"type": "categorical", "choices": [8]}},
     )
 
     def poison_trial_1(trial: optuna.Trial) -> list:
@@ -96,10 +101,7 @@ def test_a_nan_trial_fails_and_the_study_goes_on(tmp_path: Path, monkeypatch, ml
 
     report = run_tune(params, paths=paths, quiet=True, extra_callbacks=poison_trial_1)
 
-    from optuna.storages.journal import JournalFileBackend, JournalStorage
-
-    storage = JournalStorage(JournalFileBackend(str(paths.tune_dir / JOURNAL_FILE)))
-    study = optuna.load_study(study_name=name_of_study(params, paths), storage=storage)
+    study = optuna.load_study(study_name=name_of_study(params, paths), storage=_journal(paths))
     states = [t.state.name for t in study.trials]
     assert states == ["COMPLETE", "FAIL", "COMPLETE"]  # the study went on after the NaN
     diverged = study.trials[1]

@@ -25,6 +25,8 @@ import torch.nn as nn
 from bigmodel_ops.errors import ConfigError
 
 TARGETS_SETTING = "finetune.lora.target_modules"
+# The default of finetune.lora.target_modules (HyperParams.lora_target_modules).
+DEFAULT_LORA_TARGETS = ("attn.qkv", "attn.proj", "mlp.fc", "mlp.proj")
 
 
 def linear_layers(model: nn.Module) -> list[str]:

@@ -2,9 +2,12 @@
 
 :class:`ClassifierModule` (AdamW with per-layer groups, linear warmup + linear decay, label
 smoothing, class weights, val loss / accuracy / macro F1 per epoch, best-epoch tracking and early
-stopping), :class:`ClassificationDataModule`, :func:`prepare_model` (pretrained or from-scratch
-backbone, pooling, LoRA, freezing) and :func:`fit_classifier`, shared by the tune and finetune
-stages. Plain objects in (:class:`FitConfig`, :class:`HyperParams`): the params schema stays in the
+stopping), :func:`prepare_model` (pretrained or from-scratch backbone, pooling, LoRA, freezing) and
+:func:`fit_classifier`, shared by the tune and finetune stages. The pieces they assemble are
+their own modules: :mod:`.optimization` (parameter groups, LR schedule, freezing),
+:mod:`.class_weights`, :mod:`.early_stopping` (best epoch), :mod:`.datamodule` (the loaders) and
+:mod:`.lora` (adapters).
+Plain objects in (:class:`FitConfig`, :class:`HyperParams`): the params schema stays in the
 stage modules. The Trainer is :func:`bigmodel_ops.trainer.build_trainer`, the same builder
 pretraining uses.
 
@@ -14,11 +17,9 @@ keys (``lora_<key>`` for ``finetune.lora.<key>``).
 
 from __future__ import annotations
 
-import math
-import re
 import sys
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from dataclasses import replace as _replace
 from pathlib import Path
@@ -30,15 +31,17 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bigmodel_ops.classification.inputs import TokenizedSplit, collate
-from bigmodel_ops.classification.lora import apply_lora, is_lora, merge_lora
+from bigmodel_ops.classification.class_weights import class_weight_tensor
+from bigmodel_ops.classification.datamodule import ClassificationDataModule
+from bigmodel_ops.classification.early_stopping import BestEpoch
+from bigmodel_ops.classification.inputs import TokenizedSplit
+from bigmodel_ops.classification.lora import DEFAULT_LORA_TARGETS, apply_lora, merge_lora
 from bigmodel_ops.classification.metrics import confusion_matrix, metrics_from_confusion
 from bigmodel_ops.classification.model import SequenceClassifier, resolve_pooling
-from bigmodel_ops.errors import ConfigError, DataError
+from bigmodel_ops.classification.optimization import freeze, linear_warmup_decay, optimizer_groups
+from bigmodel_ops.errors import ConfigError
 from bigmodel_ops.model import TransformerLM, load_pretrained, read_exported_config
 from bigmodel_ops.trainer import build_trainer
-
-DEFAULT_LORA_TARGETS = ("attn.qkv", "attn.proj", "mlp.fc", "mlp.proj")
 
 
 @dataclass(frozen=True)
@@ -129,136 +132,6 @@ class HyperParams:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
 
-def linear_warmup_decay(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
-    """LR multiplier: linear ramp over warmup_steps (never 0 at step 0), then linear decay to 0."""
-    total_steps = max(total_steps, 1)
-    warmup_steps = min(warmup_steps, total_steps - 1) if total_steps > 1 else 0
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / (warmup_steps + 1)
-        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
-
-    return factor
-
-
-def balanced_class_weights(
-    labels: np.ndarray, num_labels: int, names: Sequence[str] | None = None
-) -> list[float]:
-    """n / (k * count_c) per class (scikit-learn's "balanced"); DataError when a class is absent."""
-    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=num_labels)[:num_labels]
-    missing = [int(i) for i in np.flatnonzero(counts == 0)]
-    if missing:
-        shown = [names[i] if names and i < len(names) else i for i in missing]
-        raise DataError(
-            f"finetune.class_weights: balanced: class(es) {shown} have no example in the training split"
-        )
-    n = float(counts.sum())
-    return [n / (num_labels * float(c)) for c in counts]
-
-
-def class_weight_tensor(
-    setting: str | Sequence[float], train_labels: np.ndarray, num_labels: int
-) -> torch.Tensor | None:
-    """The cross-entropy class weights of a ``class_weights`` setting (None for ``none``)."""
-    if isinstance(setting, str):
-        if setting == "none":
-            return None
-        if setting == "balanced":
-            return torch.tensor(balanced_class_weights(train_labels, num_labels), dtype=torch.float32)
-        raise ConfigError(f"finetune.class_weights: {setting!r} is not none, balanced or a list of weights")
-    weights = [float(w) for w in setting]
-    if len(weights) != num_labels:
-        raise ConfigError(
-            f"finetune.class_weights has {len(weights)} weight(s) but there are {num_labels} labels "
-            "(prepare.labels): give one weight per label, in label order"
-        )
-    if not all(math.isfinite(w) and w > 0 for w in weights):
-        raise ConfigError(f"finetune.class_weights: weights must be finite and > 0, got {weights}")
-    return torch.tensor(weights, dtype=torch.float32)
-
-
-_BLOCK = re.compile(r"(?:^|\.)blocks\.(\d+)\.")
-_EMBEDDING = re.compile(r"(?:^|\.)(?:wte|wpe)\.")
-_HEAD = re.compile(r"(?:^|\.)head\.")
-
-
-def layer_of(name: str, n_layer: int) -> tuple[str, int | None]:
-    """(group, depth) of a parameter name: ("head", None), ("top", 0) for ln_f / lm_head,
-    ("block<i>", n_layer - i) and ("embeddings", n_layer + 1); depth is the LLRD exponent."""
-    if _HEAD.search(name) and ".backbone." not in f".{name}":
-        return "head", None
-    match = _BLOCK.search(name)
-    if match:
-        i = int(match.group(1))
-        return f"block{i}", n_layer - i
-    if _EMBEDDING.search(name):
-        return "embeddings", n_layer + 1
-    return "top", 0
-
-
-def optimizer_groups(
-    model: nn.Module,
-    *,
-    lr: float,
-    weight_decay: float,
-    head_lr_mult: float = 1.0,
-    layer_lr_decay: float = 1.0,
-    n_layer: int,
-) -> list[dict[str, Any]]:
-    """AdamW groups of the trainable parameters, by layer and by decay.
-
-    LR: the head gets ``lr * head_lr_mult``; layer-wise decay gives block i
-    ``lr * layer_lr_decay ** (n_layer - i)``, the embeddings ``lr * layer_lr_decay ** (n_layer + 1)``
-    and the final norm ``lr``. Weight decay applies to the matrices of Linear layers (adapters
-    included), never to norms, biases or embeddings (as in :func:`bigmodel_ops.model.parameter_groups`).
-    Groups are named ``<layer>/<decay|no_decay>``; the first is the base-LR group when present.
-    """
-    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    decay_ids = {
-        id(m.weight) for m in model.modules() if isinstance(m, nn.Linear) and id(m.weight) not in embeddings
-    }
-    groups: dict[str, dict[str, Any]] = {}
-    for name, param in model.named_parameters():  # yields each shared tensor once
-        if not param.requires_grad:
-            continue
-        layer, depth = layer_of(name, n_layer)
-        scale = head_lr_mult if depth is None else layer_lr_decay**depth
-        decays = id(param) in decay_ids
-        key = f"{layer}/{'decay' if decays else 'no_decay'}"
-        group = groups.setdefault(
-            key,
-            {"name": key, "params": [], "lr": lr * scale, "weight_decay": weight_decay if decays else 0.0},
-        )
-        group["params"].append(param)
-
-    def order(key: str) -> tuple[int, int]:
-        layer = key.split("/")[0]
-        if layer == "top":
-            return (0, 0)
-        if layer.startswith("block"):
-            return (1, -int(layer[5:]))
-        return (2, 0) if layer == "embeddings" else (3, 0)
-
-    return [groups[k] for k in sorted(groups, key=order)]
-
-
-def freeze(model: nn.Module, *, freeze_backbone: bool, freeze_layers: int) -> None:
-    """Stop gradients: the whole backbone, or its embeddings and first ``freeze_layers`` blocks
-    (LoRA adapters in those blocks included). The head always trains."""
-    if not freeze_backbone and not freeze_layers:
-        return
-    for name, param in model.named_parameters():
-        if not (name.startswith("backbone.") or ".backbone." in name):
-            continue
-        if freeze_backbone or _EMBEDDING.search(name):
-            param.requires_grad_(False)
-            continue
-        match = _BLOCK.search(name)
-        if match and int(match.group(1)) < freeze_layers:
-            param.requires_grad_(False)
-
-
 class ClassifierModule(L.LightningModule):
     """Fine-tunes a SequenceClassifier (or its LoRA-wrapped form); logs ``val_loss``, ``val_acc``
     and ``val_f1`` per epoch.
@@ -270,11 +143,11 @@ class ClassifierModule(L.LightningModule):
     ``val_loss`` is the plain cross-entropy (no smoothing, no class weights), comparable across
     settings; the training loss is the objective (label smoothing and class weights applied).
 
-    Best epoch: the epoch with the highest ``val_acc`` (the first of equals) is kept in
-    ``best_val`` / ``best_epoch`` with a CPU copy of its trainable weights;
-    :meth:`restore_best` puts them back and :meth:`export_model` returns the plain classifier
-    (best weights, adapters merged). With ``early_stopping_patience`` > 0, training stops after
-    that many epochs without a better ``val_acc``.
+    Best epoch (:class:`~.early_stopping.BestEpoch`): the epoch with the highest ``val_acc`` (the
+    first of equals) is kept in ``best_val`` / ``best_epoch`` with a CPU copy of its trainable
+    weights; :meth:`restore_best` puts them back and :meth:`export_model` returns the plain
+    classifier (best weights, adapters merged). With ``early_stopping_patience`` > 0, training
+    stops after that many epochs without a better ``val_acc`` (``stopped_early``).
     """
 
     def __init__(
@@ -296,11 +169,7 @@ class ClassifierModule(L.LightningModule):
         self._val_labels: list[torch.Tensor] = []
         self._val_rows: list[torch.Tensor] = []
         self.last_val: dict[str, float] = {}
-        self.best_val: dict[str, float] = {}
-        self.best_epoch: int | None = None
-        self.epochs_without_improvement = 0
-        self.stopped_early = False
-        self._best_state: dict[str, torch.Tensor] | None = None
+        self.best = BestEpoch(hparams.early_stopping_patience)
         self._train_loss_sum: torch.Tensor | None = None
         self._train_loss_count = 0
         self.diverged_at_step: int | None = None  # the optimizer step whose train loss was NaN/inf
@@ -377,39 +246,27 @@ class ClassifierModule(L.LightningModule):
         }
         # Already global: no sync_dist. Shown on the progress bar and seen by Optuna's pruner.
         self.log_dict(self.last_val, prog_bar=True)
-        if not self.trainer.sanity_checking:
-            self._track_best()
-
-    def _track_best(self) -> None:
-        """Keep the best epoch (by val_acc) and stop after ``patience`` epochs without one better.
-
-        Every rank sees the same gathered metrics, so every rank decides alike (no hang under DDP).
-        """
-        current = self.last_val["val_acc"]
-        if self.best_epoch is None or current > self.best_val["val_acc"]:
-            self.best_val = dict(self.last_val)
-            self.best_epoch = int(self.current_epoch)
-            self.epochs_without_improvement = 0
-            self._best_state = {
-                name: param.detach().to("cpu", copy=True)
-                for name, param in self.model.named_parameters()
-                if param.requires_grad  # frozen weights never change
-            }
-            return
-        self.epochs_without_improvement += 1
-        patience = self.hp.early_stopping_patience
-        if patience and self.epochs_without_improvement >= patience:
-            self.stopped_early = True
+        if not self.trainer.sanity_checking and self.best.update(
+            self.last_val, epoch=self.current_epoch, model=self.model
+        ):
             self.trainer.should_stop = True
+
+    @property
+    def best_val(self) -> dict[str, float]:
+        """The best epoch's val metrics ({} before any validation)."""
+        return self.best.metrics
+
+    @property
+    def best_epoch(self) -> int | None:
+        return self.best.epoch
+
+    @property
+    def stopped_early(self) -> bool:
+        return self.best.stopped_early
 
     def restore_best(self) -> None:
         """Put the best epoch's weights back into the model (no-op before any validation)."""
-        if self._best_state is None:
-            return
-        params = dict(self.model.named_parameters())
-        with torch.no_grad():
-            for name, value in self._best_state.items():
-                params[name].copy_(value.to(params[name].device))
+        self.best.restore(self.model)
 
     def export_model(self) -> SequenceClassifier:
         """The plain classifier with the best epoch's weights, LoRA adapters merged."""
@@ -433,73 +290,6 @@ class ClassifierModule(L.LightningModule):
         warmup = int(hp.warmup_ratio * total)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_warmup_decay(total, warmup))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-
-class _SplitDataset(torch.utils.data.Dataset):
-    def __init__(self, split: TokenizedSplit) -> None:
-        self.split = split
-
-    def __len__(self) -> int:
-        return len(self.split)
-
-    def __getitem__(self, index: int) -> tuple[list[int], int, int]:
-        return self.split.ids[index], int(self.split.labels[index]), index
-
-
-def collate_rows(batch: Sequence[tuple[list[int], int, int]]) -> dict[str, torch.Tensor]:
-    """:func:`~bigmodel_ops.classification.inputs.collate` plus ``rows`` (B,): each example's row
-    number in its split (how DDP validation counts every row once)."""
-    out = collate([(ids, label) for ids, label, _ in batch])
-    out["rows"] = torch.tensor([row for _, _, row in batch], dtype=torch.long)
-    return out
-
-
-class ClassificationDataModule(L.LightningDataModule):
-    """Train / val loaders over already tokenised splits (tokenise once, reuse across trials).
-
-    Both loaders shard by rank with our own :class:`~torch.utils.data.DistributedSampler`
-    (Lightning keeps a DistributedSampler it is given), one process included (1 replica):
-
-    - train: one permutation of the split per epoch (seeded by ``seed + epoch``, the same on every
-      rank and with any rank count), rank r taking its positions ``r, r + W, ...``; so with W
-      ranks of ``batch_size`` B, step i's batches together are exactly the batch i of one process
-      with batch size ``B x W`` when the split size is a multiple of ``B x W`` (otherwise the
-      sampler repeats up to W - 1 rows to even out the ranks, and the last step differs);
-    - val: contiguous order, sharded the same way; the module counts each row once
-      (:meth:`ClassifierModule.on_validation_epoch_end`).
-    """
-
-    def __init__(
-        self, splits: Mapping[str, TokenizedSplit], *, batch_size: int, seed: int, num_workers: int = 0
-    ) -> None:
-        super().__init__()
-        self.splits = splits
-        self.batch_size = batch_size
-        self.seed = seed
-        self.num_workers = num_workers
-
-    def _loader(self, split: str, *, shuffle: bool) -> torch.utils.data.DataLoader:
-        trainer = self.trainer
-        world = trainer.world_size if trainer is not None else 1
-        rank = trainer.global_rank if trainer is not None else 0
-        dataset = _SplitDataset(self.splits[split])
-        sampler = torch.utils.data.DistributedSampler(
-            dataset, num_replicas=world, rank=rank, shuffle=shuffle, seed=self.seed, drop_last=False
-        )
-        return torch.utils.data.DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            sampler=sampler,  # Lightning sets its epoch before each training epoch
-            collate_fn=collate_rows,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
-
-    def train_dataloader(self) -> torch.utils.data.DataLoader:
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> torch.utils.data.DataLoader:
-        return self._loader("val", shuffle=False)
 
 
 def build_classifier(
@@ -632,13 +422,10 @@ def trainable_parameters(model: nn.Module) -> int:
 
 
 __all__ = [
-    "ClassificationDataModule",
     "ClassifierModule",
     "FitConfig",
     "HyperParams",
     "build_classifier",
     "fit_classifier",
-    "is_lora",
-    "optimizer_groups",
     "prepare_model",
 ]

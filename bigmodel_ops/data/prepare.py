@@ -29,7 +29,8 @@ from typing import Any
 from bigmodel_ops.config import PrepareParams, flatten, metric_key
 from bigmodel_ops.data.labels import UNLABELED, LabelError, LabelMapper
 from bigmodel_ops.data.normalize import normalize_text
-from bigmodel_ops.data.sources import RawBatch, SourcePlan, iter_source
+from bigmodel_ops.data.readers import RawBatch
+from bigmodel_ops.data.sources import SourcePlan, iter_source
 from bigmodel_ops.data.splitting import SPLITS, Deduper, SplitAssigner, TextHasher
 from bigmodel_ops.data.stats import LengthStats
 from bigmodel_ops.data.writer import SplitWriter

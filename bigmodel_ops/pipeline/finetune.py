@@ -40,17 +40,14 @@ from typing import Any
 
 import yaml
 
+from bigmodel_ops.classification.class_weights import class_weight_tensor
 from bigmodel_ops.classification.export import save_classifier
 from bigmodel_ops.classification.inputs import effective_max_length, load_splits
-from bigmodel_ops.classification.training import (
-    HyperParams,
-    class_weight_tensor,
-    fit_classifier,
-    trainable_parameters,
-)
+from bigmodel_ops.classification.training import HyperParams, fit_classifier, trainable_parameters
 from bigmodel_ops.config import Params
 from bigmodel_ops.contract import CONTROL_FILE, TOKENIZER_FILE, check_model_dir
 from bigmodel_ops.cost import Cost
+from bigmodel_ops.cost_callback import CostCallback, cost_of
 from bigmodel_ops.errors import ConfigError, TrainingDiverged
 from bigmodel_ops.fsutil import publish, write_json_atomic
 from bigmodel_ops.model import read_exported_config
@@ -58,7 +55,7 @@ from bigmodel_ops.paths import ProjectPaths
 from bigmodel_ops.pipeline._common import stage_run
 from bigmodel_ops.pipeline._finetuning import fit_config, hyperparams
 from bigmodel_ops.serving import MODEL_ARTIFACT_PATH, log_pyfunc_model
-from bigmodel_ops.trainer import CostCallback, MetricsCallback, cost_of
+from bigmodel_ops.trainer import MetricsCallback
 
 _logger = logging.getLogger(__name__)
 

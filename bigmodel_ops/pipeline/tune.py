@@ -67,15 +67,15 @@ from bigmodel_ops.tuning.checks import (
 )
 from bigmodel_ops.tuning.pruning import NonFiniteObjective
 from bigmodel_ops.tuning.storage import describe, open_storage
-from bigmodel_ops.tuning.study import (
-    make_pruner,
-    make_sampler,
-    objective_factory,
-    save_plots,
-    study_name,
-    study_summary,
+from bigmodel_ops.tuning.study import load_study, objective_factory, save_plots, study_name, study_summary
+from bigmodel_ops.tuning.workers import (
+    ClientRun,
+    end_stale_trial_run,
+    fill_queue,
+    run_worker,
+    spawn_workers,
+    threads_per_worker,
 )
-from bigmodel_ops.tuning.workers import ClientRun, end_stale_trial_run, fill_queue, run_worker, spawn_workers
 
 _logger = logging.getLogger(__name__)
 
@@ -140,23 +140,6 @@ def storage_for(
         grace_period=tune.grace_period_s,
         max_retry=tune.max_retry,
         setting=setting,
-    )
-
-
-def _load_study(params: Params, storage: Any, name: str, *, worker: int) -> optuna.Study:
-    """The study with this worker's sampler (seeded by project.seed, the trials already in the
-    study and the worker's index, so workers do not draw the same points) and the pruner."""
-    existing = len(optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False))
-    return optuna.load_study(
-        study_name=name,
-        storage=storage,
-        sampler=make_sampler(
-            params.tune.sampler,
-            seed=params.project.seed + 7919 * worker,
-            n_existing=existing,
-            startup_trials=params.tune.sampler_startup_trials,
-        ),
-        pruner=make_pruner(params.tune),
     )
 
 
@@ -230,7 +213,7 @@ def run(
     )
     created = optuna.create_study(storage=store, study_name=name, direction=direction, load_if_exists=True)
     check_direction(created, direction, metric=tune.metric)
-    study = _load_study(params, store, name, worker=0)
+    study = load_study(tune, store, name, seed=params.project.seed, worker=0)
     client = _tracking_client(params)
 
     def on_stale(trial: optuna.trial.FrozenTrial) -> None:
@@ -255,7 +238,7 @@ def run(
         )
         if pending:
             deadline = time.time() + tune.timeout_s if tune.timeout_s else None
-            threads = _threads_per_worker(n_workers)
+            threads = threads_per_worker(n_workers)
             spec = {
                 "params": params.model_dump(mode="json"),
                 "root": str(Path(paths.root).resolve()),
@@ -271,22 +254,18 @@ def run(
             if threads:
                 torch.set_num_threads(threads)
             try:
-                objective = objective_factory(
-                    tune,
-                    fit=fit_config(params),
-                    base=base,
-                    model_dir=paths.pretrained_model,
+                _run_trials(
+                    params,
+                    paths=paths,
                     splits=splits,
+                    base=base,
+                    study=study,
                     run=run,
-                    study=name,
                     quiet=quiet,
+                    deadline=deadline,
+                    on_stale=on_stale,
                     extra_callbacks=extra_callbacks,
                 )
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                    run_worker(
-                        study, objective, catch=CATCH, deadline=deadline, poll_s=POLL_S, on_stale=on_stale
-                    )
             except BaseException:
                 for helper in helpers:
                     helper.terminate()
@@ -306,14 +285,6 @@ def run(
         write_json_atomic(paths.tune_report, report)
         _logger.info("tune: best %s = %.4f (trial %d)", tune.metric, best["value"], best["trial"])
     return report
-
-
-def _threads_per_worker(workers: int) -> int | None:
-    """CPU threads for each worker's torch when several share a CPU-only machine (None: torch's
-    default). Without this every worker would start one thread per core and they would fight."""
-    if workers <= 1 or torch.cuda.is_available():
-        return None
-    return max(1, (os.cpu_count() or 1) // workers)
 
 
 def _write_yaml_atomic(path: Path, data: dict) -> None:
@@ -343,29 +314,53 @@ def _worker_process(
     paths = ProjectPaths()
     splits, base = _check_inputs(resolved, paths)
     store = storage_for(resolved, paths, url=storage)
-    loaded = _load_study(resolved, store, study, worker=worker)
+    loaded = load_study(resolved.tune, store, study, seed=resolved.project.seed, worker=worker)
     client = _tracking_client(resolved)
+    _run_trials(
+        resolved,
+        paths=paths,
+        splits=splits,
+        base=base,
+        study=loaded,
+        run=ClientRun(client, parent_run_id),
+        quiet=quiet,
+        deadline=deadline,
+        on_stale=lambda trial: end_stale_trial_run(client, trial),
+        worker=worker,
+    )
+
+
+def _run_trials(
+    params: Params,
+    *,
+    paths: ProjectPaths,
+    splits: dict,
+    base: Any,
+    study: optuna.Study,
+    run: Any,
+    quiet: bool,
+    deadline: float | None,
+    on_stale: Callable[[optuna.trial.FrozenTrial], None],
+    worker: int = 0,
+    extra_callbacks: Callable[[optuna.Trial], Sequence[Any]] | None = None,
+) -> None:
+    """One worker's share of the study (the stage process is worker 0): the trial objective,
+    its runs nested under ``run``, then queued trials until none is left or ``deadline``."""
     objective = objective_factory(
-        resolved.tune,
-        fit=fit_config(resolved),
+        params.tune,
+        fit=fit_config(params),
         base=base,
         model_dir=paths.pretrained_model,
         splits=splits,
-        run=ClientRun(client, parent_run_id),
-        study=study,
+        run=run,
+        study=study.study_name,
         quiet=quiet,
         worker=worker,
+        extra_callbacks=extra_callbacks,
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        run_worker(
-            loaded,
-            objective,
-            catch=CATCH,
-            deadline=deadline,
-            poll_s=POLL_S,
-            on_stale=lambda trial: end_stale_trial_run(client, trial),
-        )
+        run_worker(study, objective, catch=CATCH, deadline=deadline, poll_s=POLL_S, on_stale=on_stale)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

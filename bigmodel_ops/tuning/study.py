@@ -76,6 +76,24 @@ def make_sampler(
     return optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True, **startup)
 
 
+def load_study(tune: TuneParams, storage: Any, name: str, *, seed: int, worker: int = 0) -> optuna.Study:
+    """The study ``name`` with this worker's sampler (:func:`make_sampler` of ``tune.sampler``,
+    seeded by ``seed``, the trials already in the study and the worker's index, so workers do not
+    draw the same points) and the pruner (:func:`make_pruner`)."""
+    existing = len(optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False))
+    return optuna.load_study(
+        study_name=name,
+        storage=storage,
+        sampler=make_sampler(
+            tune.sampler,
+            seed=seed + 7919 * worker,
+            n_existing=existing,
+            startup_trials=tune.sampler_startup_trials,
+        ),
+        pruner=make_pruner(tune),
+    )
+
+
 def make_pruner(tune: TuneParams) -> optuna.pruners.BasePruner:
     """tune.pruner over the step-level reports (steps are optimizer steps)."""
     min_resource = tune.min_resource or tune.report_every_n_steps

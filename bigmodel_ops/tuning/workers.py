@@ -15,8 +15,9 @@ for the next run).
 
 Worker processes started by :func:`spawn_workers` die with their parent (Linux
 ``PR_SET_PDEATHSIG``), so killing a ``tune`` command kills its workers; their trials are then
-retried by the next run. :class:`ClientRun` is how a worker process other than the stage's own
-logs its trials under the stage's MLflow run.
+retried by the next run; :func:`threads_per_worker` splits a CPU-only machine's cores between
+them. :class:`ClientRun` is how a worker process other than the stage's own logs its trials under
+the stage's MLflow run.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import contextlib
 import ctypes
 import logging
 import multiprocessing
+import os
 import signal
 import time
 import warnings
@@ -125,6 +127,16 @@ def run_worker(
         if error is not None and not isinstance(error, catch):
             raise error
     return ran
+
+
+def threads_per_worker(workers: int) -> int | None:
+    """CPU threads for each worker's torch when several share a CPU-only machine (None: torch's
+    default). Without this every worker would start one thread per core and they would fight."""
+    import torch
+
+    if workers <= 1 or torch.cuda.is_available():
+        return None
+    return max(1, (os.cpu_count() or 1) // workers)
 
 
 def _die_with_parent() -> None:

@@ -1,0 +1,82 @@
+"""The train / val loaders of fine-tuning, sharded by rank (Lightning, DDP-exact validation).
+
+:class:`ClassificationDataModule` serves already tokenised splits (tokenise once, reuse across
+trials); :func:`collate_rows` adds each example's row number, with which
+:class:`~.training.ClassifierModule` counts every validation row once under DDP.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import lightning as L
+import torch
+
+from bigmodel_ops.classification.inputs import TokenizedSplit, collate
+
+
+class _SplitDataset(torch.utils.data.Dataset):
+    def __init__(self, split: TokenizedSplit) -> None:
+        self.split = split
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, index: int) -> tuple[list[int], int, int]:
+        return self.split.ids[index], int(self.split.labels[index]), index
+
+
+def collate_rows(batch: Sequence[tuple[list[int], int, int]]) -> dict[str, torch.Tensor]:
+    """:func:`~bigmodel_ops.classification.inputs.collate` plus ``rows`` (B,): each example's row
+    number in its split (how DDP validation counts every row once)."""
+    out = collate([(ids, label) for ids, label, _ in batch])
+    out["rows"] = torch.tensor([row for _, _, row in batch], dtype=torch.long)
+    return out
+
+
+class ClassificationDataModule(L.LightningDataModule):
+    """Train / val loaders over already tokenised splits (tokenise once, reuse across trials).
+
+    Both loaders shard by rank with our own :class:`~torch.utils.data.DistributedSampler`
+    (Lightning keeps a DistributedSampler it is given), one process included (1 replica):
+
+    - train: one permutation of the split per epoch (seeded by ``seed + epoch``, the same on every
+      rank and with any rank count), rank r taking its positions ``r, r + W, ...``; so with W
+      ranks of ``batch_size`` B, step i's batches together are exactly the batch i of one process
+      with batch size ``B x W`` when the split size is a multiple of ``B x W`` (otherwise the
+      sampler repeats up to W - 1 rows to even out the ranks, and the last step differs);
+    - val: contiguous order, sharded the same way; the module counts each row once
+      (:meth:`~.training.ClassifierModule.on_validation_epoch_end`).
+    """
+
+    def __init__(
+        self, splits: Mapping[str, TokenizedSplit], *, batch_size: int, seed: int, num_workers: int = 0
+    ) -> None:
+        super().__init__()
+        self.splits = splits
+        self.batch_size = batch_size
+        self.seed = seed
+        self.num_workers = num_workers
+
+    def _loader(self, split: str, *, shuffle: bool) -> torch.utils.data.DataLoader:
+        trainer = self.trainer
+        world = trainer.world_size if trainer is not None else 1
+        rank = trainer.global_rank if trainer is not None else 0
+        dataset = _SplitDataset(self.splits[split])
+        sampler = torch.utils.data.DistributedSampler(
+            dataset, num_replicas=world, rank=rank, shuffle=shuffle, seed=self.seed, drop_last=False
+        )
+        return torch.utils.data.DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            sampler=sampler,  # Lightning sets its epoch before each training epoch
+            collate_fn=collate_rows,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> torch.utils.data.DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> torch.utils.data.DataLoader:
+        return self._loader("val", shuffle=False)

@@ -1,0 +1,88 @@
+"""The finetune section (with its LoRA sub-section)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field, model_validator
+
+from bigmodel_ops.config._base import Fraction, PositiveInt, _Strict
+
+LORA_TARGETS = ["attn.qkv", "attn.proj", "mlp.fc", "mlp.proj"]
+
+
+class LoraParams(_Strict):
+    """LoRA adapters (finetune.method: lora), through peft."""
+
+    # Rank of the low-rank update of each targeted layer.
+    rank: PositiveInt = 8
+    # Scaling numerator: the update is multiplied by alpha / rank.
+    alpha: float = Field(default=16.0, gt=0.0)
+    # Dropout on the adapters' input.
+    dropout: float = Field(default=0.05, ge=0.0, lt=1.0)
+    # Linear layers of the backbone's blocks that get adapters: attn.qkv / attn.proj (attention),
+    # mlp.fc / mlp.proj (MLP), or any dotted suffix of a layer's name ("proj" = both projections).
+    # An entry that matches no layer is refused before training.
+    target_modules: list[str] = Field(default_factory=lambda: list(LORA_TARGETS), min_length=1)
+
+
+class FinetuneParams(_Strict):
+    max_epochs: PositiveInt = 3
+    batch_size: PositiveInt = 32
+    # Peak learning rate of the backbone (linear warmup, then linear decay to 0).
+    lr: float = Field(default=5e-4, gt=0.0, le=1.0)
+    # The classification head's learning rate is lr * head_lr_mult.
+    head_lr_mult: float = Field(default=1.0, gt=0.0, le=1000.0)
+    # Layer-wise LR decay: block i of n gets lr * layer_lr_decay ** (n - i), the embeddings
+    # lr * layer_lr_decay ** (n + 1); 1.0 turns it off.
+    layer_lr_decay: float = Field(default=1.0, gt=0.0, le=1.0)
+    # AdamW weight decay of the Linear matrices (never norms, biases or embeddings).
+    weight_decay: float = Field(default=0.01, ge=0.0)
+    # Dropout of the backbone and of the head.
+    dropout: Fraction = 0.1
+    # Fraction of the optimizer steps spent warming the learning rate up.
+    warmup_ratio: float = Field(default=0.1, ge=0.0, lt=1.0)
+    # Texts are truncated to this many tokens (at most the model's block_size).
+    max_length: PositiveInt = 128
+    # One vector per text for the head: cls (masked backbone), last (causal backbone), mean
+    # (either: the mean of the real tokens), auto = cls for masked, last for causal. Checked
+    # against the backbone's objective once the backbone is known.
+    pooling: Literal["auto", "cls", "mean", "last"] = "auto"
+    # Use the tune stage's best hyperparameters instead of the values above.
+    use_tuned: bool = True
+    # Freeze the pretrained backbone and train only the classification head.
+    freeze_backbone: bool = False
+    # Freeze the embeddings and the first k transformer blocks (0 = off; at most n_layer).
+    freeze_layers: int = Field(default=0, ge=0)
+    # Gradient-norm clipping; 0 turns it off.
+    grad_clip: float = Field(default=1.0, ge=0.0)
+    # Label smoothing of the training cross-entropy (val_loss stays the plain cross-entropy).
+    label_smoothing: float = Field(default=0.0, ge=0.0, lt=1.0)
+    # Class weights of the training loss: none, balanced (n / (k * count) on the train split), or
+    # one positive weight per label of prepare.labels, in that order.
+    class_weights: Literal["none", "balanced"] | list[Annotated[float, Field(gt=0.0)]] = "none"
+    # Train the same architecture from random init (seeded) instead of the pretrained weights.
+    from_scratch: bool = False
+    # scratch: also train the from-scratch control with the same recipe and report its val
+    # metrics (control_val_acc, ...) beside the pretrained classifier's; none: do not.
+    control: Literal["none", "scratch"] = "none"
+    # full: train every (unfrozen) weight; lora: LoRA adapters (peft), merged into the weights at
+    # export, so the exported model is the same plain classifier.
+    method: Literal["full", "lora"] = "full"
+    lora: LoraParams = LoraParams()
+    # Stop after this many epochs without a better val_acc; 0 or null = off. Either way the
+    # best epoch's weights (by val_acc) are exported, not the last epoch's.
+    early_stopping_patience: int | None = Field(default=0, ge=0)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> FinetuneParams:
+        if self.freeze_backbone and self.freeze_layers:
+            raise ValueError(
+                "freeze_backbone and freeze_layers are both set: freeze_backbone freezes everything, "
+                "freeze_layers the embeddings and the first k blocks; keep one"
+            )
+        if self.from_scratch and self.control == "scratch":
+            raise ValueError(
+                "control: scratch compares with a from-scratch model, but from_scratch is already true"
+            )
+        return self

@@ -1,0 +1,234 @@
+"""The tune section: the searchable fine-tuning settings, the search space and the study."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Literal
+
+from pydantic import ConfigDict, Field, RootModel, ValidationError, model_validator
+
+from bigmodel_ops.config._base import PositiveInt, _Strict
+from bigmodel_ops.config.finetune import FinetuneParams, LoraParams
+
+# The fine-tuning settings tune.search_space may draw, by the kind of distribution they take
+# (any setting also takes a categorical of valid values). Names are the `finetune` keys
+# (`lora.<key>` or `lora_<key>` for finetune.lora.<key>), the fields of
+# bigmodel_ops.classification.training.HyperParams (tests/test_tune_space.py keeps them in step).
+SEARCHABLE: dict[str, Literal["float", "int", "categorical"]] = {
+    "lr": "float",
+    "head_lr_mult": "float",
+    "layer_lr_decay": "float",
+    "weight_decay": "float",
+    "dropout": "float",
+    "warmup_ratio": "float",
+    "grad_clip": "float",
+    "label_smoothing": "float",
+    "batch_size": "int",
+    "freeze_layers": "int",
+    "early_stopping_patience": "int",
+    "pooling": "categorical",
+    "freeze_backbone": "categorical",
+    "class_weights": "categorical",  # none | balanced (a list of weights cannot be an Optuna choice)
+    "from_scratch": "categorical",
+    "method": "categorical",
+    "lora.rank": "int",
+    "lora.alpha": "float",
+    "lora.dropout": "float",
+}
+# HyperParams fields a trial cannot draw, and why.
+NOT_SEARCHABLE: dict[str, str] = {
+    "max_epochs": "a trial's budget is tune.max_epochs (and tune.train_fraction), the same for every trial",
+    "lora.target_modules": "a list cannot be an Optuna choice; set finetune.lora.target_modules",
+    "max_length": "texts are tokenised once for all trials; set finetune.max_length",
+}
+
+
+def setting_name(key: str) -> str:
+    """The canonical name of a fine-tuning setting: ``lora_rank`` -> ``lora.rank``."""
+    return f"lora.{key[5:]}" if key.startswith("lora_") else key
+
+
+def check_setting(key: str, value: Any) -> Any:
+    """``value`` validated as the fine-tuning setting ``key`` (strict types, the finetune schema's
+    ranges); ValueError naming the rule otherwise. Used by the search space and best_params."""
+    name = setting_name(key)
+    model, field = (LoraParams, name[5:]) if name.startswith("lora.") else (FinetuneParams, name)
+    if field not in model.model_fields:
+        raise ValueError(f"{name!r} is not a fine-tuning setting")
+    try:
+        return getattr(model.model_validate({field: value}, strict=True), field)
+    except ValidationError as error:
+        problems = "; ".join(e["msg"] for e in error.errors() if tuple(e["loc"][:1]) == (field,))
+        raise ValueError(f"{json.dumps(value)} is not a valid {name}: {problems or error}") from None
+
+
+Choice = bool | int | float | str | None
+
+
+class Distribution(_Strict):
+    """One searched setting: ``{type: float, low, high, log}``, ``{type: int, low, high, log,
+    step}`` or ``{type: categorical, choices: [...]}``."""
+
+    type: Literal["float", "int", "categorical"]
+    low: int | float | None = None
+    high: int | float | None = None
+    log: bool = False
+    step: int | float | None = None
+    choices: list[Choice] | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Distribution:
+        if self.type == "categorical":
+            if not self.choices:
+                raise ValueError("a categorical needs at least one value in choices")
+            extra = [k for k in ("low", "high", "step") if getattr(self, k) is not None]
+            if extra or self.log:
+                raise ValueError(f"a categorical takes only choices (got {extra or ['log']})")
+            if len({json.dumps(c) for c in self.choices}) != len(self.choices):
+                raise ValueError(f"choices {self.choices} repeat a value")
+            return self
+        if self.choices is not None:
+            raise ValueError(f"a {self.type} range takes low/high, not choices")
+        if self.low is None or self.high is None:
+            raise ValueError(f"a {self.type} range needs low and high")
+        if self.type == "int":
+            for key in ("low", "high", "step"):
+                value = getattr(self, key)
+                if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                    raise ValueError(f"{key} of an int range must be an integer, got {value!r}")
+        if self.low > self.high:
+            raise ValueError(f"low ({self.low}) is above high ({self.high})")
+        if self.log and self.low <= 0:
+            raise ValueError(
+                f"low is {self.low}: a log-scaled range needs low > 0 (a log range cannot go through 0)"
+            )
+        if self.step is not None:
+            if self.step <= 0:
+                raise ValueError(f"step must be > 0, got {self.step}")
+            if self.log and self.step != 1:
+                raise ValueError("a log-scaled range takes no step (Optuna refuses both)")
+        return self
+
+    def values_to_check(self) -> list[Any]:
+        return list(self.choices) if self.type == "categorical" else [self.low, self.high]
+
+
+DEFAULT_SEARCH_SPACE: dict[str, dict[str, Any]] = {
+    "lr": {"type": "float", "low": 1e-4, "high": 3e-3, "log": True},
+    "dropout": {"type": "float", "low": 0.0, "high": 0.3},
+    "weight_decay": {"type": "float", "low": 0.0, "high": 0.1},
+    "batch_size": {"type": "categorical", "choices": [16, 32]},
+}
+
+
+class SearchSpace(RootModel[dict[str, Distribution]]):
+    """tune.search_space: fine-tuning setting -> distribution (see :data:`SEARCHABLE`)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    @model_validator(mode="after")
+    def _known_settings(self) -> SearchSpace:
+        if not self.root:
+            raise ValueError(
+                "tune.search_space is empty: declare at least one fine-tuning setting to search, "
+                "e.g. lr: {type: float, low: 1.0e-4, high: 3.0e-3, log: true}"
+            )
+        seen: dict[str, str] = {}
+        for key, dist in self.root.items():
+            where = f"tune.search_space.{key}"
+            name = setting_name(key)
+            if name in seen:
+                raise ValueError(f"{where}: the same setting as tune.search_space.{seen[name]}")
+            seen[name] = key
+            if name in NOT_SEARCHABLE:
+                raise ValueError(f"{where}: not searchable: {NOT_SEARCHABLE[name]}")
+            kind = SEARCHABLE.get(name)
+            if kind is None:
+                raise ValueError(
+                    f"{where}: unknown fine-tuning setting {key!r}; searchable: {sorted(SEARCHABLE)}"
+                )
+            if dist.type != "categorical" and dist.type != kind:
+                allowed = "a categorical" if kind == "categorical" else f"type {kind} or categorical"
+                raise ValueError(f"{where}: type {dist.type} does not fit {name} (takes {allowed})")
+            for value in dist.values_to_check():
+                try:
+                    check_setting(name, value)
+                except ValueError as error:
+                    raise ValueError(f"{where}: {error}") from None
+        return self
+
+    def items(self):
+        return self.root.items()
+
+    def names(self) -> list[str]:
+        """The canonical names of the searched settings (``lora.rank``, not ``lora_rank``)."""
+        return [setting_name(k) for k in self.root]
+
+
+class TuneParams(_Strict):
+    n_trials: PositiveInt = 4
+    timeout_s: PositiveInt | None = None
+    # tpe: multivariate TPE with a constant liar; random; cmaes (CMA-ES: categorical settings are
+    # drawn independently, at random); gp: Optuna's Gaussian-process sampler. Seeded by project.seed.
+    sampler: Literal["tpe", "random", "cmaes", "gp"] = "tpe"
+    # Random trials before a model-based sampler (tpe, cmaes, gp) starts; null = Optuna's default.
+    sampler_startup_trials: int | None = Field(default=None, ge=0)
+    # median | hyperband | successive_halving | threshold (needs prune_threshold) | none. Every
+    # pruner acts on the reports of the validation subset every report_every_n_steps steps.
+    pruner: Literal["median", "hyperband", "successive_halving", "threshold", "none"] = "median"
+    # Optuna storage URL (SQLAlchemy, e.g. postgresql://... for workers on many machines); None =
+    # a journal file in the stage's output folder (workers on one machine). `--storage` overrides.
+    storage: str | None = None
+    # Worker processes on the study (`bigmodel-ops tune --workers N` overrides); the study runs
+    # exactly n_trials trials whatever their number.
+    workers: PositiveInt = 1
+    # Liveness of running trials: each worker records a heartbeat every heartbeat_interval_s; a
+    # RUNNING trial silent for more than grace_period_s is failed and retried (at most
+    # max_retry times) with the same parameters.
+    heartbeat_interval_s: PositiveInt = 5
+    grace_period_s: PositiveInt = 30
+    max_retry: int = Field(default=2, ge=0)
+    # Epochs of fine-tuning per trial (the full val split is measured at each epoch's end).
+    max_epochs: PositiveInt = 2
+    # Fraction of the training batches each trial epoch sees (Lightning's limit_train_batches):
+    # ranking hyperparameters on a subsample is the usual way to afford more trials.
+    # Validation always uses the whole val split, so trials stay comparable.
+    train_fraction: float = Field(default=1.0, gt=0.0, le=1.0)
+    search_space: SearchSpace = Field(
+        default_factory=lambda: SearchSpace.model_validate(DEFAULT_SEARCH_SPACE)
+    )
+    # The objective and the value the pruner watches: val_acc is maximised, val_loss minimised.
+    metric: Literal["val_acc", "val_loss"] = "val_acc"
+    # Every this many optimizer steps a trial measures `metric` on a fixed, seeded subset of the
+    # val split (report_val_fraction of it) and reports it to the pruner. The objective (the
+    # trial's final value) is measured on the whole val split.
+    report_every_n_steps: PositiveInt = 10
+    report_val_fraction: float = Field(default=0.25, gt=0.0, le=1.0)
+    # For pruner: threshold.
+    prune_threshold: float | None = None
+    # Trials the median pruner lets finish before it prunes any (Optuna's default of 5 would
+    # never prune a study of a few trials).
+    pruner_startup_trials: int = Field(default=2, ge=0)
+    # median / threshold: no pruning before this optimizer step (early reports are noisy).
+    pruner_warmup_steps: int = Field(default=0, ge=0)
+    # hyperband / successive_halving, in optimizer steps: the first rung (null =
+    # report_every_n_steps), the most a trial runs (hyperband; "auto": the steps of the first
+    # complete trial) and the reduction factor.
+    min_resource: PositiveInt | None = None
+    max_resource: PositiveInt | Literal["auto"] = "auto"
+    reduction_factor: int = Field(default=3, ge=2)
+
+    @model_validator(mode="after")
+    def _threshold_is_set(self) -> TuneParams:
+        if self.pruner == "threshold" and self.prune_threshold is None:
+            raise ValueError("pruner 'threshold' needs prune_threshold")
+        if self.grace_period_s <= self.heartbeat_interval_s:
+            raise ValueError(
+                f"grace_period_s ({self.grace_period_s}) must be above heartbeat_interval_s "
+                f"({self.heartbeat_interval_s}): a live worker would look dead between two heartbeats"
+            )
+        if isinstance(self.max_resource, int) and self.max_resource < (self.min_resource or 1):
+            raise ValueError(
+                f"max_resource ({self.max_resource}) is below min_resource ({self.min_resource})"
+            )
+        return self
