@@ -174,3 +174,40 @@ def test_workers_must_be_positive(tmp_path: Path, monkeypatch, capsys, workers: 
     with pytest.raises(SystemExit):
         main(["tune", "--workers", workers])
     assert f"--workers must be at least 1, got {workers}" in capsys.readouterr().err
+
+
+def test_client_run_buffers_trial_logging_and_writes_it_at_the_end(tmp_path):
+    """A worker's trial run writes its reports in batches: nothing per report while the
+    buffer is young, everything (metrics on their steps, tags, the final status) when the
+    run ends, also when the trial fails; a zero interval writes each call at once."""
+    from bigmodel_ops.tuning.workers import ClientRun
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.create_experiment("buffered")
+    parent = ClientRun(client, client.create_run(experiment, run_name="tune").info.run_id, flush_every_s=3600)
+
+    with parent.child_run("trial-0") as child:
+        for step in (10, 20, 30):
+            child.log_metrics({"tune/val_acc_subset": step / 100}, step=step)
+        child.set_tags({"optuna.state": "COMPLETE"})
+        assert client.get_metric_history(child.run_id, "tune/val_acc_subset") == []
+        assert "optuna.state" not in client.get_run(child.run_id).data.tags
+    run = client.get_run(child.run_id)
+    history = client.get_metric_history(child.run_id, "tune/val_acc_subset")
+    assert [(m.step, m.value) for m in history] == [(10, 0.1), (20, 0.2), (30, 0.3)]
+    assert run.data.tags["optuna.state"] == "COMPLETE"
+    assert run.data.tags["mlflow.parentRunId"] == parent.run_id
+    assert run.info.status == "FINISHED"
+
+    with pytest.raises(ValueError, match="diverged"), parent.child_run("trial-1") as failing:
+        failing.log_metrics({"tune/val_acc_subset": 0.5}, step=10)
+        raise ValueError("loss diverged")
+    run = client.get_run(failing.run_id)
+    assert run.info.status == "FAILED"
+    assert run.data.tags["bigmodel_ops.error"] == "ValueError: loss diverged"
+    assert [m.value for m in client.get_metric_history(failing.run_id, "tune/val_acc_subset")] == [0.5]
+
+    live = ClientRun(client, client.create_run(experiment, run_name="tune").info.run_id, flush_every_s=0)
+    with live.child_run("trial-2") as child:
+        child.log_metrics({"tune/val_acc_subset": 0.7}, step=10)
+        assert [m.value for m in client.get_metric_history(child.run_id, "tune/val_acc_subset")] == [0.7]

@@ -169,16 +169,32 @@ class ClientRun:
     process logs its trial runs with (``child_run`` nests them under ``run_id``, the stage's
     ``tune`` run, which the stage process owns and ends). Same methods as the stage run's
     handle that the objective uses: ``run_id``, ``child_run``, ``log_params``, ``log_metrics``,
-    ``set_tags``."""
+    ``set_tags``.
+
+    Metrics and tags are buffered and written in one ``log_batch`` at most every ``flush_every_s``
+    seconds and when the run ends, so a short trial costs a handful of store writes, not one per
+    report; a long trial still shows its reports while it runs. A worker killed with SIGKILL loses
+    at most the last ``flush_every_s`` seconds of them (its trial is failed and retried anyway).
+    """
 
     def __init__(
-        self, client: Any, run_id: str, *, run_name: str = "tune", tags: Mapping[str, Any] = ()
+        self,
+        client: Any,
+        run_id: str,
+        *,
+        run_name: str = "tune",
+        tags: Mapping[str, Any] = (),
+        flush_every_s: float = 10.0,
     ) -> None:
         self.client = client
         self.run_id = run_id
         self.run_name = run_name
+        self.flush_every_s = flush_every_s
         self._tags = dict(tags)
         self._experiment_id: str | None = None
+        self._metrics: list[Any] = []
+        self._pending_tags: dict[str, str] = {}
+        self._flushed = time.monotonic()
 
     def log_params(self, values: Mapping[str, Any]) -> None:
         from mlflow.entities import Param
@@ -191,15 +207,29 @@ class ClientRun:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        metrics = [Metric(str(k), float(v), now, int(step)) for k, v in values.items()]
-        if metrics:
-            self.client.log_batch(self.run_id, metrics=metrics)
+        self._metrics.extend(Metric(str(k), float(v), now, int(step)) for k, v in values.items())
+        self._flush_if_due()
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
+        self._pending_tags.update({str(k): str(v)[:5000] for k, v in tags.items()})
+        self._flush_if_due()
+
+    def _flush_if_due(self) -> None:
+        if time.monotonic() - self._flushed >= self.flush_every_s:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the buffered metrics and tags (MLflow takes at most 1000 metrics and 100 tags
+        per batch)."""
         from mlflow.entities import RunTag
 
-        if tags:
-            self.client.log_batch(self.run_id, tags=[RunTag(str(k), str(v)[:5000]) for k, v in tags.items()])
+        metrics, self._metrics = self._metrics, []
+        tags = [RunTag(k, v) for k, v in self._pending_tags.items()]
+        self._pending_tags = {}
+        self._flushed = time.monotonic()
+        while metrics or tags:
+            self.client.log_batch(self.run_id, metrics=metrics[:1000], tags=tags[:100])
+            metrics, tags = metrics[1000:], tags[100:]
 
     @contextlib.contextmanager
     def child_run(
@@ -210,7 +240,8 @@ class ClientRun:
         finished_on: tuple[type[BaseException], ...] = (),
     ) -> Iterator[ClientRun]:
         """A nested run ``<run_name>/<name>``; FINISHED, or FAILED / KILLED on an exception
-        (re-raised), or FINISHED with ``bigmodel_ops.outcome`` for an exception in ``finished_on``."""
+        (re-raised), or FINISHED with ``bigmodel_ops.outcome`` for an exception in ``finished_on``.
+        Its buffered metrics and tags are written before it ends, whatever the outcome."""
         if self._experiment_id is None:
             self._experiment_id = self.client.get_run(self.run_id).info.experiment_id
         run_name = f"{self.run_name}/{name}"
@@ -223,7 +254,9 @@ class ClientRun:
         created = self.client.create_run(
             self._experiment_id, run_name=run_name, tags={k: str(v) for k, v in child_tags.items()}
         )
-        child = ClientRun(self.client, created.info.run_id, run_name=run_name)
+        child = ClientRun(
+            self.client, created.info.run_id, run_name=run_name, flush_every_s=self.flush_every_s
+        )
         try:
             yield child
         except BaseException as error:
@@ -233,8 +266,10 @@ class ClientRun:
             else:
                 child.set_tags({"bigmodel_ops.error": f"{type(error).__name__}: {error}"[:1000]})
                 status = "KILLED" if isinstance(error, KeyboardInterrupt | SystemExit) else "FAILED"
+            child.flush()
             self.client.set_terminated(child.run_id, status=status)
             raise
+        child.flush()
         self.client.set_terminated(child.run_id, status="FINISHED")
 
 
