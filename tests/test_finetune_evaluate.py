@@ -19,7 +19,7 @@ from bigmodel_ops.config import parse_params
 from bigmodel_ops.errors import CheckpointError
 from bigmodel_ops.pipeline.evaluate import run as run_evaluate
 from bigmodel_ops.pipeline.finetune import run as run_finetune
-from bigmodel_ops.tracking.registry import promote_if_better, register_run_model
+from bigmodel_ops.tracking.registry import Gate, apply_gate, register_run_model
 from tests.helpers_finetune import LABELS, make_project, make_texts, tiny_params, write_split
 
 
@@ -28,6 +28,11 @@ def _run(client: MlflowClient, name: str):
     runs = client.search_runs([experiment.experiment_id], filter_string=f"attributes.run_name = '{name}'")
     assert len(runs) >= 1, name
     return runs[0]  # newest first
+
+
+def _gate(client: MlflowClient, *, version: int, value: float) -> tuple[bool, str]:
+    gate = Gate(metric="acc", min=0.5)
+    return apply_gate(client, name="g", version=version, gate=gate, metrics={"acc": value})
 
 
 def test_finetune_evaluate_register_and_gate(tmp_path: Path, monkeypatch, mlflow_store: str):
@@ -151,20 +156,12 @@ def test_promotion_gate_compares_with_the_current_champion(tmp_path: Path, mlflo
     ]
     assert [str(v.version) for v in versions] == ["1", "2", "3", "4"]
     assert versions[0].source.endswith("/model")
-    assert promote_if_better(
-        client, name="g", version=1, metric="acc", value=0.8, alias="champion", min_value=0.5
-    )[0]
-    promoted, reason = promote_if_better(
-        client, name="g", version=2, metric="acc", value=0.7, alias="champion", min_value=0.5
-    )
+    assert _gate(client, version=1, value=0.8)[0]
+    promoted, reason = _gate(client, version=2, value=0.7)
     assert not promoted and reason.startswith("failed: acc 0.7000 < champion v1 0.8000")
     assert str(client.get_model_version_by_alias("g", "challenger").version) == "2"
-    assert promote_if_better(
-        client, name="g", version=3, metric="acc", value=0.9, alias="champion", min_value=0.5
-    )[0]
-    assert promote_if_better(
-        client, name="g", version=4, metric="acc", value=0.9, alias="champion", min_value=0.5
-    )[0]  # a tie promotes
+    assert _gate(client, version=3, value=0.9)[0]
+    assert _gate(client, version=4, value=0.9)[0]  # a tie promotes
     assert str(client.get_model_version_by_alias("g", "champion").version) == "4"
     with pytest.raises(CheckpointError, match="run 0123abc not found in the tracking store"):
         register_run_model(client, run_id="0123abc", artifact_path="model", name="g")

@@ -139,7 +139,7 @@ def test_the_next_stage_reaps_a_dead_run_which_a_resume_brings_back(
 
     with tracked_run(parse_params(params), stage="tokenize"):
         reaped = client.get_run(dead_id)
-        assert reaper.was_reaped(reaped) and "is gone" in reaped.data.tags[reaper.REAP_TAG]
+        assert reaped.info.status == "FAILED" and "is gone" in reaped.data.tags[reaper.REAP_TAG]
     # A killed pretraining resumes into its own run: RUNNING again, then FINISHED, reason removed.
     with tracked_run(parse_params(params), stage="pretrain", resume_run_id=dead_id) as resumed:
         assert resumed.run_id == dead_id

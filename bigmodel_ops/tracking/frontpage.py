@@ -1,23 +1,12 @@
 """The pipeline parent run as the front page of a pipeline in the MLflow UI.
 
-- Headline metrics: when a stage finishes, the metrics named for it in
-  ``tracking.headline_metrics`` are copied from its run onto the parent as ``<stage>.<metric>``
-  (``evaluate.test_acc``); a new parent copies them from the runs that produced the outputs of the
-  stages DVC will skip (pipeline.py's registry), so every parent is complete.
-- Cost: the parent holds ``cost.device_hours``, ``cost.cpu_hours`` and ``cost.energy_kwh``, the
-  sums over the runs that produced its stages' outputs (the ``bigmodel_ops.stage_run.<stage>``
-  tags, reused stages included) of the ``cost/*`` metrics each training run logs
-  (:mod:`bigmodel_ops.cost`), a stage's child runs (tune's trials) included, and the tag
-  ``cost.energy_source`` (their sources); recomputed whenever a stage finishes (:func:`log_pipeline_cost`).
-- The runs table: a shared view of the experiment (:func:`set_table_view`) shows these metrics as
-  columns beside the Dataset column: :func:`table_url`.
-- Datasets: the parent records the prepared splits and the token shards (:data:`DATASETS`) as
-  MLflow dataset inputs whose digest is their ``dvc.lock`` md5. A stage logs those produced by
-  its ancestors in the stage graph: their dvc.lock entries are current once it runs.
-- The DAG: the stage graph of dvc.yaml (the edges ``dvc dag`` draws: a dep at or inside another
-  stage's output) as Mermaid text and a PNG, ``pipeline/dag.mmd`` and ``pipeline/dag.png``, each
-  stage marked ran (by this pipeline), reused (outputs of an earlier pipeline's run), failed,
-  killed or not run; rewritten at the end of every stage.
+When a stage finishes, the parent gets its headline metrics (``<stage>.<metric>``, those named
+in ``tracking.headline_metrics``; a new parent copies them from the runs of the stages DVC will
+skip), the recomputed cost sums of its stage runs (``cost.*``), and a redrawn DAG of dvc.yaml's
+stages (``pipeline/dag.mmd`` and ``pipeline/dag.png``, each stage marked ran, reused, failed,
+killed or not run). A shared view of the runs table shows those columns (:func:`table_url`), and
+the parent records the prepared splits and token shards (:data:`DATASETS`) as dataset inputs
+whose digest is their ``dvc.lock`` md5, once their producing stages have run.
 """
 
 from __future__ import annotations
@@ -35,11 +24,10 @@ from mlflow.tracking import MlflowClient
 
 from bigmodel_ops.cost import KEYS as COST_KEYS
 from bigmodel_ops.cost import SOURCE_TAG, Cost
-from bigmodel_ops.tracking.pipeline import STAGE_RUN_TAG
+from bigmodel_ops.tracking.pipeline import STAGE_FROM_TAG, STAGE_RUN_TAG
 
-VIEW_KEY = (
-    "bigmodel-ops"  # the runs table with the headline columns: /#/experiments/<id>/runs?viewStateShareKey=...
-)
+# The runs table with the headline columns: /#/experiments/<id>/runs?viewStateShareKey=<VIEW_KEY>
+VIEW_KEY = "bigmodel-ops"
 DATASETS = {"outputs/prepared": ("prepared", "training"), "outputs/shards": ("shards", "pretraining")}
 DAG_DIR = "pipeline"
 _COLOURS = {
@@ -51,23 +39,20 @@ _COLOURS = {
 }
 
 
-def headline(metrics: Mapping[str, float], stage: str, wanted: Mapping[str, list[str]]) -> dict[str, float]:
-    """``{<stage>.<metric>: value}`` for the metrics of ``stage`` named in ``wanted`` (missing ones skipped)."""
-    return {f"{stage}.{key}": float(metrics[key]) for key in wanted.get(stage, []) if key in metrics}
-
-
 def copy_headline(
     client: MlflowClient, *, parent_id: str, runs: Mapping[str, str], wanted: Mapping[str, list[str]]
 ) -> dict[str, float]:
-    """Copy the headline metrics of ``runs`` ({stage: run id}) onto the parent; returns them.
-    A run that cannot be read (deleted, another store) contributes nothing."""
+    """Copy the metrics named in ``wanted`` of ``runs`` ({stage: run id}) onto the parent as
+    ``<stage>.<metric>`` and return them; a missing metric, or a run that cannot be read (deleted,
+    another store), contributes nothing."""
     values: dict[str, float] = {}
     for stage, run_id in runs.items():
         if wanted.get(stage):
             try:
-                values.update(headline(client.get_run(run_id).data.metrics, stage, wanted))
+                metrics = client.get_run(run_id).data.metrics
             except Exception:  # noqa: BLE001 - a missing run only leaves a gap on the front page
                 continue
+            values.update({f"{stage}.{key}": float(metrics[key]) for key in wanted[stage] if key in metrics})
     now = int(time.time() * 1000)
     if values:
         client.log_batch(parent_id, metrics=[Metric(k, v, now, 0) for k, v in values.items()])
@@ -84,33 +69,24 @@ def run_cost(client: MlflowClient, run_id: str) -> Cost | None:
     run = client.get_run(run_id)
     runs, token = [run], None
     while True:
-        page = client.search_runs(
-            [run.info.experiment_id],
-            filter_string=f"tags.`mlflow.parentRunId` = '{run_id}'",
-            max_results=1000,
-            page_token=token,
-        )
+        children = f"tags.`mlflow.parentRunId` = '{run_id}'"
+        page = client.search_runs([run.info.experiment_id], children, max_results=1000, page_token=token)
         runs.extend(page)
-        token = page.token
-        if not token:
+        if not (token := page.token):
             break
     costs = [Cost.from_metrics(r.data.metrics, r.data.tags.get(SOURCE_TAG, "")) for r in runs]
     found = [c for c in costs if c is not None]
     return sum(found[1:], found[0]) if found else None
 
 
-def stage_runs(client: MlflowClient, parent_id: str) -> dict[str, str]:
-    """{stage: run id} of the runs that produced the parent's stages (its stage_run tags)."""
-    tags = client.get_run(parent_id).data.tags
-    return {k[len(STAGE_RUN_TAG) :]: v for k, v in sorted(tags.items()) if k.startswith(STAGE_RUN_TAG)}
-
-
 def log_pipeline_cost(client: MlflowClient, *, parent_id: str) -> Cost | None:
-    """Log onto the parent the sums of its stage runs' costs (:func:`run_cost` of each run in
-    :func:`stage_runs`; a run that cannot be read counts nothing); returns them, None (nothing
-    logged) when no stage run has a cost."""
+    """Log onto the parent the sums of the costs (:func:`run_cost`) of the runs that produced its
+    stages (its ``stage_run.<stage>`` tags, reused stages included; a run that cannot be read counts
+    nothing), and the tag ``cost.energy_source``; returns them, None (nothing logged) when no stage
+    run has a cost."""
     costs = []
-    for run_id in stage_runs(client, parent_id).values():
+    parent_tags = client.get_run(parent_id).data.tags
+    for _, run_id in sorted((k, v) for k, v in parent_tags.items() if k.startswith(STAGE_RUN_TAG)):
         try:
             found = run_cost(client, run_id)
         except Exception:  # noqa: BLE001 - a deleted run only leaves out its cost
@@ -206,7 +182,7 @@ def marks(
     ending now (``current``: stage, status) failed / killed when it did not finish."""
     result = {}
     for stage in stages:
-        source = parent_tags.get(f"bigmodel_ops.stage_from.{stage}")
+        source = parent_tags.get(STAGE_FROM_TAG + stage)
         result[stage] = "not run" if source is None else "ran" if source == pipeline_id else "reused"
     stage, status = current
     if stage in result and status in ("FAILED", "KILLED"):
@@ -216,17 +192,12 @@ def marks(
 
 def mermaid(stages: list[str], edges: set[tuple[str, str]], stage_marks: Mapping[str, str]) -> str:
     lines = ["flowchart TD"]
-    lines += [
-        f'    {s}["{s} ({stage_marks.get(s, "not run")})"]:::{_css(stage_marks.get(s, "not run"))}'
-        for s in stages
-    ]
+    for s in stages:
+        mark = stage_marks.get(s, "not run")
+        lines.append(f'    {s}["{s} ({mark})"]:::{mark.replace(" ", "_")}')
     lines += [f"    {a} --> {b}" for a, b in sorted(edges)]
-    lines += [f"    classDef {_css(mark)} fill:{colour}" for mark, colour in _COLOURS.items()]
+    lines += [f"    classDef {mark.replace(' ', '_')} fill:{colour}" for mark, colour in _COLOURS.items()]
     return "\n".join(lines) + "\n"
-
-
-def _css(mark: str) -> str:
-    return mark.replace(" ", "_")
 
 
 def render_png(

@@ -30,7 +30,7 @@ from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_TAG_VAL_LENGTH
 from bigmodel_ops.config import flatten
 from bigmodel_ops.tracking.scrub import Scrubber
 from bigmodel_ops.tracking.spool import is_offline_id
-from bigmodel_ops.tracking.store import TrackingOfflineWarning, dataset_input
+from bigmodel_ops.tracking.store import TrackingOfflineWarning
 from bigmodel_ops.tracking.transport import LogSender, NullTransport, SenderStats
 
 _logger = logging.getLogger(__name__)
@@ -214,9 +214,7 @@ class StageRun:
                 "profile": json.dumps(dict(profile)) if profile else None,
             },
         }
-        self._transport.call(
-            self._run_id, lambda rid: self.client.log_inputs(rid, [dataset_input(record)]), record
-        )
+        self._transport.call(self._run_id, record)
 
     def log_model_dir(
         self,

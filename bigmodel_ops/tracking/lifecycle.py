@@ -1,18 +1,11 @@
 """The lifecycle of one stage run (rank 0), as :class:`StageLifecycle`'s methods top to bottom.
 
-- ``open``: end the experiment's dead runs (``reap_dead_runs``, reaper.py); re-attach to
-  ``resume_run_id`` (status back to RUNNING; an unknown id starts a new run with a warning), or
-  create the run with MLflow's context tags, lineage (lineage.py) and host/PID/heartbeat tags
-  under the pipeline version's parent run (``attach_to_parent``, pipeline.py: found, or created
-  with all params and the headline metrics and cost of the stages it reuses); record the parent's datasets
-  (``log_datasets``, frontpage.py); start the heartbeat; export the run id as
-  ``BIGMODEL_OPS_RUN_ID`` to the processes the stage starts. Everything logged is scrubbed of
-  secrets first (scrub.py), queued (transport.py), and spooled during an outage (spool.py; a run
-  started during one gets a placeholder id ``offline-...``).
-- ``finish`` / ``fail`` / ``kill``: stop the heartbeat and system metrics, end the run, give the
-  parent the same status; a finished stage becomes the producer of its outputs (parent tags and
-  ``.bigmodel_ops/stage_runs.json``) and copies its headline metrics onto the parent, whose cost
-  sums are recomputed and whose DAG artifact is redrawn (frontpage.py).
+``open`` ends dead runs (reaper.py), re-attaches to ``resume_run_id`` or creates the run under the
+pipeline version's parent (pipeline.py), records the parent's datasets (frontpage.py), starts the
+heartbeat and exports the run id as ``BIGMODEL_OPS_RUN_ID``. ``end`` stops the heartbeat and
+system metrics, ends the run and gives the parent the same status; a finished stage becomes the
+producer of its outputs and updates the parent's front page. A run started during an outage
+gets a placeholder id ``offline-...`` (spool.py).
 """
 
 from __future__ import annotations
@@ -47,7 +40,7 @@ def tracking_uri(tracking: TrackingParams) -> str:
 
 
 class StageLifecycle:
-    """One stage run of rank 0: ``open``, then one of ``finish``, ``fail`` or ``kill``."""
+    """One stage run of rank 0: ``open``, then ``end``."""
 
     def __init__(
         self,
@@ -128,11 +121,15 @@ class StageLifecycle:
         self.heartbeat = reaper.Heartbeat(self.run, self.tracking.heartbeat_interval_s)
         return self.run
 
+    def _experiment_id(self) -> str | None:
+        """The experiment's id; None while the store is unreachable."""
+        experiment_id = self.sender.experiment_id(self.experiment, self.location)
+        return None if self.sender.offline else experiment_id
+
     def reap_dead_runs(self, *, resuming: str | None) -> None:
         """End FAILED the runs of this experiment whose heartbeat is stale and whose process is
         gone (reaper.py), but the run being resumed. Never stops the stage."""
-        experiment_id = self.sender.experiment_id(self.experiment, self.location)
-        if experiment_id is None or self.sender.offline:
+        if (experiment_id := self._experiment_id()) is None:
             return
         try:
             stale_s = self.tracking.heartbeat_stale_s
@@ -150,8 +147,7 @@ class StageLifecycle:
         """The pipeline version's parent run, found (status back to RUNNING) or created (with all
         params, the headline metrics and the cost of the stages it reuses); None while the store is
         unreachable."""
-        experiment_id = self.sender.experiment_id(self.experiment, self.location)
-        if experiment_id is None or self.sender.offline:
+        if (experiment_id := self._experiment_id()) is None:
             return None
         root = self.root or Path.cwd()
         client = self.sender.client
@@ -166,10 +162,8 @@ class StageLifecycle:
             if created:
                 self._handle(parent_id).log_params(self.params)
                 reused = {stage: str(e.get("run_id")) for stage, e in pipeline.read_registry(root).items()}
-                wanted = self.tracking.headline_metrics
-                frontpage.copy_headline(client, parent_id=parent_id, runs=reused, wanted=wanted)
-                _log_pipeline_cost(client, parent_id)
-                frontpage.set_table_view(client, experiment_id, wanted)
+                self._copy_to_parent(parent_id, reused)
+                frontpage.set_table_view(client, experiment_id, self.tracking.headline_metrics)
             else:
                 client.update_run(parent_id, status="RUNNING")
         except Exception as error:
@@ -211,7 +205,7 @@ class StageLifecycle:
             client.log_batch(rid, tags=[RunTag(k, v) for k, v in now.items()])
 
         try:
-            self.sender.call(real, running, {"op": "update", "status": "RUNNING"})
+            self.sender.call(real, {"op": "update", "status": "RUNNING"}, running)
             return real
         except Exception as error:
             warnings.warn(
@@ -233,19 +227,21 @@ class StageLifecycle:
             self.sender, run_id=run_id, run_name="", stage="", experiment="", scrubber=self.scrubber
         )
 
+    def _copy_to_parent(self, parent_id: str, runs: dict[str, str]) -> None:
+        """The headline metrics of ``runs`` ({stage: run id}) and the recomputed cost sums onto the
+        parent (frontpage.py); a failure of the cost only warns."""
+        client = self.sender.client
+        frontpage.copy_headline(client, parent_id=parent_id, runs=runs, wanted=self.tracking.headline_metrics)
+        try:
+            frontpage.log_pipeline_cost(client, parent_id=parent_id)
+        except Exception as error:  # noqa: BLE001 - the front page must not stop a stage
+            _logger.warning("could not sum the cost of pipeline run %s: %s", parent_id, error)
+
     # ---- end ----------------------------------------------------------------------------------
 
-    def finish(self, error: BaseException | None = None) -> None:
-        """A normal end (``error``: an exception that counts as one, recorded as the outcome)."""
-        self._end("FINISHED", error)
-
-    def fail(self, error: BaseException) -> None:
-        self._end("FAILED", error)
-
-    def kill(self, error: BaseException) -> None:
-        self._end("KILLED", error)
-
-    def _end(self, status: str, error: BaseException | None) -> None:
+    def end(self, status: str, error: BaseException | None = None) -> None:
+        """End the run FINISHED, FAILED or KILLED (``error``: what ended it; with FINISHED, an
+        exception that counts as a normal end, recorded as the outcome)."""
         try:
             if self.heartbeat is not None:
                 self.heartbeat.stop()
@@ -261,7 +257,7 @@ class StageLifecycle:
                     f"{spool.count_records()} record(s) of run {self.run._run_id} remain in {spool.directory}; "
                     "the next stage run replays them"
                 )
-                warnings.warn(message, TrackingOfflineWarning, stacklevel=4)
+                warnings.warn(message, TrackingOfflineWarning, stacklevel=3)
                 _logger.warning(message)
         finally:
             if self._exported is None:
@@ -284,11 +280,7 @@ class StageLifecycle:
                         run_id=real,
                         pipeline_id=self.pipeline_id,
                     )
-                    wanted = self.tracking.headline_metrics
-                    frontpage.copy_headline(
-                        client, parent_id=self.parent_id, runs={self.stage: real}, wanted=wanted
-                    )
-                    _log_pipeline_cost(client, self.parent_id)
+                    self._copy_to_parent(self.parent_id, {self.stage: real})
                 if self.root is not None and self.sender.reachable():
                     frontpage.log_dag(
                         self.sender,
@@ -303,14 +295,6 @@ class StageLifecycle:
         if finished and self.root is not None:
             with contextlib.suppress(OSError):
                 pipeline.record_stage(self.root, stage=self.stage, run_id=real, pipeline_id=self.pipeline_id)
-
-
-def _log_pipeline_cost(client: MlflowClient, parent_id: str) -> None:
-    """The parent's cost sums (frontpage.log_pipeline_cost); a failure only warns."""
-    try:
-        frontpage.log_pipeline_cost(client, parent_id=parent_id)
-    except Exception as error:  # noqa: BLE001 - the front page must not stop a stage
-        _logger.warning("could not sum the cost of pipeline run %s: %s", parent_id, error)
 
 
 def _artifact_location(location: str, uri: str) -> str | None:

@@ -46,10 +46,10 @@ class LineageWarning(UserWarning):
     """Lineage could not be (fully) computed; the run continues without some tags."""
 
 
-def find_project_root(start: Path | None = None) -> Path | None:
+def find_project_root() -> Path | None:
     """The project root by the rule in the module docstring, or None outside a project."""
     env_root = os.environ.get("DVC_ROOT")
-    here = (start or Path.cwd()).resolve()
+    here = Path.cwd().resolve()
     candidates = ([Path(env_root).resolve()] if env_root else []) + [here, *here.parents]
     return next((p for p in candidates if (p / "dvc.yaml").is_file() and (p / "params.yaml").is_file()), None)
 

@@ -81,9 +81,10 @@ def find_or_create_parent(
         found = _search(client, experiment_id, pipeline_id)
         if found:
             return found[0].info.run_id, False
-        parent_tags = {k: v for k, v in tags.items() if not k.startswith("bigmodel_ops.dep.")}
-        parent_tags.pop("bigmodel_ops.stage", None)
-        parent_tags.pop("bigmodel_ops.params_hash", None)
+        stage_tags = ("bigmodel_ops.stage", "bigmodel_ops.params_hash")  # the stage's, not the pipeline's
+        parent_tags = {
+            k: v for k, v in tags.items() if not k.startswith("bigmodel_ops.dep.") and k not in stage_tags
+        }
         parent_tags.update({PIPELINE_TAG: pipeline_id, ROLE_TAG: "pipeline"})
         for stage, entry in read_registry(root).items():
             if isinstance(entry, dict) and entry.get("run_id"):

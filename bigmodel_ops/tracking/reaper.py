@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import os
 import socket
 import threading
@@ -65,11 +66,6 @@ class Heartbeat:
         self._thread.join(timeout=5)
 
 
-def was_reaped(run: Any) -> bool:
-    """True for a run the reaper ended (FAILED, with a reason tag): it may be resumed."""
-    return run.info.status == "FAILED" and REAP_TAG in run.data.tags
-
-
 def process_gone(pid: int, start: float | None) -> bool:
     """True when no live process ``pid`` started at ``start`` (seconds since the epoch) exists."""
     try:
@@ -98,28 +94,23 @@ def judge(run: Any, *, stale_s: float, other_hosts: bool, now_ms: int) -> Verdic
     tags = run.data.tags
     if PID_TAG not in tags:
         return None
+    verdict = functools.partial(Verdict, run.info.run_id, run.info.run_name)
     try:
         pid, beat = int(tags[PID_TAG]), int(tags.get(HEARTBEAT_TAG) or run.info.start_time or 0)
         start = float(tags[PID_START_TAG]) if tags.get(PID_START_TAG) else None
     except ValueError:
-        return Verdict(run.info.run_id, run.info.run_name, False, "unreadable pid/heartbeat tags: left alone")
+        return verdict(False, "unreadable pid/heartbeat tags: left alone")
     age_s = (now_ms - beat) / 1000
     host = tags.get(HOST_TAG, "?")
     where = f"process {pid} on {host}"
     if age_s <= stale_s:
-        return Verdict(run.info.run_id, run.info.run_name, False, f"{where}: heartbeat {age_s:.0f}s ago")
-    if host != socket.gethostname():
-        if not other_hosts:
-            reason = f"{where}: heartbeat {age_s:.0f}s ago, another host (reap with --other-hosts)"
-            return Verdict(run.info.run_id, run.info.run_name, False, reason)
-        gone = True
-    else:
-        gone = process_gone(pid, start)
-    if not gone:
-        reason = f"{where} still alive (heartbeat {age_s:.0f}s ago): left alone"
-        return Verdict(run.info.run_id, run.info.run_name, False, reason)
+        return verdict(False, f"{where}: heartbeat {age_s:.0f}s ago")
+    if host != socket.gethostname() and not other_hosts:
+        return verdict(False, f"{where}: heartbeat {age_s:.0f}s ago, another host (reap with --other-hosts)")
+    if host == socket.gethostname() and not process_gone(pid, start):
+        return verdict(False, f"{where} still alive (heartbeat {age_s:.0f}s ago): left alone")
     reason = f"{where} is gone and its last heartbeat was {age_s:.0f}s ago (stale after {stale_s:g}s)"
-    return Verdict(run.info.run_id, run.info.run_name, True, reason)
+    return verdict(True, reason)
 
 
 def reap(
@@ -157,9 +148,10 @@ def _end(client: MlflowClient, run: Any, reason: str) -> None:
 
 def _end_family(client: MlflowClient, running: dict[str, Any], verdict: Verdict) -> None:
     """End the RUNNING children of a reaped run, and its parent when none of its children runs."""
-    children = [r for r in running.values() if r.data.tags.get("mlflow.parentRunId") == verdict.run_id]
-    for child in children:
-        _end(client, child, f"its run {verdict.run_name} ({verdict.run_id}) was reaped: {verdict.reason}")
+    reaped = f"{verdict.run_name} ({verdict.run_id}) was reaped: {verdict.reason}"
+    for child in running.values():
+        if child.data.tags.get("mlflow.parentRunId") == verdict.run_id:
+            _end(client, child, f"its run {reaped}")
     parent_id = running[verdict.run_id].data.tags.get("mlflow.parentRunId")
     if parent_id is None or parent_id not in running:
         return
@@ -168,8 +160,4 @@ def _end_family(client: MlflowClient, running: dict[str, Any], verdict: Verdict)
         f"tags.`mlflow.parentRunId` = '{parent_id}' and attributes.status = 'RUNNING'",
     )
     if not [s for s in siblings if s.info.run_id != verdict.run_id]:
-        _end(
-            client,
-            running[parent_id],
-            f"stage run {verdict.run_name} ({verdict.run_id}) was reaped: {verdict.reason}",
-        )
+        _end(client, running[parent_id], f"stage run {reaped}")

@@ -1,24 +1,18 @@
-"""Model Registry helpers: register a run's model, tag where it came from, promote it past a gate.
-
-Aliases, not the deprecated stages. Every helper takes an ``MlflowClient`` so they work with any
-tracking / registry store.
-
-- :func:`check_labels`: refuse to add a version to a registered model whose latest version was
-  trained on other labels (``labels`` tag);
-- :func:`register_run_model`: a run's logged model as a new version;
-- :func:`run_lineage`: the tags that lead from a version back to what produced it (git commit,
-  pipeline id, dvc.lock md5s of the data, the stage runs of the pipeline);
-- :func:`apply_gate` (:class:`Gate`): every new version gets the challenger alias, one that passes
-  the gate the champion alias too, and the reason is written on the version (tag + description).
+"""Model Registry helpers: register a run's model (:func:`register_run_model`, guarded by
+:func:`check_labels`), tag where it came from (:func:`run_lineage`), promote it past a gate
+(:func:`apply_gate`). Aliases, not the deprecated stages; every helper takes an ``MlflowClient``,
+so they work with any tracking / registry store.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,31 +21,27 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from bigmodel_ops.errors import CheckpointError, ConfigError
+from bigmodel_ops.tracking.pipeline import STAGE_RUN_TAG
 
 _logger = logging.getLogger(__name__)
 
-MLMODEL_FILE = "MLmodel"
 LABELS_TAG = "labels"
 _LINEAGE = "bigmodel_ops."
-_STAGE_RUN_TAG = "bigmodel_ops.stage_run."  # set on the pipeline parent run (tracking/pipeline.py)
 _CODE_DEPS = ("bigmodel_ops/", "stages/")  # code is versioned by the git commit, not as data
 
 
 def _logged_model_id(client: MlflowClient, *, run_id: str, experiment_id: str, name: str) -> str | None:
     """The newest MLflow 3 LoggedModel named ``name`` whose source run is ``run_id``, if any."""
-    found = []
-    page_token = None
+    found, page_token = [], None
     while True:
         page = client.search_logged_models(
             experiment_ids=[experiment_id], filter_string=f"name = '{name}'", page_token=page_token
         )
         found.extend(m for m in page if m.source_run_id == run_id)
-        page_token = page.token
-        if not page_token:
+        if not (page_token := page.token):
             break
-    if not found:
-        return None
-    return max(found, key=lambda m: m.creation_timestamp or 0).model_id
+    newest = max(found, key=lambda m: m.creation_timestamp or 0, default=None)
+    return None if newest is None else newest.model_id
 
 
 def register_run_model(
@@ -104,13 +94,18 @@ def register_run_model(
     return version
 
 
-def _latest_version(client: MlflowClient, name: str) -> ModelVersion | None:
+def _unless_missing(fn: Callable[[], Any], *codes: str) -> Any:
+    """``fn()``, or None when the registry answers that what it asked for does not exist."""
     try:
-        versions = client.search_model_versions(f"name = '{name}'")
+        return fn()
     except MlflowException as error:
-        if error.error_code in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND"):
+        if error.error_code in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND", *codes):
             return None
         raise
+
+
+def _latest_version(client: MlflowClient, name: str) -> ModelVersion | None:
+    versions = _unless_missing(lambda: client.search_model_versions(f"name = '{name}'")) or []
     return max(versions, key=lambda v: int(v.version), default=None)
 
 
@@ -151,30 +146,25 @@ def run_lineage(
     ``<stage>_run_id`` for each of ``stages``: ``known[stage]`` when given, else the run the parent
     records as having produced that stage's outputs. Unknown values are ``unknown``.
     """
-    known = dict(known or {})
     tags = client.get_run(run_id).data.tags
     parent_tags: Mapping[str, str] = {}
     if parent := tags.get("mlflow.parentRunId"):
-        try:
+        with contextlib.suppress(MlflowException):
             parent_tags = client.get_run(parent).data.tags
-        except MlflowException:
-            parent_tags = {}
+    dep = _LINEAGE + "dep."
     data = {
-        key[len(_LINEAGE + "dep.") :]: value
+        key[len(dep) :]: value
         for key, value in sorted(tags.items())
-        if key.startswith(_LINEAGE + "dep.") and not key[len(_LINEAGE + "dep.") :].startswith(_CODE_DEPS)
+        if key.startswith(dep) and not key[len(dep) :].startswith(_CODE_DEPS)
     }
-    result = {
-        "git_commit": tags.get(_LINEAGE + "git_commit", "unknown"),
-        "git_dirty": tags.get(_LINEAGE + "git_dirty", "unknown"),
-        "pipeline_id": tags.get(_LINEAGE + "pipeline_id", "unknown"),
-        "data_version": hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]
-        if data
-        else "unknown",
-        **{f"data.{path}": md5 for path, md5 in data.items()},
-    }
+    result = {key: tags.get(_LINEAGE + key, "unknown") for key in ("git_commit", "git_dirty", "pipeline_id")}
+    digest = hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]
+    result["data_version"] = digest if data else "unknown"
+    result.update({f"data.{path}": md5 for path, md5 in data.items()})
     for stage in stages:
-        result[f"{stage}_run_id"] = known.get(stage) or parent_tags.get(_STAGE_RUN_TAG + stage) or "unknown"
+        result[f"{stage}_run_id"] = (
+            (known or {}).get(stage) or parent_tags.get(STAGE_RUN_TAG + stage) or "unknown"
+        )
     return result
 
 
@@ -190,27 +180,15 @@ class Gate:
     max: Mapping[str, float] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
-        return {
-            "metric": self.metric,
-            "min": self.min,
-            "min_margin_over_champion": self.min_margin_over_champion,
-            "max": dict(self.max),
-        }
-
-
-def _alias_holder(client: MlflowClient, name: str, alias: str) -> ModelVersion | None:
-    try:
-        return client.get_model_version_by_alias(name, alias)
-    except MlflowException as error:
-        if error.error_code in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND", "INVALID_PARAMETER_VALUE"):
-            return None
-        raise
+        return {**{f.name: getattr(self, f.name) for f in dataclasses.fields(self)}, "max": dict(self.max)}
 
 
 def _champion_check(
     client: MlflowClient, *, name: str, version: str, gate: Gate, value: float, alias: str
 ) -> tuple[bool, str]:
-    holder = _alias_holder(client, name, alias)
+    holder = _unless_missing(
+        lambda: client.get_model_version_by_alias(name, alias), "INVALID_PARAMETER_VALUE"
+    )
     if holder is None:
         return True, f"no current {alias}"
     if str(holder.version) == version:
@@ -241,10 +219,8 @@ def decide(
     """(passed, reason) for a version with these metrics; the reason lists every check, failed
     ones first. KeyError when the gate names a metric missing from ``metrics``."""
     value = float(metrics[gate.metric])
-    checks: list[tuple[bool, str]] = []
-    passed_min = value >= gate.min  # False for NaN
-    sign = ">=" if passed_min else "<"
-    checks.append((passed_min, f"{gate.metric} {value:.4f} {sign} min {gate.min:g}"))
+    passed = value >= gate.min  # False for NaN
+    checks = [(passed, f"{gate.metric} {value:.4f} {'>=' if passed else '<'} min {gate.min:g}")]
     for key, ceiling in gate.max.items():
         observed = float(metrics[key])
         ok = observed <= ceiling
@@ -286,26 +262,3 @@ def apply_gate(
     client.update_model_version(name, version, description=f"Gate: {outcome}. {reason}")
     _logger.info("%s version %s: %s (%s)", name, version, outcome, reason)
     return promoted, reason
-
-
-def promote_if_better(
-    client: MlflowClient,
-    *,
-    name: str,
-    version: str | int,
-    metric: str,
-    value: float,
-    alias: str = "champion",
-    min_value: float = 0.0,
-    challenger_alias: str = "challenger",
-) -> tuple[bool, str]:
-    """:func:`apply_gate` for a single metric with a floor (higher is better; ties promote)."""
-    return apply_gate(
-        client,
-        name=name,
-        version=version,
-        gate=Gate(metric=metric, min=min_value),
-        metrics={metric: value},
-        promote_alias=alias,
-        challenger_alias=challenger_alias,
-    )

@@ -85,10 +85,9 @@ def stage_run(
             with signal_guard(signals):
                 yield run
         except BaseException as error:
-            end = {"FINISHED": life.finish, "FAILED": life.fail, "KILLED": life.kill}
-            end[status_for(error, finished_on, signalled=bool(signals))](error)
+            life.end(status_for(error, finished_on, signalled=bool(signals)), error)
             raise
-        life.finish()
+        life.end("FINISHED")
 
 
 @contextlib.contextmanager

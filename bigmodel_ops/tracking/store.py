@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.validation import MAX_METRICS_PER_BATCH, MAX_PARAMS_TAGS_PER_BATCH
@@ -105,13 +105,6 @@ def ensure_experiment(client: MlflowClient, name: str, artifact_location: str | 
         if error.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
         return client.get_experiment_by_name(name).experiment_id  # another process was faster
-
-
-def dataset_input(record: dict[str, Any]) -> Any:
-    """The DatasetInput of an ``input`` record (what ``StageRun.log_input`` logs)."""
-    from mlflow.entities import Dataset, DatasetInput, InputTag
-
-    return DatasetInput(Dataset(**record["dataset"]), [InputTag("mlflow.data.context", record["context"])])
 
 
 class SharedStatus:
@@ -224,8 +217,8 @@ class StoreLink:
             self.warn(f"skipping spooled {record.get('op')} record of run {run_id}: {error}", RuntimeWarning)
 
     def _replay_record(self, run_id: str, record: dict[str, Any]) -> None:
-        op, real, client = record.get("op"), self.resolve(run_id), self.client
-        if op == "create":
+        real, client = self.resolve(run_id), self.client
+        if record.get("op") == "create":
             if run_id not in self._idmap:
                 tags = dict(record.get("tags") or {})
                 if tags.get("mlflow.parentRunId"):
@@ -242,18 +235,25 @@ class StoreLink:
                 self._idmap.record(run_id, created.info.run_id)
         elif is_offline_id(real):
             raise RuntimeError(f"run {run_id} was never created (its spooled 'create' record is missing)")
-        elif op == "batch":
+        else:
+            self.apply(real, record)
+
+    def apply(self, real_id: str, record: dict[str, Any]) -> None:
+        """Send one spool record other than ``create`` to the existing run ``real_id``."""
+        op, client = record.get("op"), self.client
+        if op == "batch":
             metrics = [Metric(k, float(v), int(ts), int(s)) for k, v, ts, s in record.get("metrics", [])]
             params = [Param(k, v) for k, v in record.get("params", [])]
             tags = [RunTag(k, v) for k, v in record.get("tags", [])]
             for chunk in chunk_batch(metrics, params, tags):
-                self.log_batch(real, *chunk)
+                self.log_batch(real_id, *chunk)
         elif op == "artifact" and Path(record["file"]).exists():
             upload = client.log_artifacts if Path(record["file"]).is_dir() else client.log_artifact
-            upload(real, record["file"], record.get("artifact_path"))
+            upload(real_id, record["file"], record.get("artifact_path"))
         elif op == "input":
-            client.log_inputs(real, [dataset_input(record)])
+            context = [InputTag("mlflow.data.context", record["context"])]
+            client.log_inputs(real_id, [DatasetInput(Dataset(**record["dataset"]), context)])
         elif op == "update":
-            client.update_run(real, status=record["status"])
+            client.update_run(real_id, status=record["status"])
         elif op == "terminate":
-            client.set_terminated(real, status=record["status"], end_time=record.get("end_time"))
+            client.set_terminated(real_id, status=record["status"], end_time=record.get("end_time"))

@@ -19,23 +19,17 @@ from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 _logger = logging.getLogger(__name__)
 
 
-class _Queued:
-    """What ``publish_metrics`` calls: samples go to the run's queue."""
-
-    def __init__(self, run: Any) -> None:
-        self._run = run
-
-    def record_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        self._run.log_metrics(metrics, step=int(step or 0))
-
-
 class SystemMetrics(SystemMetricsMonitor):
     """Samples every ``interval_s`` on a daemon thread until ``finish()``, which samples once more."""
 
     def __init__(self, run: Any, *, interval_s: float, resumed: bool, uri: str) -> None:
         # resume_logging: continue the step count of a resumed run (one store read, now).
         super().__init__(run.run_id, sampling_interval=interval_s, resume_logging=resumed, tracking_uri=uri)
-        self.mlflow_logger = _Queued(run)
+        self.mlflow_logger, self._stage_run = self, run  # publish_metrics records through us
+
+    def record_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        """What ``publish_metrics`` calls: samples go to the run's queue."""
+        self._stage_run.log_metrics(metrics, step=int(step or 0))
 
     def monitor(self) -> None:
         samples, stopping = 0, False

@@ -191,15 +191,13 @@ class LogSender(StoreLink):
 
     # ---- store calls that cannot wait, spooled during an outage -----------------------------
 
-    def call(self, run_id: str, fn: Callable[[str], Any], record: dict[str, Any] | None) -> Any:
-        """Run ``fn(real run id)`` now; during an outage spool ``record`` (when given) instead."""
+    def call(self, run_id: str, record: dict[str, Any], fn: Callable[[str], Any] | None = None) -> Any:
+        """Send ``record`` (or run ``fn(real run id)`` instead) now; during an outage spool it."""
         if self.reachable(run_id):
-            if record is None:
-                return fn(self.resolve(run_id))
             with self.on_outage_go_offline():
-                return fn(self.resolve(run_id))
-        if record is not None:
-            self.spool.append(run_id, record)
+                real = self.resolve(run_id)
+                return self.apply(real, record) if fn is None else fn(real)
+        self.spool.append(run_id, record)
         return None
 
     def log_artifact(self, run_id: str, local: Path, artifact_path: str | None) -> None:
@@ -237,9 +235,7 @@ class LogSender(StoreLink):
     def terminate(self, run_id: str, status: str) -> None:
         """Send everything queued, then end the run with ``status``."""
         self.flush()
-        end = int(time.time() * 1000)
-        record = {"op": "terminate", "status": status, "end_time": end}
-        self.call(run_id, lambda rid: self.client.set_terminated(rid, status=status, end_time=end), record)
+        self.call(run_id, {"op": "terminate", "status": status, "end_time": int(time.time() * 1000)})
 
     # ---- flush and close --------------------------------------------------------------------
 
