@@ -17,6 +17,29 @@ import yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
+# Launcher variables that would make a process believe it is one rank of a bigger job, and the
+# run id a parent stage hands its children: none may leak from the calling environment.
+RANK_VARS = ("RANK", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "SLURM_PROCID", "BIGMODEL_OPS_RUN_ID")
+
+
+@pytest.fixture
+def no_rank_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One process, not a rank of a launcher's job."""
+    for name in RANK_VARS:
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture
+def one_thread(no_rank_env: None):
+    """One process on one torch thread: tiny models train faster (and more predictably on a busy
+    machine) single-threaded."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 
 @pytest.fixture(scope="session")
 def _migrated_store(tmp_path_factory: pytest.TempPathFactory) -> Path:

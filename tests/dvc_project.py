@@ -18,12 +18,9 @@ from typing import Any
 
 import yaml
 
-from tests.conftest import REPO_ROOT
+from tests.conftest import RANK_VARS, REPO_ROOT
 
 STAGES = ["prepare", "tokenize", "pretrain", "tune", "finetune", "evaluate", "compress"]
-
-# Launcher variables that would make a child process believe it is one rank of a bigger job.
-_RANK_VARS = ("RANK", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "SLURM_PROCID", "BIGMODEL_OPS_RUN_ID")
 
 
 def project_files() -> list[str]:
@@ -56,7 +53,7 @@ def tiny(params: dict[str, Any]) -> dict[str, Any]:
 def project_env(root: Path, *, tracking_uri: str | None = None) -> dict[str, str]:
     """This process's environment, minus MLflow/DVC/pytest/launcher variables, for ``root``."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_", "PYTEST_"))}
-    for name in _RANK_VARS:
+    for name in RANK_VARS:
         env.pop(name, None)
     env.update(
         # The copy's own package, so that what DVC hashes is what runs.

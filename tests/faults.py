@@ -30,6 +30,8 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint
 
+from tests.conftest import RANK_VARS
+
 
 class KillAfterCheckpoint(Checkpoint):
     """SIGKILL the process right after the checkpoint of global step ``step`` is complete.
@@ -92,13 +94,10 @@ class SigtermDuringStep(pl.Callback):
             os.kill(os.getpid(), signal.SIGTERM)
 
 
-_RANK_VARS = ("RANK", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "SLURM_PROCID", "BIGMODEL_OPS_RUN_ID")
-
-
 def stage_command(stage: str = "pretrain", *faults: str) -> tuple[list[str], dict[str, str]]:
     """(argv, env) of a stage's process as dvc.yaml runs it (``python -m stages.<stage>``), or with
     fault options through this module (pretrain only), reading ./params.yaml quietly."""
-    env = {k: v for k, v in os.environ.items() if k not in _RANK_VARS}
+    env = {k: v for k, v in os.environ.items() if k not in RANK_VARS}
     env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
     module = ["-m", "tests.faults", *faults] if faults else ["-m", f"stages.{stage}"]
     return [sys.executable, *module, "--params", "params.yaml", "--quiet"], env

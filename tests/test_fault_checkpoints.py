@@ -28,19 +28,9 @@ from bigmodel_ops.pretraining.checkpoints import find_resume_point
 from tests.faults import run_stage_process
 from tests.helpers_pretrain import ckpt_dir, make_project, raw_params, write_params
 
-pytestmark = pytest.mark.fault
+pytestmark = [pytest.mark.fault, pytest.mark.usefixtures("one_thread")]
 
 _SETUP = dict(profiles={"max_steps": 4}, pretrain={"register_model": False, "checkpoint_every_n_steps": 4})
-
-
-@pytest.fixture(autouse=True)
-def _one_thread(monkeypatch: pytest.MonkeyPatch):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    for name in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID", "BIGMODEL_OPS_RUN_ID"):
-        monkeypatch.delenv(name, raising=False)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _trained(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, max_steps: int = 4) -> ProjectPaths:

@@ -30,16 +30,7 @@ from bigmodel_ops.shards import ShardIndex
 from tests.faults import PoisonAtStep
 from tests.helpers_pretrain import ckpt_dir, make_project, raw_params, train_tokenizer, write_shards
 
-
-@pytest.fixture(autouse=True)
-def _one_thread(monkeypatch: pytest.MonkeyPatch):
-    # Tiny models train faster (and more predictably on a busy machine) single-threaded.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    for name in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID", "BIGMODEL_OPS_RUN_ID"):
-        monkeypatch.delenv(name, raising=False)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _pretrain_runs(client: MlflowClient):

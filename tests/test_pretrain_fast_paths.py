@@ -22,6 +22,8 @@ from bigmodel_ops.model import load_pretrained
 from bigmodel_ops.pipeline.pretrain import run as run_pretrain
 from tests.helpers_pretrain import ckpt_dir, make_project
 
+pytestmark = pytest.mark.usefixtures("no_rank_env")
+
 
 class _Probe(pl.Callback):
     """Records what the training step really ran with: the dtype of the LM head's output
@@ -46,12 +48,6 @@ class _Probe(pl.Callback):
 
 def _history(client: MlflowClient, run_id: str, key: str) -> list[tuple[int, float]]:
     return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
-
-
-@pytest.fixture(autouse=True)
-def _clean_env(monkeypatch: pytest.MonkeyPatch):
-    for name in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID", "BIGMODEL_OPS_RUN_ID"):
-        monkeypatch.delenv(name, raising=False)
 
 
 @pytest.mark.parametrize("objective", ["causal", "masked"])

@@ -24,14 +24,13 @@ from bigmodel_ops.model import load_pretrained
 from bigmodel_ops.paths import ProjectPaths
 from bigmodel_ops.pretraining.data import DataSpec, TokenStream, TrainBatches
 from bigmodel_ops.shards import ShardIndex
+from tests.conftest import RANK_VARS
 from tests.helpers_pretrain import ckpt_dir, make_project
-
-_RANK_VARS = ("RANK", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "SLURM_PROCID", "BIGMODEL_OPS_RUN_ID")
 
 
 def _cli(root: Path, *faults: str) -> subprocess.CompletedProcess:
     """The pretrain stage's command in root; with fault options, through tests/faults.py."""
-    env = {k: v for k, v in os.environ.items() if k not in _RANK_VARS}
+    env = {k: v for k, v in os.environ.items() if k not in RANK_VARS}
     env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
     command = ["-m", "tests.faults", *faults] if faults else ["-m", "bigmodel_ops.cli", "pretrain"]
     return subprocess.run(
