@@ -4,6 +4,7 @@ LoRA and TF-IDF + logistic regression, on one split of a labelled CSV, in one pr
     python benchmarks/pretraining_value.py --data ../shared/data/imdb_reviews_2500.csv [--objective causal]
     python benchmarks/pretraining_value.py --data reviews.csv --short        # first sentence of each review
     python benchmarks/pretraining_value.py --data reviews.csv --quick        # smoke test (< 2 minutes)
+    python benchmarks/pretraining_value.py --data reviews.csv --set profiles.max_steps=2000 --set finetune.lr=0.001
 
 In a temporary project folder (MLflow: a sqlite store in that folder, no system metrics), with the
 repo's params.yaml where only the source (the given CSV, no extra unlabeled text), the objective
@@ -105,6 +106,7 @@ def build_params(
     seed: int | None,
     tracking_uri: str,
     quick: bool,
+    overrides: list[str] | None = None,
 ) -> Any:
     """The repo's params.yaml with the benchmark's source, objective and tracking, validated."""
     from bigmodel_ops.config import parse_params
@@ -124,6 +126,13 @@ def build_params(
         for section, values in copy.deepcopy(QUICK).items():
             target = raw["profiles"][raw["profile"]] if section == "profiles" else raw[section]
             target.update(values)
+    for item in overrides or ():
+        key, sep, value = item.partition("=")
+        section, _, name = key.partition(".")
+        if not sep or not name or section not in raw:
+            raise SystemExit(f"--set {item}: expected SECTION.KEY=VALUE with a params.yaml section")
+        target = raw["profiles"][raw["profile"]] if section == "profiles" else raw[section]
+        target[name] = yaml.safe_load(value)
     return parse_params(raw, source="params.yaml (benchmark overrides)")
 
 
@@ -226,6 +235,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             seed=args.seed,
             tracking_uri=uri,
             quick=args.quick,
+            overrides=args.set,
         )
         paths = ProjectPaths(root)
         sizing = params.sizing
@@ -316,6 +326,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "seed": int(params.project.seed),
         "preset": sizing.model_preset,
         "quick": bool(args.quick),
+        "set": list(args.set or []),
     }
     print_table(summary)
     return summary
@@ -372,6 +383,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--text-column", default="review")
     parser.add_argument("--label-column", default="sentiment")
     parser.add_argument("--keep", type=Path, default=None, help="use (and keep) this project folder")
+    parser.add_argument(
+        "--set",
+        action="append",
+        metavar="SECTION.KEY=VALUE",
+        help="a params.yaml setting for every variant, e.g. profiles.max_steps=2000 (the active "
+        "profile) or finetune.lr=0.001; repeatable",
+    )
     return parser
 
 

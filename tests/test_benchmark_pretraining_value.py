@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from bigmodel_ops.errors import ConfigError
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "pretraining_value.py"
 
@@ -88,11 +90,32 @@ def test_first_sentence_strips_markup_and_keeps_one_sentence(tmp_path: Path) -> 
     assert [r["sentiment"] for r in short] == ["positive", "negative", "positive", "negative"]
 
 
+def test_set_overrides_a_setting_of_every_variant_and_refuses_a_bad_key(tmp_path: Path) -> None:
+    bench = _load_script()
+    data = write_tiny_csv(tmp_path / "tiny.csv", n=4)
+    common = dict(
+        data=data,
+        text_column="review",
+        label_column="sentiment",
+        objective="masked",
+        seed=None,
+        tracking_uri="sqlite:///unused.db",
+        quick=False,
+    )
+    params = bench.build_params(**common, overrides=["profiles.max_steps=2000", "finetune.lr=0.001"])
+    assert params.sizing.max_steps == 2000 and params.finetune.lr == 0.001
+    with pytest.raises(SystemExit, match=r"--set lr=0.001: expected SECTION.KEY=VALUE"):
+        bench.build_params(**common, overrides=["lr=0.001"])
+    with pytest.raises(ConfigError, match=r"finetune.lrr = 0.001: unknown key"):
+        bench.build_params(**common, overrides=["finetune.lrr=0.001"])
+
+
 @pytest.mark.slow
 def test_quick_run_prints_the_json_summary_last(tmp_path: Path) -> None:
     data = write_tiny_csv(tmp_path / "tiny.csv")
     result = subprocess.run(
-        [sys.executable, str(SCRIPT), "--data", str(data), "--quick", "--objective", "masked"],
+        [sys.executable, str(SCRIPT), "--data", str(data), "--quick", "--objective", "masked"]
+        + ["--set", "profiles.max_steps=6"],
         cwd=tmp_path,
         capture_output=True,
         text=True,
@@ -107,6 +130,7 @@ def test_quick_run_prints_the_json_summary_last(tmp_path: Path) -> None:
     assert summary["objective"] == "masked" and summary["corpus"] == "full" and summary["quick"] is True
     assert summary["unigram_entropy"] > 0 and summary["n_test"] > 0 and summary["test_se_points"] > 0
     assert summary["trainable_params_lora"] < summary["trainable_params_pretrained"]
+    assert summary["pretrain_steps"] == 6 and summary["set"] == ["profiles.max_steps=6"]
     assert summary["seconds"] >= summary["seconds_pretrain"] > 0
     # The table is printed before the JSON; the project lived in a temporary folder, not here.
     assert any(line.startswith("(a) pretrained") for line in lines)
