@@ -97,6 +97,11 @@ def write_short_csv(source: Path, target: Path, *, text_column: str) -> int:
     return rows
 
 
+def _section(raw: dict[str, Any], name: str) -> dict[str, Any]:
+    """A section of the raw params; ``profiles`` means the active profile."""
+    return raw["profiles"][raw["profile"]] if name == "profiles" else raw[name]
+
+
 def build_params(
     *,
     data: Path,
@@ -124,15 +129,13 @@ def build_params(
     raw["pretrain"]["register_model"] = False
     if quick:
         for section, values in copy.deepcopy(QUICK).items():
-            target = raw["profiles"][raw["profile"]] if section == "profiles" else raw[section]
-            target.update(values)
+            _section(raw, section).update(values)
     for item in overrides or ():
         key, sep, value = item.partition("=")
         section, _, name = key.partition(".")
         if not sep or not name or section not in raw:
             raise SystemExit(f"--set {item}: expected SECTION.KEY=VALUE with a params.yaml section")
-        target = raw["profiles"][raw["profile"]] if section == "profiles" else raw[section]
-        target[name] = yaml.safe_load(value)
+        _section(raw, section)[name] = yaml.safe_load(value)
     return parse_params(raw, source="params.yaml (benchmark overrides)")
 
 
