@@ -67,21 +67,19 @@ def signal_guard(seen: list[int]) -> Iterator[None]:
         return
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
 
-    def on_term(signum: int, frame: FrameType | None) -> None:
+    def on_signal(signum: int, frame: FrameType | None) -> None:
         seen.append(signum)
-        raise TerminatedBySignal(signum)
-
-    def on_int(signum: int, frame: FrameType | None) -> None:
-        seen.append(signum)
-        handler = previous[signal.SIGINT]
+        handler = previous[signum]
+        if signum == signal.SIGTERM:
+            raise TerminatedBySignal(signum)
         if callable(handler) and handler is not signal.default_int_handler:
             handler(signum, frame)
         else:
             raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGTERM, on_signal)
     if previous[signal.SIGINT] is not signal.SIG_IGN:
-        signal.signal(signal.SIGINT, on_int)
+        signal.signal(signal.SIGINT, on_signal)
     try:
         yield
     finally:
@@ -90,11 +88,8 @@ def signal_guard(seen: list[int]) -> Iterator[None]:
 
 
 class StageRun:
-    """Handle on the MLflow run of one stage (or of a child run such as a tuning trial).
-
-    Every logging call returns at once; ``flush()`` waits until the data reached the store (or,
-    during an outage, the local spool).
-    """
+    """Handle on the MLflow run of one stage (or of a child run such as a tuning trial). Every
+    logging call returns at once; ``flush()`` waits until the data reached the store (or the spool)."""
 
     def __init__(
         self,
@@ -127,7 +122,6 @@ class StageRun:
         return self._transport.offline
 
     def sender_stats(self) -> SenderStats:
-        """Counters of the background sender (mode, pid, CPU spent sending as of the last flush)."""
         return self._transport.stats()
 
     # ---- queued ----------------------------------------------------------------------------
@@ -147,7 +141,7 @@ class StageRun:
                 text = f"<{len(text)} chars: see artifact params/{key}.txt>"
             items.append((key, text))
         if items:
-            self._transport.enqueue_params(self._run_id, items)
+            self._transport.enqueue(("p", self._run_id, items))
 
     def log_metrics(self, values: Mapping[str, Any], *, step: int, epoch: int | None = None) -> None:
         """Queue metrics at the global optimizer step (the x-axis everywhere); ``epoch`` is
@@ -160,7 +154,7 @@ class StageRun:
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         items = [(str(k), str(v)[:MAX_TAG_VAL_LENGTH]) for k, v in self._scrubber.mapping(tags).items()]
         if items:
-            self._transport.enqueue_tags(self._run_id, items)
+            self._transport.enqueue(("t", self._run_id, items))
 
     def flush(self) -> None:
         """Block until everything logged so far has reached the store (or the spool)."""
@@ -198,23 +192,14 @@ class StageRun:
         schema: Mapping[str, Any] | None = None,
     ) -> None:
         """Record a dataset the run used (the UI's "Datasets"): metadata only, nothing is loaded.
-
         ``digest`` is cut to the store's 36 characters; ``schema`` is MLflow's JSON form of a
-        schema (``{"mlflow_colspec": [...]}``); ``profile`` any JSON-able summary.
-        """
-        record = {
-            "op": "input",
-            "context": context,
-            "dataset": {
-                "name": name,
-                "digest": digest[:36],
-                "source_type": "local" if "://" not in source else source.split("://", 1)[0],
-                "source": json.dumps({"uri": self._scrubber.text(source)}),
-                "schema": json.dumps(dict(schema)) if schema else None,
-                "profile": json.dumps(dict(profile)) if profile else None,
-            },
-        }
-        self._transport.call(self._run_id, record)
+        schema (``{"mlflow_colspec": [...]}``); ``profile`` any JSON-able summary."""
+        dataset: dict[str, str | None] = {"name": name, "digest": digest[:36]}
+        dataset["source_type"] = "local" if "://" not in source else source.split("://", 1)[0]
+        dataset["source"] = json.dumps({"uri": self._scrubber.text(source)})
+        dataset["schema"] = json.dumps(dict(schema)) if schema else None
+        dataset["profile"] = json.dumps(dict(profile)) if profile else None
+        self._transport.call(self._run_id, {"op": "input", "context": context, "dataset": dataset})
 
     def log_model_dir(
         self,
@@ -225,34 +210,27 @@ class StageRun:
         alias: str | None = None,
         tags: Mapping[str, str] | None = None,
     ) -> Any:
-        """Log a model folder (safetensors + config) and optionally register it.
-
-        Returns the ModelVersion when registered, else None. Registration needs the server:
-        during an outage the folder is spooled and registration is skipped with a warning.
-        """
+        """Log a model folder (safetensors + config) and optionally register it; returns the
+        ModelVersion when registered, else None. Registration needs the server: during an outage
+        the folder is spooled and registration is skipped with a warning."""
         from bigmodel_ops.tracking.registry import register_run_model
 
         self.log_artifacts(local_dir, artifact_path)
         if registered_model_name is None or not self._transport.active:
             return None
+        name = registered_model_name
         if self.offline or is_offline_id(self.run_id):
-            warnings.warn(
-                f"tracking server unreachable: {registered_model_name} not registered "
-                f"(the model folder is spooled with run {self._run_id})",
-                TrackingOfflineWarning,
-                stacklevel=2,
-            )
+            spooled = f"the model folder is spooled with run {self._run_id}"
+            message = f"tracking server unreachable: {name} not registered ({spooled})"
+            warnings.warn(message, TrackingOfflineWarning, stacklevel=2)
             return None
         self.flush()  # the registry checks that the artifacts are there
+        tags = self._scrubber.mapping(tags or {})
         version = register_run_model(
-            self.client,
-            run_id=self.run_id,
-            artifact_path=artifact_path,
-            name=registered_model_name,
-            tags=self._scrubber.mapping(tags or {}),
+            self.client, run_id=self.run_id, artifact_path=artifact_path, name=name, tags=tags
         )
         if alias is not None:
-            self.client.set_registered_model_alias(registered_model_name, alias, version.version)
+            self.client.set_registered_model_alias(name, alias, version.version)
         return version
 
     # ---- nested runs and the end of a run ----------------------------------------------------
@@ -265,20 +243,14 @@ class StageRun:
         tags: Mapping[str, Any] | None = None,
         finished_on: tuple[type[BaseException], ...] = (),
     ) -> Iterator[StageRun]:
-        """A nested run named ``<this run's name>/<name>`` (e.g. ``tune/trial-7``).
-
-        Ends FINISHED, or FAILED/KILLED on an exception (re-raised). An exception listed in
-        ``finished_on`` (e.g. ``optuna.TrialPruned``) ends it FINISHED with the tag
-        ``bigmodel_ops.outcome = <exception name>``.
-        """
+        """A nested run named ``<this run's name>/<name>`` (e.g. ``tune/trial-7``). Ends FINISHED,
+        or FAILED/KILLED on an exception (re-raised). An exception listed in ``finished_on`` (e.g.
+        ``optuna.TrialPruned``) ends it FINISHED with the tag ``bigmodel_ops.outcome = <exception name>``."""
         run_name = f"{self.run_name}/{name}"
         child_tags = {**self._inherited_tags, STAGE_TAG: self.stage, "mlflow.runName": run_name}
         child_tags.update({str(k): str(v) for k, v in self._scrubber.mapping(tags or {}).items()})
         child_tags["mlflow.parentRunId"] = self.run_id
-        experiment, location = self._experiment
-        child_id = self._transport.create_run(
-            experiment=experiment, artifact_location=location, run_name=run_name, tags=child_tags
-        )
+        child_id = self._transport.create_run(*self._experiment, child_tags)
         child = copy.copy(self)  # same transport, experiment, stage and inherited tags
         child._run_id, child.run_name = child_id, run_name
         try:
@@ -300,4 +272,6 @@ class StageRun:
                 self.set_tags({"bigmodel_ops.error": f"{type(error).__name__}: {error}"[:1000]})
         except Exception:  # the original error matters more than its report
             _logger.exception("could not log the traceback of run %s", self._run_id)
-        self._transport.terminate(self._run_id, status)
+        self._transport.flush()
+        ended = int(time.time() * 1000)
+        self._transport.call(self._run_id, {"op": "terminate", "status": status, "end_time": ended})

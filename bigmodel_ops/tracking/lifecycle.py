@@ -54,7 +54,10 @@ class StageLifecycle:
         self.tracking, self.experiment, self.stage, self.params = tracking, experiment, stage, params
         self.root = lineage.find_project_root()
         self.uri = uri = tracking_uri(tracking)
-        self.location = _artifact_location(tracking.artifact_location, uri)
+        self.location: str | None = tracking.artifact_location
+        if "://" not in tracking.artifact_location:  # a local folder, unless the server decides
+            http = uri.startswith(("http://", "https://"))
+            self.location = None if http else Path(tracking.artifact_location).resolve().as_uri()
         spool_dir = Path(tracking.spool_dir)
         if not spool_dir.is_absolute() and self.root is not None:
             spool_dir = self.root / spool_dir
@@ -94,14 +97,10 @@ class StageLifecycle:
                 if self.parent_id is not None:
                     self.tags["mlflow.parentRunId"] = self.parent_id
                 self.tags["mlflow.runName"] = run_name
-                run_id = self.sender.create_run(
-                    experiment=self.experiment,
-                    artifact_location=self.location,
-                    run_name=run_name,
-                    tags=self.tags,
-                )
-            else:
-                self.parent_id = self._parent_of(run_id)
+                run_id = self.sender.create_run(self.experiment, self.location, self.tags)
+            elif self.sender.reachable(run_id):
+                with contextlib.suppress(Exception):  # a missing parent only loses the producer tag
+                    self.parent_id = self.sender.client.get_run(run_id).data.tags.get("mlflow.parentRunId")
         except BaseException:
             self.sender.close()
             raise
@@ -138,10 +137,9 @@ class StageLifecycle:
         except Exception as error:  # noqa: BLE001 - housekeeping must not stop a stage
             _logger.warning("could not check for dead MLflow runs: %s", error)
             return
-        for verdict in (v for v in verdicts if v.reaped):
-            _logger.warning(
-                "ended MLflow run %s (%s) FAILED: %s", verdict.run_name, verdict.run_id, verdict.reason
-            )
+        for v in verdicts:
+            if v.reaped:
+                _logger.warning("ended MLflow run %s (%s) FAILED: %s", v.run_name, v.run_id, v.reason)
 
     def attach_to_parent(self) -> str | None:
         """The pipeline version's parent run, found (status back to RUNNING) or created (with all
@@ -149,15 +147,10 @@ class StageLifecycle:
         unreachable."""
         if (experiment_id := self._experiment_id()) is None:
             return None
-        root = self.root or Path.cwd()
-        client = self.sender.client
+        root, client = self.root or Path.cwd(), self.sender.client
         try:
             parent_id, created = pipeline.find_or_create_parent(
-                client,
-                experiment_id=experiment_id,
-                pipeline_id=self.pipeline_id,
-                root=root,
-                tags=self.lineage,
+                client, experiment_id, self.pipeline_id, root, self.lineage
             )
             if created:
                 self._handle(parent_id).log_params(self.params)
@@ -179,11 +172,8 @@ class StageLifecycle:
         if self.parent_id is None or self.root is None or not self.sender.reachable(self.parent_id):
             return
         try:
-            records = frontpage.current_datasets(
-                self.stage,
-                lineage.read_yaml(self.root / "dvc.yaml"),
-                lineage.read_yaml(self.root / "dvc.lock"),
-            )
+            dvc_files = [lineage.read_yaml(self.root / name) for name in ("dvc.yaml", "dvc.lock")]
+            records = frontpage.current_datasets(self.stage, *dvc_files)
             inputs = self.sender.client.get_run(self.parent_id).inputs.dataset_inputs if records else []
             logged = {(i.dataset.name, i.dataset.digest) for i in inputs}
             for record in records:
@@ -208,18 +198,9 @@ class StageLifecycle:
             self.sender.call(real, {"op": "update", "status": "RUNNING"}, running)
             return real
         except Exception as error:
-            warnings.warn(
-                f"cannot resume MLflow run {run_id} ({error}); starting a new run",
-                RuntimeWarning,
-                stacklevel=5,
-            )
+            message = f"cannot resume MLflow run {run_id} ({error}); starting a new run"
+            warnings.warn(message, RuntimeWarning, stacklevel=5)
             return None
-
-    def _parent_of(self, run_id: str) -> str | None:
-        with contextlib.suppress(Exception):  # a missing parent only loses the producer tag
-            if self.sender.reachable(run_id):
-                return self.sender.client.get_run(run_id).data.tags.get("mlflow.parentRunId")
-        return None
 
     def _handle(self, run_id: str) -> StageRun:
         """A handle on another run (the parent) through this stage's sender and scrubber."""
@@ -231,9 +212,9 @@ class StageLifecycle:
         """The headline metrics of ``runs`` ({stage: run id}) and the recomputed cost sums onto the
         parent (frontpage.py); a failure of the cost only warns."""
         client = self.sender.client
-        frontpage.copy_headline(client, parent_id=parent_id, runs=runs, wanted=self.tracking.headline_metrics)
+        frontpage.copy_headline(client, parent_id, runs, self.tracking.headline_metrics)
         try:
-            frontpage.log_pipeline_cost(client, parent_id=parent_id)
+            frontpage.log_pipeline_cost(client, parent_id)
         except Exception as error:  # noqa: BLE001 - the front page must not stop a stage
             _logger.warning("could not sum the cost of pipeline run %s: %s", parent_id, error)
 
@@ -252,13 +233,12 @@ class StageLifecycle:
             self._update_parent(status)
             if not self.sender.close():
                 spool = self.sender.spool
-                message = (
+                self.sender.warn(
                     f"tracking server still unreachable at the end of stage {self.stage!r}: "
                     f"{spool.count_records()} record(s) of run {self.run._run_id} remain in {spool.directory}; "
-                    "the next stage run replays them"
+                    "the next stage run replays them",
+                    TrackingOfflineWarning,
                 )
-                warnings.warn(message, TrackingOfflineWarning, stacklevel=3)
-                _logger.warning(message)
         finally:
             if self._exported is None:
                 os.environ.pop(RUN_ID_ENV, None)
@@ -273,33 +253,16 @@ class StageLifecycle:
         if self.parent_id is not None:
             try:
                 if finished and self.sender.reachable():
-                    pipeline.mark_stage_done(
-                        client,
-                        parent_id=self.parent_id,
-                        stage=self.stage,
-                        run_id=real,
-                        pipeline_id=self.pipeline_id,
-                    )
+                    pipeline.mark_stage_done(client, self.parent_id, self.stage, real, self.pipeline_id)
                     self._copy_to_parent(self.parent_id, {self.stage: real})
                 if self.root is not None and self.sender.reachable():
+                    dvc_yaml = lineage.read_yaml(self.root / "dvc.yaml")
                     frontpage.log_dag(
-                        self.sender,
-                        parent_id=self.parent_id,
-                        dvc_yaml=lineage.read_yaml(self.root / "dvc.yaml"),
-                        pipeline_id=self.pipeline_id,
-                        current=(self.stage, status),
+                        self.sender, self.parent_id, dvc_yaml, self.pipeline_id, (self.stage, status)
                     )
                 client.set_terminated(self.parent_id, status=status)
             except Exception as parent_error:  # the stage's own outcome is already recorded
                 _logger.warning("could not update pipeline run %s: %s", self.parent_id, parent_error)
         if finished and self.root is not None:
             with contextlib.suppress(OSError):
-                pipeline.record_stage(self.root, stage=self.stage, run_id=real, pipeline_id=self.pipeline_id)
-
-
-def _artifact_location(location: str, uri: str) -> str | None:
-    if "://" in location:
-        return location
-    if uri.startswith(("http://", "https://")):
-        return None  # the server decides
-    return Path(location).resolve().as_uri()
+                pipeline.record_stage(self.root, self.stage, real, self.pipeline_id)

@@ -12,32 +12,22 @@ creating a parent we search again and, if an older parent of the same id exists,
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
-import fcntl
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from mlflow.tracking import MlflowClient
 
 from bigmodel_ops.fsutil import write_json_atomic
+from bigmodel_ops.tracking.spool import flocked
 
 PIPELINE_TAG = "bigmodel_ops.pipeline_id"
 ROLE_TAG = "bigmodel_ops.role"
 STAGE_RUN_TAG = "bigmodel_ops.stage_run."
 STAGE_FROM_TAG = "bigmodel_ops.stage_from."
 REGISTRY_FILE = Path(".bigmodel_ops") / "stage_runs.json"
-
-
-@contextlib.contextmanager
-def _locked(root: Path) -> Iterator[None]:
-    lock_path = root / ".bigmodel_ops" / "pipeline.lock"
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with lock_path.open("a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        yield  # closing the file releases the lock
+LOCK_FILE = Path(".bigmodel_ops") / "pipeline.lock"
 
 
 def read_registry(root: Path) -> dict[str, dict[str, Any]]:
@@ -50,9 +40,9 @@ def read_registry(root: Path) -> dict[str, dict[str, Any]]:
     return stages if isinstance(stages, dict) else {}
 
 
-def record_stage(root: Path, *, stage: str, run_id: str, pipeline_id: str | None) -> None:
+def record_stage(root: Path, stage: str, run_id: str, pipeline_id: str | None) -> None:
     """Atomically record the run that produced a stage's current outputs."""
-    with _locked(root):
+    with flocked(root / LOCK_FILE):
         stages = read_registry(root)
         finished = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
         stages[stage] = {"run_id": run_id, "pipeline_id": pipeline_id, "finished": finished}
@@ -69,15 +59,10 @@ def _search(client: MlflowClient, experiment_id: str, pipeline_id: str) -> list[
 
 
 def find_or_create_parent(
-    client: MlflowClient,
-    *,
-    experiment_id: str,
-    pipeline_id: str,
-    root: Path,
-    tags: dict[str, str],
+    client: MlflowClient, experiment_id: str, pipeline_id: str, root: Path, tags: dict[str, str]
 ) -> tuple[str, bool]:
     """(parent run id, created) for a pipeline id; new parents inherit the registry's stage runs."""
-    with _locked(root):
+    with flocked(root / LOCK_FILE):
         found = _search(client, experiment_id, pipeline_id)
         if found:
             return found[0].info.run_id, False
@@ -101,7 +86,7 @@ def find_or_create_parent(
 
 
 def mark_stage_done(
-    client: MlflowClient, *, parent_id: str, stage: str, run_id: str, pipeline_id: str | None
+    client: MlflowClient, parent_id: str, stage: str, run_id: str, pipeline_id: str | None
 ) -> None:
     """Point the parent at the run that produced this stage's outputs."""
     client.set_tag(parent_id, STAGE_RUN_TAG + stage, run_id)

@@ -64,13 +64,8 @@ def stage_run(
     """
     run_name = run_name or stage
     if global_rank() != 0:
-        yield StageRun(
-            NullTransport(tracking_uri(tracking)),
-            run_id="",
-            run_name=run_name,
-            stage=stage,
-            experiment=experiment,
-        )
+        transport = NullTransport(tracking_uri(tracking))
+        yield StageRun(transport, run_id="", run_name=run_name, stage=stage, experiment=experiment)
         return
     with _stage_scope(tracking, stage):
         life = StageLifecycle(tracking, experiment=experiment, stage=stage, params=params, tags=tags)

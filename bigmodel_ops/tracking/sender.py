@@ -58,7 +58,7 @@ class SenderLoop(StoreLink):
 
     def warn(self, message: str, category: type[Warning]) -> None:
         _logger.warning(message)
-        self.replies.put(("warn", message, category.__name__))
+        self.replies.put(("warn", message, category))  # a class pickles by name
 
     def run(self, requests: Any, *, caller_alive: Connection | None = None) -> None:
         """Serve until a ``close`` request, or until ``caller_alive`` reports EOF (the training
@@ -99,10 +99,8 @@ class SenderLoop(StoreLink):
                 continue
             if item is not None:
                 file_request(pending, item)
-            if (
-                time.monotonic() >= deadline
-                or sum(len(p.metrics) for p in pending.values()) >= MAX_METRICS_PER_BATCH
-            ):
+            waiting = sum(len(p.metrics) for p in pending.values())
+            if time.monotonic() >= deadline or waiting >= MAX_METRICS_PER_BATCH:
                 self._send(pending)
                 if self.status.offline:
                     self.replay_all(force=False)
@@ -143,12 +141,8 @@ class SenderLoop(StoreLink):
                     self.go_offline(error)
                 else:
                     _logger.exception("unexpected error sending to MLflow; spooling the batch")
-                rest = Pending()
-                for metrics, params, tags in chunks[index:]:
-                    rest.metrics += metrics
-                    rest.params += params
-                    rest.tags += tags
-                return self.spool.append(run_id, rest.record())
+                metrics, params, tags = (sum(lists, []) for lists in zip(*chunks[index:], strict=True))
+                return self.spool.append(run_id, Pending(metrics, params, tags).record())
 
 
 def can_fork() -> bool:

@@ -39,6 +39,15 @@ def is_offline_id(run_id: str | None) -> bool:
     return bool(run_id) and str(run_id).startswith(OFFLINE_PREFIX)
 
 
+@contextlib.contextmanager
+def flocked(path: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``path`` (created, with its folder, when missing)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield  # closing the file releases the lock
+
+
 class Spool:
     """Append-only per-run record files under one directory, safe across threads and processes
     (appends and the rename that claims a file for replay hold a lock and a ``flock``)."""
@@ -50,11 +59,8 @@ class Spool:
 
     @contextlib.contextmanager
     def _lock(self) -> Iterator[None]:
-        with self._thread_lock:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            with open(self.directory / ".lock", "a+b") as handle:
-                fcntl.flock(handle, fcntl.LOCK_EX)
-                yield  # closing the file releases the flock
+        with self._thread_lock, flocked(self.directory / ".lock"):
+            yield
 
     def _file(self, run_id: str, suffix: str = "") -> Path:
         return self.directory / f"{run_id}{suffix}.jsonl"

@@ -11,6 +11,7 @@ says how a warning reaches the user (the warnings module is neither thread- nor 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Iterator
@@ -61,15 +62,13 @@ def chunk_batch(
     return chunks
 
 
+@dataclasses.dataclass(slots=True)
 class Pending:
     """Records of one run waiting to be sent."""
 
-    __slots__ = ("metrics", "params", "tags")
-
-    def __init__(self) -> None:
-        self.metrics: list[Metric] = []
-        self.params: list[Param] = []
-        self.tags: list[RunTag] = []
+    metrics: list[Metric] = dataclasses.field(default_factory=list)
+    params: list[Param] = dataclasses.field(default_factory=list)
+    tags: list[RunTag] = dataclasses.field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.metrics) + len(self.params) + len(self.tags)
@@ -209,34 +208,27 @@ class StoreLink:
 
     def _replay(self, run_id: str, record: dict[str, Any]) -> None:
         try:
-            self._replay_record(run_id, record)
+            if record.get("op") != "create":
+                if is_offline_id(real := self.resolve(run_id)):
+                    raise RuntimeError(
+                        f"run {run_id} was never created (its spooled 'create' record is missing)"
+                    )
+                self.apply(real, record)
+            elif run_id not in self._idmap:
+                tags = dict(record.get("tags") or {})
+                if tags.get("mlflow.parentRunId"):
+                    tags["mlflow.parentRunId"] = self.resolve(tags["mlflow.parentRunId"])
+                experiment_id = record.get("experiment_id") or ensure_experiment(
+                    self.client, record["experiment_name"], record.get("artifact_location")
+                )
+                start, name = record.get("start_time"), record.get("run_name")
+                created = self.client.create_run(experiment_id, start_time=start, tags=tags, run_name=name)
+                self._idmap.record(run_id, created.info.run_id)
         except Exception as error:
             if is_outage(error):
                 raise
             # The server refused it as invalid: replaying again would fail the same way.
             self.warn(f"skipping spooled {record.get('op')} record of run {run_id}: {error}", RuntimeWarning)
-
-    def _replay_record(self, run_id: str, record: dict[str, Any]) -> None:
-        real, client = self.resolve(run_id), self.client
-        if record.get("op") == "create":
-            if run_id not in self._idmap:
-                tags = dict(record.get("tags") or {})
-                if tags.get("mlflow.parentRunId"):
-                    tags["mlflow.parentRunId"] = self.resolve(tags["mlflow.parentRunId"])
-                experiment_id = record.get("experiment_id") or ensure_experiment(
-                    client, record["experiment_name"], record.get("artifact_location")
-                )
-                created = client.create_run(
-                    experiment_id,
-                    start_time=record.get("start_time"),
-                    tags=tags,
-                    run_name=record.get("run_name"),
-                )
-                self._idmap.record(run_id, created.info.run_id)
-        elif is_offline_id(real):
-            raise RuntimeError(f"run {run_id} was never created (its spooled 'create' record is missing)")
-        else:
-            self.apply(real, record)
 
     def apply(self, real_id: str, record: dict[str, Any]) -> None:
         """Send one spool record other than ``create`` to the existing run ``real_id``."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import dataclasses
+import functools
 import itertools
 import logging
 import multiprocessing.util  # noqa: F401 - imported before our atexit hook, which must run first
@@ -32,18 +33,11 @@ from mlflow.tracking import MlflowClient
 
 from bigmodel_ops.tracking.sender import SenderLoop, can_fork, file_request, start_process
 from bigmodel_ops.tracking.spool import Spool, is_offline_id, new_offline_id
-from bigmodel_ops.tracking.store import (
-    Pending,
-    SharedStatus,
-    StoreLink,
-    TrackingOfflineWarning,
-    ensure_experiment,
-)
+from bigmodel_ops.tracking.store import Pending, SharedStatus, StoreLink, ensure_experiment
 
 _logger = logging.getLogger(__name__)
 
 RUN_ID_ENV = "BIGMODEL_OPS_RUN_ID"  # rank 0's run id, inherited by the processes it launches
-_WARNINGS = {"TrackingOfflineWarning": TrackingOfflineWarning, "RuntimeWarning": RuntimeWarning}
 _open_senders: weakref.WeakSet[LogSender] = weakref.WeakSet()  # closed at interpreter exit
 
 
@@ -59,20 +53,17 @@ class SenderStats:
 
 
 class NullTransport:
-    """What non-zero ranks log through: every transport call (``enqueue_*``, ``call``,
+    """What non-zero ranks log through: every transport call (``enqueue*``, ``call``,
     ``create_run``, ``flush``... and any added later) does nothing; every run id is rank 0's."""
 
     active = offline = False
 
     def __init__(self, uri: str) -> None:
         self._uri = uri
-        self._client: MlflowClient | None = None
 
-    @property
+    @functools.cached_property
     def client(self) -> MlflowClient:
-        if self._client is None:  # made on first use: a client may open (and migrate) a store
-            self._client = MlflowClient(self._uri)
-        return self._client
+        return MlflowClient(self._uri)  # made on first use: a client may open (and migrate) a store
 
     def resolve(self, run_id: str) -> str:
         return os.environ.get(RUN_ID_ENV, "")
@@ -145,15 +136,10 @@ class LogSender(StoreLink):
     # ---- queued: the training thread's hot path ---------------------------------------------
 
     def enqueue_metrics(self, run_id: str, values: dict[str, float], step: int, timestamp_ms: int) -> None:
-        self._put(("m", run_id, values, step, timestamp_ms))
+        self.enqueue(("m", run_id, values, step, timestamp_ms))
 
-    def enqueue_params(self, run_id: str, items: list[tuple[str, str]]) -> None:
-        self._put(("p", run_id, items))
-
-    def enqueue_tags(self, run_id: str, items: list[tuple[str, str]]) -> None:
-        self._put(("t", run_id, items))
-
-    def _put(self, item: tuple[Any, ...]) -> None:
+    def enqueue(self, item: tuple[Any, ...]) -> None:
+        """Queue one request (``("m" | "p" | "t", run_id, ...)``, sender.py); never blocks."""
         now = time.monotonic()
         if now >= self._next_reply_check:  # warnings from the sender, at most once a second
             self._next_reply_check = now + 1.0
@@ -215,12 +201,10 @@ class LogSender(StoreLink):
                 self._experiments[name] = ensure_experiment(self.client, name, artifact_location)
         return self._experiments.get(name)
 
-    def create_run(
-        self, *, experiment: str, artifact_location: str | None, run_name: str, tags: dict[str, str]
-    ) -> str:
-        """Create a run now, or (server down, or a parent not created yet) spool its creation
-        and return a placeholder id."""
-        start = int(time.time() * 1000)
+    def create_run(self, experiment: str, artifact_location: str | None, tags: dict[str, str]) -> str:
+        """Create the run named by tag ``mlflow.runName`` now, or (server down, or a parent not
+        created yet) spool its creation and return a placeholder id."""
+        start, run_name = int(time.time() * 1000), tags.get("mlflow.runName")
         experiment_id = self.experiment_id(experiment, artifact_location)
         parent = tags.get("mlflow.parentRunId")  # a placeholder parent: replay resolves it
         if experiment_id is not None and self.reachable() and not is_offline_id(parent):
@@ -231,11 +215,6 @@ class LogSender(StoreLink):
         record.update(artifact_location=artifact_location, run_name=run_name, start_time=start)
         self.spool.append(placeholder, record)
         return placeholder
-
-    def terminate(self, run_id: str, status: str) -> None:
-        """Send everything queued, then end the run with ``status``."""
-        self.flush()
-        self.call(run_id, {"op": "terminate", "status": status, "end_time": int(time.time() * 1000)})
 
     # ---- flush and close --------------------------------------------------------------------
 
@@ -291,7 +270,7 @@ class LogSender(StoreLink):
 
     def _handle(self, reply: tuple[Any, ...]) -> None:
         if reply[0] == "warn":
-            warnings.warn(reply[1], _WARNINGS.get(reply[2], RuntimeWarning), stacklevel=5)
+            warnings.warn(reply[1], reply[2], stacklevel=5)
         elif reply[0] == "ack":
             self._acked = max(self._acked, reply[1])
             self._counters = reply[2]
