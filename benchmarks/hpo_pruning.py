@@ -23,13 +23,19 @@ Usage::
 
 ``--quick``: a few pretraining steps and a tiny model, 3 trials, to check the code path (the
 numbers mean nothing). ``--keep DIR`` keeps (and reuses) the project folder: the prepare, tokenize
-and pretrain stages are skipped when DIR already holds a pretrained model.
+and pretrain stages are skipped when DIR already holds a pretrained model. ``--reuse-unpruned``
+(with ``--keep``): the unpruned study's report is saved in DIR, keyed by everything that shapes
+that study (the params with the pruner-only settings left out, the torch threads), and a later run
+with the same key reuses it instead of running the unpruned study again (the search without a
+pruner does not depend on the pruner's settings), so comparing pruner settings costs only the
+pruned study. Its seconds were measured in the earlier run, under that run's machine load.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import json
 import logging
 import os
@@ -82,6 +88,30 @@ def build_params(args: argparse.Namespace, *, tracking_uri: str) -> dict[str, An
     return raw
 
 
+# tune.* settings only the pruner reads: the study without a pruner is the same whatever they are.
+PRUNER_ONLY = (
+    "pruner",
+    "pruner_startup_trials",
+    "pruner_warmup_steps",
+    "min_resource",
+    "max_resource",
+    "reduction_factor",
+    "prune_threshold",
+    "storage",
+)
+
+
+def unpruned_key(raw: dict[str, Any], *, threads: int | None) -> str:
+    """What the unpruned study depends on: the params less the pruner-only tune settings (and the
+    throwaway tracking/storage locations), and the torch threads (they change its seconds)."""
+    shaped = copy.deepcopy(raw)
+    shaped["tracking"].pop("uri", None)
+    for key in PRUNER_ONLY:
+        shaped["tune"].pop(key, None)
+    text = json.dumps({"params": shaped, "threads": threads}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 def study_line(name: str, report: dict[str, Any]) -> str:
     return (
         f"{name:>9}: {report['n_trials']} trials ({report['n_complete']} complete, {report['n_pruned']} "
@@ -126,7 +156,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             log(f"setup: reusing {paths.pretrained_model}")
 
         reports: dict[str, dict[str, Any]] = {}
+        cached = root / f"unpruned-{unpruned_key(raw, threads=args.threads)}.json"
         for name, pruner in (("pruned", t.pruner), ("unpruned", "none")):
+            if name == "unpruned" and args.reuse_unpruned and cached.is_file():
+                reports[name] = json.loads(cached.read_text())
+                log(study_line(name, reports[name]) + f"; reused from {cached.name} ({reports[name]['saved_at']})")
+                continue
             variant = copy.deepcopy(raw)
             variant["tune"]["pruner"] = pruner
             storage = root / f"study-{name}.db"
@@ -136,6 +171,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             reports[name] = tune.run(parse_params(variant), paths=paths, quiet=True)
             reports[name]["stage_seconds"] = round(time.perf_counter() - started, 1)
             log(study_line(name, reports[name]) + f"; stage {reports[name]['stage_seconds']:.0f} s")
+            if name == "unpruned" and args.keep is not None:
+                saved = {**reports[name], "saved_at": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
+                cached.write_text(json.dumps(saved, indent=1, default=str))
 
     pruned, unpruned = reports["pruned"], reports["unpruned"]
     steps_fraction = pruned["total_optimizer_steps"] / max(unpruned["total_optimizer_steps"], 1)
@@ -170,6 +208,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "unpruned": {k: unpruned[k] for k in keys},
         "steps_saved_by_pruning": pruned["steps_saved_by_pruning"],
         "meets_targets": steps_fraction <= 0.5 and gap <= 0.5,
+        "unpruned_reused": "saved_at" in unpruned,
         "seconds_total": round(time.perf_counter() - t_start, 1),
     }
 
@@ -189,6 +228,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--pretrain-steps", type=int, default=300, help="pretraining steps (default 300)")
     parser.add_argument("--keep", type=Path, default=None, help="project folder to keep and reuse")
     parser.add_argument(
+        "--reuse-unpruned",
+        action="store_true",
+        help="with --keep: reuse the unpruned study's saved report when nothing it depends on changed",
+    )
+    parser.add_argument(
         "--threads", type=int, default=None, help="torch threads (default: torch's; 1 on a shared machine)"
     )
     return parser
@@ -196,6 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.reuse_unpruned and args.keep is None:
+        build_parser().error("--reuse-unpruned needs --keep (the folder that holds the saved report)")
     if args.n_trials is None:
         args.n_trials = 3 if args.quick else 12
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

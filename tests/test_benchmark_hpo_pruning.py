@@ -1,0 +1,49 @@
+"""benchmarks/hpo_pruning.py: what keys the saved unpruned study (``--reuse-unpruned``)."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "benchmarks" / "hpo_pruning.py"
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("hpo_pruning", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_unpruned_key_ignores_pruner_settings_and_follows_everything_else() -> None:
+    bench = _load_script()
+    raw = bench.repo_params()
+    key = bench.unpruned_key(raw, threads=1)
+
+    pruner_only = copy.deepcopy(raw)
+    pruner_only["tune"].update({"pruner": "successive_halving", "min_resource": 40, "reduction_factor": 4})
+    pruner_only["tracking"]["uri"] = "sqlite:///elsewhere.db"
+    assert bench.unpruned_key(pruner_only, threads=1) == key
+
+    for section, name, value in (
+        ("tune", "max_epochs", 7),
+        ("tune", "n_trials", 99),
+        ("project", "seed", 4242),
+        ("finetune", "max_length", 32),
+    ):
+        changed = copy.deepcopy(raw)
+        changed[section][name] = value
+        assert bench.unpruned_key(changed, threads=1) != key, f"{section}.{name} must change the key"
+    assert bench.unpruned_key(raw, threads=2) != key
+
+
+def test_reuse_unpruned_needs_keep() -> None:
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), "--quick", "--reuse-unpruned"], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 2
+    assert "--reuse-unpruned needs --keep" in result.stderr
