@@ -40,7 +40,7 @@ _COLOURS = {
 
 
 def copy_headline(
-    client: MlflowClient, parent_id: str, runs: Mapping[str, str], wanted: Mapping[str, list[str]]
+    client: MlflowClient, *, parent_id: str, runs: Mapping[str, str], wanted: Mapping[str, list[str]]
 ) -> dict[str, float]:
     """Copy the metrics named in ``wanted`` of ``runs`` ({stage: run id}) onto the parent as
     ``<stage>.<metric>`` and return them; a missing metric, or a run that cannot be read (deleted,
@@ -79,7 +79,7 @@ def run_cost(client: MlflowClient, run_id: str) -> Cost | None:
     return sum(found[1:], found[0]) if found else None
 
 
-def log_pipeline_cost(client: MlflowClient, parent_id: str) -> Cost | None:
+def log_pipeline_cost(client: MlflowClient, *, parent_id: str) -> Cost | None:
     """Log onto the parent the sums of the costs (:func:`run_cost`) of the runs that produced its
     stages (its ``stage_run.<stage>`` tags, reused stages included; a run that cannot be read counts
     nothing), and the tag ``cost.energy_source``; returns them, None (nothing logged) when no stage
@@ -238,7 +238,12 @@ def render_png(
 
 
 def log_dag(
-    transport: Any, parent_id: str, dvc_yaml: Mapping[str, Any], pipeline_id: str, current: tuple[str, str]
+    transport: Any,
+    *,
+    parent_id: str,
+    dvc_yaml: Mapping[str, Any],
+    pipeline_id: str,
+    current: tuple[str, str],
 ) -> None:
     """Write ``pipeline/dag.mmd`` and ``pipeline/dag.png`` onto the parent (``transport``: a LogSender)."""
     stages, edges = stage_graph(dvc_yaml)

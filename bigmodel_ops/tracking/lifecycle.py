@@ -150,7 +150,11 @@ class StageLifecycle:
         root, client = self.root or Path.cwd(), self.sender.client
         try:
             parent_id, created = pipeline.find_or_create_parent(
-                client, experiment_id, self.pipeline_id, root, self.lineage
+                client,
+                experiment_id=experiment_id,
+                pipeline_id=self.pipeline_id,
+                root=root,
+                tags=self.lineage,
             )
             if created:
                 self._handle(parent_id).log_params(self.params)
@@ -212,9 +216,9 @@ class StageLifecycle:
         """The headline metrics of ``runs`` ({stage: run id}) and the recomputed cost sums onto the
         parent (frontpage.py); a failure of the cost only warns."""
         client = self.sender.client
-        frontpage.copy_headline(client, parent_id, runs, self.tracking.headline_metrics)
+        frontpage.copy_headline(client, parent_id=parent_id, runs=runs, wanted=self.tracking.headline_metrics)
         try:
-            frontpage.log_pipeline_cost(client, parent_id)
+            frontpage.log_pipeline_cost(client, parent_id=parent_id)
         except Exception as error:  # noqa: BLE001 - the front page must not stop a stage
             _logger.warning("could not sum the cost of pipeline run %s: %s", parent_id, error)
 
@@ -253,16 +257,25 @@ class StageLifecycle:
         if self.parent_id is not None:
             try:
                 if finished and self.sender.reachable():
-                    pipeline.mark_stage_done(client, self.parent_id, self.stage, real, self.pipeline_id)
+                    pipeline.mark_stage_done(
+                        client,
+                        parent_id=self.parent_id,
+                        stage=self.stage,
+                        run_id=real,
+                        pipeline_id=self.pipeline_id,
+                    )
                     self._copy_to_parent(self.parent_id, {self.stage: real})
                 if self.root is not None and self.sender.reachable():
-                    dvc_yaml = lineage.read_yaml(self.root / "dvc.yaml")
                     frontpage.log_dag(
-                        self.sender, self.parent_id, dvc_yaml, self.pipeline_id, (self.stage, status)
+                        self.sender,
+                        parent_id=self.parent_id,
+                        dvc_yaml=lineage.read_yaml(self.root / "dvc.yaml"),
+                        pipeline_id=self.pipeline_id,
+                        current=(self.stage, status),
                     )
                 client.set_terminated(self.parent_id, status=status)
             except Exception as parent_error:  # the stage's own outcome is already recorded
                 _logger.warning("could not update pipeline run %s: %s", self.parent_id, parent_error)
         if finished and self.root is not None:
             with contextlib.suppress(OSError):
-                pipeline.record_stage(self.root, self.stage, real, self.pipeline_id)
+                pipeline.record_stage(self.root, stage=self.stage, run_id=real, pipeline_id=self.pipeline_id)

@@ -19,8 +19,7 @@ from typing import Any
 
 from mlflow.tracking import MlflowClient
 
-from bigmodel_ops.fsutil import write_json_atomic
-from bigmodel_ops.tracking.spool import flocked
+from bigmodel_ops.fsutil import flocked, write_json_atomic
 
 PIPELINE_TAG = "bigmodel_ops.pipeline_id"
 ROLE_TAG = "bigmodel_ops.role"
@@ -40,7 +39,7 @@ def read_registry(root: Path) -> dict[str, dict[str, Any]]:
     return stages if isinstance(stages, dict) else {}
 
 
-def record_stage(root: Path, stage: str, run_id: str, pipeline_id: str | None) -> None:
+def record_stage(root: Path, *, stage: str, run_id: str, pipeline_id: str | None) -> None:
     """Atomically record the run that produced a stage's current outputs."""
     with flocked(root / LOCK_FILE):
         stages = read_registry(root)
@@ -59,7 +58,7 @@ def _search(client: MlflowClient, experiment_id: str, pipeline_id: str) -> list[
 
 
 def find_or_create_parent(
-    client: MlflowClient, experiment_id: str, pipeline_id: str, root: Path, tags: dict[str, str]
+    client: MlflowClient, *, experiment_id: str, pipeline_id: str, root: Path, tags: dict[str, str]
 ) -> tuple[str, bool]:
     """(parent run id, created) for a pipeline id; new parents inherit the registry's stage runs."""
     with flocked(root / LOCK_FILE):
@@ -86,7 +85,7 @@ def find_or_create_parent(
 
 
 def mark_stage_done(
-    client: MlflowClient, parent_id: str, stage: str, run_id: str, pipeline_id: str | None
+    client: MlflowClient, *, parent_id: str, stage: str, run_id: str, pipeline_id: str | None
 ) -> None:
     """Point the parent at the run that produced this stage's outputs."""
     client.set_tag(parent_id, STAGE_RUN_TAG + stage, run_id)

@@ -30,7 +30,7 @@ _LINEAGE = "bigmodel_ops."
 _CODE_DEPS = ("bigmodel_ops/", "stages/")  # code is versioned by the git commit, not as data
 
 
-def _logged_model_id(client: MlflowClient, run_id: str, experiment_id: str, name: str) -> str | None:
+def _logged_model_id(client: MlflowClient, *, run_id: str, experiment_id: str, name: str) -> str | None:
     """The newest MLflow 3 LoggedModel named ``name`` whose source run is ``run_id``, if any."""
     found, page_token = [], None
     while True:
@@ -52,11 +52,15 @@ def register_run_model(
     name: str,
     tags: Mapping[str, Any] | None = None,
 ) -> ModelVersion:
-    """Register what run ``run_id`` logged at ``artifact_path`` as a new version of model ``name``:
-    an MLflow 3 logged model named ``artifact_path`` (``log_model(name=...)``; the version then
-    links to it), or a plain artifact folder of the run (an MLmodel directory or just safetensors +
-    config). Creates the registered model on first use; tag values are stored as strings. Raises
-    CheckpointError when the run does not exist in this store or holds nothing at ``artifact_path``.
+    """Register what run ``run_id`` logged at ``artifact_path`` as a new version of model ``name``.
+
+    Works for any model: an MLflow 3 logged model named ``artifact_path`` (``log_model(name=...)``;
+    the version then links to it), or a plain artifact folder of the run (an MLmodel directory or
+    just safetensors + config). Creates the registered model on first use. Tag values are stored
+    as strings.
+
+    Raises CheckpointError when the run does not exist in this store or holds nothing at
+    ``artifact_path``.
     """
     try:
         run = client.get_run(run_id)
@@ -65,7 +69,9 @@ def register_run_model(
             f"MLflow run {run_id} not found in the tracking store ({error.message.splitlines()[0]}); "
             "re-run the stage that logged the model against this store"
         ) from None
-    model_id = _logged_model_id(client, run_id, run.info.experiment_id, artifact_path)
+    model_id = _logged_model_id(
+        client, run_id=run_id, experiment_id=run.info.experiment_id, name=artifact_path
+    )
     if model_id is not None:
         source = f"models:/{model_id}"
     elif client.list_artifacts(run_id, artifact_path):
@@ -78,7 +84,9 @@ def register_run_model(
         if error.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
             raise
     tags = {str(k): str(v) for k, v in (tags or {}).items()}
-    version = client.create_model_version(name, source, run_id, tags=tags, model_id=model_id)
+    version = client.create_model_version(
+        name=name, source=source, run_id=run_id, tags=tags, model_id=model_id
+    )
     _logger.info("registered %s version %s from run %s (%s)", name, version.version, run_id, source)
     return version
 
@@ -124,11 +132,13 @@ def run_lineage(
     client: MlflowClient, run_id: str, *, stages: Iterable[str], known: Mapping[str, str | None] | None = None
 ) -> dict[str, str]:
     """Version tags that lead back to what produced a model, from the lineage tags of run ``run_id``
-    (the evaluate run) and of its pipeline parent run: ``git_commit``, ``pipeline_id``;
-    ``data.<path>``: the dvc.lock md5 of each data dependency of the run's stage (code deps are
-    covered by the commit) and ``data_version``, a hash of them all; ``<stage>_run_id`` for each of
-    ``stages``: ``known[stage]`` when given, else the run the parent records as having produced
-    that stage's outputs. Unknown values are ``unknown``."""
+    (the evaluate run) and of its pipeline parent run.
+
+    ``git_commit``, ``pipeline_id``; ``data.<path>``: the dvc.lock md5 of each data dependency of
+    the run's stage (code deps are covered by the commit) and ``data_version``, a hash of them all;
+    ``<stage>_run_id`` for each of ``stages``: ``known[stage]`` when given, else the run the parent
+    records as having produced that stage's outputs. Unknown values are ``unknown``.
+    """
     tags = client.get_run(run_id).data.tags
     parent_tags: Mapping[str, str] = {}
     if parent := tags.get("mlflow.parentRunId"):

@@ -15,7 +15,6 @@ is skipped.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import logging
 import os
@@ -25,6 +24,8 @@ import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+from bigmodel_ops.fsutil import flocked
 
 _logger = logging.getLogger(__name__)
 
@@ -37,15 +38,6 @@ def new_offline_id() -> str:
 
 def is_offline_id(run_id: str | None) -> bool:
     return bool(run_id) and str(run_id).startswith(OFFLINE_PREFIX)
-
-
-@contextlib.contextmanager
-def flocked(path: Path) -> Iterator[None]:
-    """Hold an exclusive ``flock`` on ``path`` (created, with its folder, when missing)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        yield  # closing the file releases the lock
 
 
 class Spool:

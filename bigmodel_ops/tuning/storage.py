@@ -21,7 +21,6 @@ so a worker that starts while others run leaves their trials alone.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import logging
 import time
 import warnings
@@ -37,6 +36,7 @@ from optuna.storages.journal import JournalFileBackend, JournalStorage
 from optuna.trial import FrozenTrial, TrialState
 
 from bigmodel_ops.errors import ConfigError
+from bigmodel_ops.fsutil import flocked
 
 _logger = logging.getLogger(__name__)
 
@@ -163,12 +163,8 @@ def storage_lock(storage: BaseStorage) -> Iterator[None]:
         yield
         return
     lock_path = storage.path.with_name(storage.path.name + ".workers.lock")
-    with open(lock_path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    with flocked(lock_path):
+        yield
 
 
 def reap_stale_trials(
