@@ -76,20 +76,24 @@ def _fluent_target(uri: str, experiment_id: str) -> Iterator[None]:
 
 @contextlib.contextmanager
 def fluent_tracking_uri(uri: str) -> Iterator[None]:
-    """MLflow's global tracking URI set to ``uri`` for the block, then put back exactly as it was
-    (unset stays unset, so MLFLOW_TRACKING_URI keeps deciding for later callers in the process)."""
+    """MLflow's global tracking URI set to ``uri`` for the block, then put back exactly as it was,
+    MLFLOW_TRACKING_URI included: ``mlflow.set_tracking_uri`` also writes that variable, so
+    restoring through it would point later callers in the process (and its children) at
+    whatever store was global before, not at the one the environment named."""
     import mlflow
     from mlflow.tracking._tracking_service import utils
 
     previous = getattr(utils, "_tracking_uri", None)
+    previous_env = os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(uri)
     try:
         yield
     finally:
-        if previous is None and hasattr(utils, "_tracking_uri"):
-            utils._tracking_uri = None
+        utils._tracking_uri = previous
+        if previous_env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
         else:
-            mlflow.set_tracking_uri(previous)
+            os.environ["MLFLOW_TRACKING_URI"] = previous_env
 
 
 def log_pyfunc_model(run: Any, model_dir: Path, *, tracking_uri: str, input_texts: list[str]) -> Any:

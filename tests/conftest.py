@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -51,8 +52,10 @@ def _migrated_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(autouse=True)
-def mlflow_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, _migrated_store: Path) -> str:
-    """A real, empty, migrated sqlite MLflow store for this test; MLFLOW_TRACKING_URI points at it."""
+def mlflow_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, _migrated_store: Path) -> Iterator[str]:
+    """A real, empty, migrated sqlite MLflow store for this test; MLFLOW_TRACKING_URI points at it.
+    A test that calls ``mlflow.set_tracking_uri`` leaves MLflow's global URI set, and it wins over
+    the environment: it is cleared after each test so the next one reaches its own store."""
     db = tmp_path / "mlflow-store" / "mlflow.db"
     db.parent.mkdir()
     shutil.copy(_migrated_store, db)
@@ -61,7 +64,10 @@ def mlflow_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, _migrated_stor
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
     monkeypatch.setenv("GIT_PYTHON_REFRESH", "quiet")
-    return uri
+    yield uri
+    from mlflow.tracking._tracking_service import utils
+
+    utils._tracking_uri = None
 
 
 @pytest.fixture

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -198,3 +199,28 @@ def test_tag_keys_are_valid_mlflow_names() -> None:
         _validate_tag_name(key)
     assert lineage.tag_key("a\\b") == "a_b"  # a backslash is not a path separator in a tag key
     assert lineage.tag_key("../up/x") == "up/x" and lineage.tag_key("/abs/path") == "abs/path"
+
+
+def test_fluent_tracking_uri_puts_back_the_global_uri_and_the_environment(
+    tmp_path: Path, mlflow_store: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mlflow.tracking._tracking_service import utils
+
+    from bigmodel_ops.serving import fluent_tracking_uri
+
+    # A store made global earlier in the process (set_tracking_uri also writes the variable),
+    # then the environment pointed at another one: both come back as they were.
+    earlier, inner = f"sqlite:///{tmp_path / 'earlier.db'}", f"sqlite:///{tmp_path / 'inner.db'}"
+    mlflow.set_tracking_uri(earlier)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_store)
+    with fluent_tracking_uri(inner):
+        assert mlflow.get_tracking_uri() == inner
+    assert mlflow.get_tracking_uri() == earlier
+    assert os.environ["MLFLOW_TRACKING_URI"] == mlflow_store
+
+    # Unset stays unset.
+    utils._tracking_uri = None
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    with fluent_tracking_uri(inner):
+        assert os.environ["MLFLOW_TRACKING_URI"] == inner
+    assert utils._tracking_uri is None and "MLFLOW_TRACKING_URI" not in os.environ
