@@ -160,7 +160,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for name, pruner in (("pruned", t.pruner), ("unpruned", "none")):
             if name == "unpruned" and args.reuse_unpruned and cached.is_file():
                 reports[name] = json.loads(cached.read_text())
-                log(study_line(name, reports[name]) + f"; reused from {cached.name} ({reports[name]['saved_at']})")
+                log(
+                    study_line(name, reports[name])
+                    + f"; reused from {cached.name} ({reports[name]['saved_at']})"
+                )
                 continue
             variant = copy.deepcopy(raw)
             variant["tune"]["pruner"] = pruner
