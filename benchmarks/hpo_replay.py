@@ -1,0 +1,189 @@
+"""Pruner settings tried in seconds: a finished unpruned search replayed through each of them.
+
+Reads an Optuna study that ran without a pruner (for example the ``study-unpruned.db`` that
+``hpo_pruning.py --keep DIR`` leaves in DIR) and, for each ``--try`` setting, feeds the complete
+trials' step reports, in trial order, to a fresh in-memory study with that pruner
+(:func:`bigmodel_ops.tuning.study.make_pruner`, so exactly what the tune stage would build, the
+study name included: Hyperband's brackets depend on it). A trial the pruner stops at step s
+costs s optimizer steps; a trial it lets finish costs its recorded ``optimizer_steps`` and
+keeps its value.
+
+The replay is exact when the sampler's choices do not depend on earlier results
+(``tune.sampler: random``) and each trial's training is seeded, as the tune stage does: the
+pruned search then trains the same trials, and a trial stopped at step s has made the same
+reports as its unpruned twin up to s. With a model-based sampler (TPE, CMA-ES, GP) it is an
+estimate: a real pruned search samples other points once it sees other results. Trials that
+did not complete in the unpruned study (failed) are left out of both sides.
+
+Prints one line per setting, then, last, one JSON line with, per setting, ``steps_fraction``
+(replayed steps over the unpruned study's), ``best_gap_points`` (unpruned best minus replayed
+best, times 100: accuracy points for ``val_acc``; for a minimised metric, replayed minus
+unpruned) and ``n_pruned``.
+
+Usage::
+
+    python benchmarks/hpo_replay.py --study sqlite:///DIR/study-unpruned.db \\
+        --try pruner=successive_halving,min_resource=60,reduction_factor=4 --try pruner=hyperband
+
+Each ``--try`` is comma-separated ``tune.*`` settings over the repo's params.yaml (or
+``--params``), validated by the params schema.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+
+class ReplayError(Exception):
+    """The study or a setting cannot be replayed; the message says which and why."""
+
+
+def parse_setting(text: str, *, base: dict[str, Any], source: str) -> Any:
+    """``key=value,key=value`` over ``base``'s tune section, validated: the TuneParams."""
+    from bigmodel_ops.config import ConfigError, parse_params
+
+    raw = json.loads(json.dumps(base))
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ReplayError(f"--try {text!r}: {item!r} is not KEY=VALUE")
+        raw["tune"][key.strip()] = yaml.safe_load(value)
+    try:
+        return parse_params(raw, source=f"{source} with --try {text}").tune
+    except ConfigError as error:
+        raise ReplayError(str(error)) from None
+
+
+def load_unpruned(storage: str, study_name: str | None) -> tuple[Any, list[Any]]:
+    """The study and its complete trials, in trial order; refuses a study that pruned."""
+    import optuna
+
+    names = optuna.get_all_study_names(storage=storage)
+    if study_name is None:
+        if len(names) != 1:
+            raise ReplayError(f"{storage} holds {len(names)} studies {names}: name one with --study-name")
+        study_name = names[0]
+    elif study_name not in names:
+        raise ReplayError(f"{storage} has no study {study_name!r} (it has {names})")
+    study = optuna.load_study(study_name=study_name, storage=storage)
+    states = optuna.trial.TrialState
+    if any(t.state == states.PRUNED for t in study.trials):
+        raise ReplayError(f"study {study_name!r} pruned some trials: replay needs a search run without a pruner")
+    trials = [t for t in study.trials if t.state == states.COMPLETE]
+    if not trials:
+        raise ReplayError(f"study {study_name!r} has no complete trial")
+    missing = [t.number for t in trials if "optimizer_steps" not in t.user_attrs or not t.intermediate_values]
+    if missing:
+        raise ReplayError(
+            f"study {study_name!r}: trials {missing} lack step reports or the user attribute "
+            "optimizer_steps (run by the tune stage, they have both)"
+        )
+    return study, trials
+
+
+def replay(study: Any, trials: list[Any], tune: Any) -> dict[str, Any]:
+    """Feed ``trials``' reports, in order, to a fresh study with ``tune``'s pruner."""
+    import optuna
+
+    from bigmodel_ops.tuning.study import make_pruner
+
+    direction = study.direction
+    shadow = optuna.create_study(study_name=study.study_name, direction=direction, pruner=make_pruner(tune))
+    steps, values, pruned = 0, [], 0
+    for original in trials:
+        trial = shadow.ask()
+        for step in sorted(original.intermediate_values):
+            trial.report(original.intermediate_values[step], step)
+            if trial.should_prune():
+                steps, pruned = steps + step, pruned + 1
+                shadow.tell(trial, state=optuna.trial.TrialState.PRUNED)
+                break
+        else:
+            steps += int(original.user_attrs["optimizer_steps"])
+            values.append(float(original.value))
+            shadow.tell(trial, original.value)
+    total = sum(int(t.user_attrs["optimizer_steps"]) for t in trials)
+    maximise = direction == optuna.study.StudyDirection.MAXIMIZE
+    best_all = max(t.value for t in trials) if maximise else min(t.value for t in trials)
+    best = (max(values) if maximise else min(values)) if values else None
+    gap = None if best is None else 100.0 * ((best_all - best) if maximise else (best - best_all))
+    return {
+        "steps_fraction": round(steps / total, 4),
+        "best_gap_points": None if gap is None else round(gap, 2),
+        "n_pruned": pruned,
+        "n_complete": len(values),
+        "steps": steps,
+        "best_value": best,
+    }
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--study", required=True, help="Optuna storage URL of the unpruned search")
+    parser.add_argument("--study-name", default=None, help="needed when the storage holds several studies")
+    parser.add_argument(
+        "--try",
+        dest="settings",
+        action="append",
+        required=True,
+        metavar="KEY=VALUE[,KEY=VALUE]",
+        help="tune.* settings of one pruner to replay, e.g. pruner=median,pruner_warmup_steps=60",
+    )
+    parser.add_argument("--params", type=Path, default=None, help="params file (default: the repo's)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    params_path = args.params or REPO_ROOT / "params.yaml"
+    try:
+        base = yaml.safe_load(params_path.read_text())
+        tunes = [parse_setting(text, base=base, source=str(params_path)) for text in args.settings]
+        study, trials = load_unpruned(args.study, args.study_name)
+    except (ReplayError, OSError) as error:
+        print(f"hpo_replay: {error}", file=sys.stderr)
+        return 2
+    total = sum(int(t.user_attrs["optimizer_steps"]) for t in trials)
+    best = max(trials, key=lambda t: t.value if study.direction.name == "MAXIMIZE" else -t.value)
+    print(
+        f"unpruned {study.study_name}: {len(trials)} complete trials, {total} optimizer steps, "
+        f"best {best.value:.4f} (trial {best.number})",
+        flush=True,
+    )
+    results = []
+    for text, tune in zip(args.settings, tunes, strict=True):
+        result = {"setting": text, **replay(study, trials, tune)}
+        results.append(result)
+        gap = result["best_gap_points"]
+        print(
+            f"{text}: {result['n_pruned']} pruned, {result['steps_fraction']:.0%} of the steps, "
+            f"best gap {'none complete' if gap is None else f'{gap:+.2f}'}",
+            flush=True,
+        )
+    summary = {
+        "benchmark": "hpo_replay",
+        "study": study.study_name,
+        "n_trials": len(trials),
+        "unpruned_steps": total,
+        "unpruned_best": best.value,
+        "settings": results,
+    }
+    print(json.dumps(summary), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

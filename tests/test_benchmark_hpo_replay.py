@@ -1,0 +1,126 @@
+"""benchmarks/hpo_replay.py: replaying an unpruned search gives what the pruned search really did.
+
+The searches here are real Optuna studies in sqlite storages, with a deterministic objective
+whose learning curves cross (no training: the replay only reads reports, steps and values).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+
+from bigmodel_ops.config import parse_params
+from bigmodel_ops.tuning.study import make_pruner
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "benchmarks" / "hpo_replay.py"
+STUDY = "replay-demo"
+SETTINGS = (
+    "pruner=successive_halving,min_resource=20,reduction_factor=3",
+    "pruner=hyperband,min_resource=20,reduction_factor=3",
+    "pruner=median,pruner_startup_trials=2,pruner_warmup_steps=40",
+)
+
+
+def _objective(trial: optuna.Trial) -> float:
+    lr = trial.suggest_float("lr", 1e-4, 1e-2, log=True)
+    batch = trial.suggest_categorical("batch_size", [16, 32])
+    budget = 200 if batch == 16 else 100
+    quality = 0.5 + 0.4 * math.exp(-((math.log10(lr) + 2.5) ** 2))
+    speed = 30.0 if lr > 1e-3 else 90.0  # fast starters are not always the best at the end
+    value = 0.5
+    for step in range(20, budget + 1, 20):
+        value = 0.5 + (quality - 0.5) * (1 - math.exp(-step / speed)) + 0.02 * math.sin(step * lr * 300)
+        trial.report(value, step)
+        if trial.should_prune():
+            trial.set_user_attr("optimizer_steps", step)
+            raise optuna.TrialPruned()
+    trial.set_user_attr("optimizer_steps", budget)
+    return value
+
+
+def _search(storage: str, pruner: optuna.pruners.BasePruner, *, n_trials: int = 14) -> optuna.Study:
+    study = optuna.create_study(
+        study_name=STUDY,
+        storage=storage,
+        direction="maximize",
+        sampler=optuna.samplers.RandomSampler(seed=11),
+        pruner=pruner,
+    )
+    study.optimize(_objective, n_trials=n_trials)
+    return study
+
+
+def _tune(setting: str):
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    for item in setting.split(","):
+        key, _, value = item.partition("=")
+        raw["tune"][key] = yaml.safe_load(value)
+    return parse_params(raw).tune
+
+
+def _replay(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=120, cwd=REPO
+    )
+
+
+@pytest.fixture(autouse=True)
+def _quiet_optuna() -> None:
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def test_replay_equals_the_real_pruned_search(tmp_path: Path) -> None:
+    unpruned = _search(f"sqlite:///{tmp_path / 'unpruned.db'}", optuna.pruners.NopPruner())
+    total = sum(t.user_attrs["optimizer_steps"] for t in unpruned.trials)
+    result = _replay("--study", f"sqlite:///{tmp_path / 'unpruned.db'}", *[f"--try={s}" for s in SETTINGS])
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["unpruned_steps"] == total
+    assert summary["unpruned_best"] == pytest.approx(unpruned.best_value)
+
+    pruned_something = False
+    for index, (setting, replayed) in enumerate(zip(SETTINGS, summary["settings"], strict=True)):
+        real = _search(f"sqlite:///{tmp_path / f'pruned-{index}.db'}", make_pruner(_tune(setting)))
+        states = optuna.trial.TrialState
+        steps = sum(t.user_attrs["optimizer_steps"] for t in real.trials)
+        n_pruned = sum(t.state == states.PRUNED for t in real.trials)
+        assert replayed["setting"] == setting
+        assert replayed["steps"] == steps, setting
+        assert replayed["steps_fraction"] == pytest.approx(steps / total, abs=1e-4)
+        assert replayed["n_pruned"] == n_pruned, setting
+        assert replayed["best_value"] == pytest.approx(real.best_value), setting
+        gap = 100 * (unpruned.best_value - real.best_value)
+        assert replayed["best_gap_points"] == pytest.approx(gap, abs=0.01)
+        pruned_something |= n_pruned > 0
+    assert pruned_something, "no setting pruned: the comparison would prove nothing"
+
+
+def test_bad_settings_and_studies_are_refused_by_name(tmp_path: Path) -> None:
+    storage = f"sqlite:///{tmp_path / 'unpruned.db'}"
+    _search(storage, optuna.pruners.NopPruner(), n_trials=3)
+
+    unknown = _replay("--study", storage, "--try", "pruner=median,no_such_setting=3")
+    assert unknown.returncode == 2
+    assert "no_such_setting" in unknown.stderr and "tune" in unknown.stderr
+
+    not_pair = _replay("--study", storage, "--try", "pruner")
+    assert not_pair.returncode == 2
+    assert "'pruner' is not KEY=VALUE" in not_pair.stderr
+
+    wrong_name = _replay("--study", storage, "--study-name", "other", "--try", "pruner=median")
+    assert wrong_name.returncode == 2
+    assert "has no study 'other'" in wrong_name.stderr
+
+    pruned_storage = f"sqlite:///{tmp_path / 'pruned.db'}"
+    _search(pruned_storage, make_pruner(_tune(SETTINGS[0])))
+    refused = _replay("--study", pruned_storage, "--try", "pruner=median")
+    assert refused.returncode == 2
+    assert "pruned some trials" in refused.stderr
