@@ -78,7 +78,9 @@ def load_unpruned(storage: str, study_name: str | None) -> tuple[Any, list[Any]]
     study = optuna.load_study(study_name=study_name, storage=storage)
     states = optuna.trial.TrialState
     if any(t.state == states.PRUNED for t in study.trials):
-        raise ReplayError(f"study {study_name!r} pruned some trials: replay needs a search run without a pruner")
+        raise ReplayError(
+            f"study {study_name!r} pruned some trials: replay needs a search run without a pruner"
+        )
     trials = [t for t in study.trials if t.state == states.COMPLETE]
     if not trials:
         raise ReplayError(f"study {study_name!r} has no complete trial")

@@ -43,7 +43,10 @@ def test_unpruned_key_ignores_pruner_settings_and_follows_everything_else() -> N
 
 def test_reuse_unpruned_needs_keep() -> None:
     result = subprocess.run(
-        [sys.executable, str(SCRIPT), "--quick", "--reuse-unpruned"], capture_output=True, text=True, timeout=120
+        [sys.executable, str(SCRIPT), "--quick", "--reuse-unpruned"],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 2
     assert "--reuse-unpruned needs --keep" in result.stderr
