@@ -157,7 +157,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
         reports: dict[str, dict[str, Any]] = {}
         cached = root / f"unpruned-{unpruned_key(raw, threads=args.threads)}.json"
-        for name, pruner in (("pruned", t.pruner), ("unpruned", "none")):
+        for name, pruner in (
+            ("unpruned", "none"),
+            ("pruned", t.pruner),
+        ):  # with --keep, saved before the pruned study starts
             if name == "unpruned" and args.reuse_unpruned and cached.is_file():
                 reports[name] = json.loads(cached.read_text())
                 log(
