@@ -14,8 +14,8 @@ pruned search then trains the same trials, and a trial stopped at step s has mad
 reports as its unpruned twin up to s. With a model-based sampler (TPE, CMA-ES, GP) it is an
 estimate: a real pruned search samples other points once it sees other results. Trials that
 did not complete in the unpruned study (failed) are left out of both sides. Checked against real
-pruned searches of the tune stage (random sampler, 16 trials): successive halving and Hyperband
-on 1-epoch trials matched step for step; Hyperband on 2-epoch trials took one decision in 16
+pruned searches of the tune stage (random sampler, 16 trials): successive halving and median on
+2-epoch trials and Hyperband on 1-epoch trials matched step for step; Hyperband on 2-epoch trials took one decision in 16
 differently (1,700 replayed steps against 1,732 real ones), with identical reports on both sides.
 
 Prints one line per setting, then, last, one JSON line with, per setting, ``steps_fraction``
