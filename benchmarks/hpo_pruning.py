@@ -157,10 +157,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
         reports: dict[str, dict[str, Any]] = {}
         cached = root / f"unpruned-{unpruned_key(raw, threads=args.threads)}.json"
-        for name, pruner in (
-            ("unpruned", "none"),
-            ("pruned", t.pruner),
-        ):  # with --keep, saved before the pruned study starts
+        # The unpruned study first: with --keep it is saved before the pruned one starts.
+        for name, pruner in (("unpruned", "none"), ("pruned", t.pruner)):
             if name == "unpruned" and args.reuse_unpruned and cached.is_file():
                 reports[name] = json.loads(cached.read_text())
                 log(
