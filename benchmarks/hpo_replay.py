@@ -18,6 +18,19 @@ pruned searches of the tune stage (random sampler, 16 trials): successive halvin
 2-epoch trials and Hyperband on 1-epoch trials matched step for step; Hyperband on 2-epoch trials took one decision in 16
 differently (1,700 replayed steps against 1,732 real ones), with identical reports on both sides.
 
+A setting with ``report_every_n_examples=N`` replays on the examples axis, as the tune stage
+reports then: a trial of batch size B (its sampled ``batch_size``, else the params'
+``finetune.batch_size``; a trial trains on one device without gradient accumulation) reports at
+each first optimizer step whose examples (step x B) reach the next multiple of N, with step =
+those examples; only those of its recorded reports are fed, and its cost stays in optimizer
+steps. Reports do not change the training (the subset is measured without gradients, in eval
+mode), so a recorded report at such a step is the one the real search would have made. The
+replay is exact or refused: when the recorded study lacks one of those steps (recorded every 20
+steps, batch 32, N=320: step 10), the script exits 2 naming the setting, the trial and the step.
+With N a multiple of every batch size B, record the unpruned study with a
+``report_every_n_steps`` that divides every N / B. The recorded study must itself report on
+optimizer steps: one the tune stage ran with ``report_every_n_examples`` is refused.
+
 Prints one line per setting, then, last, one JSON line with, per setting, ``steps_fraction``
 (replayed steps over the unpruned study's), ``best_gap_points`` (unpruned best minus replayed
 best, times 100: accuracy points for ``val_acc``; for a minimised metric, replayed minus
@@ -26,10 +39,12 @@ unpruned) and ``n_pruned``.
 Usage::
 
     python benchmarks/hpo_replay.py --study sqlite:///DIR/study-unpruned.db \\
-        --try pruner=successive_halving,min_resource=60,reduction_factor=4 --try pruner=hyperband
+        --try pruner=successive_halving,min_resource=60,reduction_factor=4 --try pruner=hyperband \\
+        --try report_every_n_examples=640,pruner=successive_halving,min_resource=1280
 
 Each ``--try`` is comma-separated ``tune.*`` settings over the repo's params.yaml (or
-``--params``), validated by the params schema.
+``--params``: its ``finetune.batch_size`` is the batch size of trials that did not search it),
+validated by the params schema.
 """
 
 from __future__ import annotations
@@ -51,8 +66,14 @@ class ReplayError(Exception):
     """The study or a setting cannot be replayed; the message says which and why."""
 
 
+# Gradient accumulation of a tune trial: fine-tuning builds its Trainer without any (and each
+# trial runs on one device), so one optimizer step trains batch_size examples.
+ACCUMULATION = 1
+
+
 def parse_setting(text: str, *, base: dict[str, Any], source: str) -> Any:
-    """``key=value,key=value`` over ``base``'s tune section, validated: the TuneParams."""
+    """``key=value,key=value`` over ``base``'s tune section, validated: the whole Params (the
+    setting is its ``tune``; ``finetune.batch_size`` is the batch size of unsearched trials)."""
     from bigmodel_ops.config import ConfigError, parse_params
 
     raw = json.loads(json.dumps(base))
@@ -62,7 +83,7 @@ def parse_setting(text: str, *, base: dict[str, Any], source: str) -> Any:
             raise ReplayError(f"--try {text!r}: {item!r} is not KEY=VALUE")
         raw["tune"][key.strip()] = yaml.safe_load(value)
     try:
-        return parse_params(raw, source=f"{source} with --try {text}").tune
+        return parse_params(raw, source=f"{source} with --try {text}")
     except ConfigError as error:
         raise ReplayError(str(error)) from None
 
@@ -93,22 +114,71 @@ def load_unpruned(storage: str, study_name: str | None) -> tuple[Any, list[Any]]
             f"study {study_name!r}: trials {missing} lack step reports or the user attribute "
             "optimizer_steps (run by the tune stage, they have both)"
         )
+    in_examples = [t.number for t in trials if t.user_attrs.get("report_axis") == "examples"]
+    if in_examples:
+        raise ReplayError(
+            f"study {study_name!r}: trials {in_examples} reported on training examples "
+            "(tune.report_every_n_examples): replay needs a search that reported on optimizer steps"
+        )
     return study, trials
 
 
-def replay(study: Any, trials: list[Any], tune: Any) -> dict[str, Any]:
-    """Feed ``trials``' reports, in order, to a fresh study with ``tune``'s pruner."""
+def reports_to_replay(trial: Any, params: Any, *, setting: str) -> list[tuple[int, int, float]]:
+    """(optimizer step, report step, value) of the reports the tune stage would have made in
+    ``trial`` under ``params.tune``, in step order.
+
+    Steps axis (``report_every_n_examples`` null): every recorded report, as recorded. Examples
+    axis: the steps of :func:`~bigmodel_ops.tuning.pruning.examples_report_steps` up to the
+    trial's ``optimizer_steps``, for the trial's batch size (its ``batch_size`` param, else
+    ``params.finetune.batch_size``) times :data:`ACCUMULATION`, each reported at step x that;
+    ReplayError naming ``setting``, the trial and the first such step the study did not record.
+    """
+    from bigmodel_ops.tuning.pruning import examples_report_steps
+
+    recorded = trial.intermediate_values
+    every = params.tune.report_every_n_examples
+    if every is None:
+        return [(step, step, recorded[step]) for step in sorted(recorded)]
+    batch = int(trial.params.get("batch_size", params.finetune.batch_size))
+    per_step = batch * ACCUMULATION
+    wanted = examples_report_steps(
+        every_n_examples=every, examples_per_step=per_step, last_step=int(trial.user_attrs["optimizer_steps"])
+    )
+    absent = [step for step in wanted if step not in recorded]
+    if absent:
+        steps = sorted(recorded)
+        shown = ", ".join(map(str, steps[:6])) + (", ..." if len(steps) > 6 else "")
+        raise ReplayError(
+            f"--try {setting}: report_every_n_examples={every} cannot be replayed exactly: trial "
+            f"{trial.number} (batch {batch} x accumulation {ACCUMULATION} = {per_step} examples a step) "
+            f"would report at optimizer step {absent[0]} ({absent[0] * per_step} examples), which the "
+            f"study did not record (its reports: steps {shown})"
+        )
+    return [(step, step * per_step, recorded[step]) for step in wanted]
+
+
+def replay(
+    study: Any, trials: list[Any], tune: Any, *, reports: list[list[tuple[int, int, float]]] | None = None
+) -> dict[str, Any]:
+    """Feed ``trials``' reports, in order, to a fresh study with ``tune``'s pruner.
+
+    ``reports``: per trial, the (optimizer step, report step, value) to feed
+    (:func:`reports_to_replay`); None feeds every recorded report at its own step. A trial
+    pruned at a report costs that report's optimizer step.
+    """
     import optuna
 
     from bigmodel_ops.tuning.study import make_pruner
 
+    if reports is None:
+        reports = [[(s, s, t.intermediate_values[s]) for s in sorted(t.intermediate_values)] for t in trials]
     direction = study.direction
     shadow = optuna.create_study(study_name=study.study_name, direction=direction, pruner=make_pruner(tune))
     steps, values, pruned = 0, [], 0
-    for original in trials:
+    for original, fed in zip(trials, reports, strict=True):
         trial = shadow.ask()
-        for step in sorted(original.intermediate_values):
-            trial.report(original.intermediate_values[step], step)
+        for step, report_step, value in fed:
+            trial.report(value, report_step)
             if trial.should_prune():
                 steps, pruned = steps + step, pruned + 1
                 shadow.tell(trial, state=optuna.trial.TrialState.PRUNED)
@@ -142,9 +212,15 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         required=True,
         metavar="KEY=VALUE[,KEY=VALUE]",
-        help="tune.* settings of one pruner to replay, e.g. pruner=median,pruner_warmup_steps=60",
+        help="tune.* settings of one pruner to replay, e.g. pruner=median,pruner_warmup_steps=60 "
+        "(report_every_n_examples=N: on the examples axis)",
     )
-    parser.add_argument("--params", type=Path, default=None, help="params file (default: the repo's)")
+    parser.add_argument(
+        "--params",
+        type=Path,
+        default=None,
+        help="params file (default: the repo's); its finetune.batch_size is that of unsearched trials",
+    )
     return parser
 
 
@@ -156,8 +232,13 @@ def main(argv: list[str] | None = None) -> int:
     params_path = args.params or REPO_ROOT / "params.yaml"
     try:
         base = yaml.safe_load(params_path.read_text())
-        tunes = [parse_setting(text, base=base, source=str(params_path)) for text in args.settings]
+        settings = [parse_setting(text, base=base, source=str(params_path)) for text in args.settings]
         study, trials = load_unpruned(args.study, args.study_name)
+        # Every setting's reports before any replay: a setting that cannot be exact refuses the run.
+        fed = [
+            [reports_to_replay(t, params, setting=text) for t in trials]
+            for text, params in zip(args.settings, settings, strict=True)
+        ]
     except (ReplayError, OSError) as error:
         print(f"hpo_replay: {error}", file=sys.stderr)
         return 2
@@ -169,8 +250,8 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
     results = []
-    for text, tune in zip(args.settings, tunes, strict=True):
-        result = {"setting": text, **replay(study, trials, tune)}
+    for text, params, reports in zip(args.settings, settings, fed, strict=True):
+        result = {"setting": text, **replay(study, trials, params.tune, reports=reports)}
         results.append(result)
         gap = result["best_gap_points"]
         print(

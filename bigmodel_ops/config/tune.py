@@ -174,7 +174,8 @@ class TuneParams(_Strict):
     # Random trials before a model-based sampler (tpe, cmaes, gp) starts; null = Optuna's default.
     sampler_startup_trials: int | None = Field(default=None, ge=0)
     # median | hyperband | successive_halving | threshold (needs prune_threshold) | none. Every
-    # pruner acts on the reports of the validation subset every report_every_n_steps steps.
+    # pruner acts on the reports of the validation subset every report_every_n_steps steps (or
+    # report_every_n_examples training examples).
     pruner: Literal["median", "hyperband", "successive_halving", "threshold", "none"] = "median"
     # Optuna storage URL (SQLAlchemy, e.g. postgresql://... for workers on many machines); None =
     # a journal file in the stage's output folder (workers on one machine). `--storage` overrides.
@@ -203,17 +204,28 @@ class TuneParams(_Strict):
     # val split (report_val_fraction of it) and reports it to the pruner. The objective (the
     # trial's final value) is measured on the whole val split.
     report_every_n_steps: PositiveInt = 10
+    # Report on the training examples axis instead (null: on optimizer steps, as above): a trial
+    # reports at the first optimizer step at which the examples it has trained on (optimizer steps
+    # x its batch_size: a trial runs on one device, without accumulation) reach the next multiple
+    # of this, and reports them as the step (trial.report(value, step=examples)), so trials
+    # of different batch sizes meet the pruner at equal training. pruner_warmup_steps,
+    # min_resource and max_resource then count examples. report_every_n_steps is unused and must
+    # stay at its default. A multiple of every batch size puts all trials' reports at the same
+    # examples (the median pruner compares trials only at equal report steps).
+    report_every_n_examples: PositiveInt | None = None
     report_val_fraction: float = Field(default=0.25, gt=0.0, le=1.0)
     # For pruner: threshold.
     prune_threshold: float | None = None
     # Trials the median pruner lets finish before it prunes any (Optuna's default of 5 would
     # never prune a study of a few trials).
     pruner_startup_trials: int = Field(default=2, ge=0)
-    # median / threshold: no pruning before this optimizer step (early reports are noisy).
+    # median / threshold: no pruning before this optimizer step (this training example with
+    # report_every_n_examples); early reports are noisy.
     pruner_warmup_steps: int = Field(default=0, ge=0)
-    # hyperband / successive_halving, in optimizer steps: the first rung (null =
-    # report_every_n_steps), the most a trial runs (hyperband; "auto": the steps of the first
-    # complete trial) and the reduction factor.
+    # hyperband / successive_halving, in optimizer steps (training examples with
+    # report_every_n_examples): the first rung (null = report_every_n_steps, or
+    # report_every_n_examples), the most a trial runs (hyperband; "auto": the last report step of
+    # the first complete trial) and the reduction factor.
     min_resource: PositiveInt | None = None
     max_resource: PositiveInt | Literal["auto"] = "auto"
     reduction_factor: int = Field(default=3, ge=2)
@@ -227,8 +239,38 @@ class TuneParams(_Strict):
                 f"grace_period_s ({self.grace_period_s}) must be above heartbeat_interval_s "
                 f"({self.heartbeat_interval_s}): a live worker would look dead between two heartbeats"
             )
-        if isinstance(self.max_resource, int) and self.max_resource < (self.min_resource or 1):
+        default_steps = type(self).model_fields["report_every_n_steps"].default
+        examples = self.report_every_n_examples
+        if examples is not None and self.report_every_n_steps != default_steps:
             raise ValueError(
-                f"max_resource ({self.max_resource}) is below min_resource ({self.min_resource})"
+                f"tune.report_every_n_steps ({self.report_every_n_steps}) and "
+                f"tune.report_every_n_examples ({examples}) are two cadences of the same reports: "
+                f"set tune.report_every_n_examples to null, or tune.report_every_n_steps back to its "
+                f"default ({default_steps}; unused when reporting on examples)"
             )
+        if isinstance(self.max_resource, int):
+            if self.max_resource < (self.min_resource or 1):
+                raise ValueError(
+                    f"tune.max_resource ({self.max_resource} {self.report_unit}) is below "
+                    f"tune.min_resource ({self.min_resource} {self.report_unit})"
+                )
+            if examples is not None and self.min_resource is None and self.max_resource < examples:
+                raise ValueError(
+                    f"tune.max_resource ({self.max_resource}, in training examples) is below the "
+                    f"first rung, tune.report_every_n_examples ({examples}; tune.min_resource is "
+                    "null): with report_every_n_examples set, max_resource counts examples, not steps"
+                )
         return self
+
+    @property
+    def report_unit(self) -> str:
+        """What a report step counts: "optimizer steps", or "training examples" when
+        ``report_every_n_examples`` is set (the unit of pruner_warmup_steps, min_resource and
+        max_resource)."""
+        return "optimizer steps" if self.report_every_n_examples is None else "training examples"
+
+    @property
+    def first_rung(self) -> int:
+        """min_resource, else the report cadence in the report unit (report_every_n_examples when
+        set, else report_every_n_steps): the first rung of hyperband / successive halving."""
+        return self.min_resource or self.report_every_n_examples or self.report_every_n_steps

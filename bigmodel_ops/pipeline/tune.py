@@ -16,14 +16,16 @@ setting or file, and leaves no trial behind.
 
 MLflow: the stage run ``tune`` gets one nested run per trial, ``tune/trial-<number>``, with the
 trial's params, its subset reports (``tune/val_acc_subset``, ``tune/val_loss_subset``) on the
-step axis, its train/val metrics, its cost (``tune/optimizer_steps``, ``tune/budget_steps``,
-``tune/wall_seconds``) and tags ``optuna.state`` / ``optuna.reason`` / ``optuna.trial`` /
-``optuna.worker``. A pruned trial's run ends FINISHED with ``bigmodel_ops.outcome =
-TrialPruned``; a diverged or failed one ends FAILED; the run of a trial whose worker died ends
-KILLED (``optuna.state = FAIL``). The ``tune`` run's id is kept in the study (user attribute
-``mlflow_run_id``): a run that was killed (still RUNNING or KILLED in MLflow) is resumed by the
-next run of the stage, so a study interrupted and continued stays one ``tune`` run. The parent is
-tagged with the best trial and its run id.
+optimizer-step axis (with ``tune.report_every_n_examples``, which keys the Optuna reports by
+training examples, also ``tune/examples_seen``), its train/val metrics, its cost
+(``tune/optimizer_steps``, ``tune/budget_steps``, ``tune/wall_seconds``) and tags
+``optuna.state`` / ``optuna.reason`` / ``optuna.trial`` / ``optuna.worker``. A pruned trial's
+run ends FINISHED with ``bigmodel_ops.outcome = TrialPruned``; a diverged or failed one ends
+FAILED; the run of a trial whose worker died ends KILLED (``optuna.state = FAIL``). The
+``tune`` run's id is kept in the study (user attribute ``mlflow_run_id``): a run that was
+killed (still RUNNING or KILLED in MLflow) is resumed by the next run of the stage, so a study
+interrupted and continued stays one ``tune`` run. The parent is tagged with the best trial and
+its run id.
 
 Outputs (only when at least one trial completed): ``best_params.yaml`` (the dependency of
 ``finetune``: the searched settings of the best trial plus the effective lr / dropout /
@@ -90,8 +92,11 @@ POLL_S = 1.0
 
 
 def name_of_study(params: Params, paths: ProjectPaths) -> str:
-    """The study of this setup: search space, budget, metric, the non-tuned fine-tuning settings,
-    seed, labels, precision, and the contents of the pretrained model and the train/val data."""
+    """The study of this setup: search space, budget, metric, the report axis when it is not
+    optimizer steps (``tune.report_every_n_examples`` set: reports keyed by examples must not
+    meet step-keyed ones in one study; the default leaves the name as it always was), the
+    non-tuned fine-tuning settings, seed, labels, precision, and the contents of the pretrained
+    model and the train/val data."""
     fit = fit_config(params)
     searched = {k.replace(".", "_") for k in params.tune.search_space.names()}
     setup = {
@@ -99,6 +104,7 @@ def name_of_study(params: Params, paths: ProjectPaths) -> str:
         "max_epochs": params.tune.max_epochs,
         "train_fraction": params.tune.train_fraction,
         "metric": params.tune.metric,
+        **({"report_axis": "examples"} if params.tune.report_every_n_examples is not None else {}),
         # Every fine-tuning setting a trial does not draw (nor its epoch budget, tune.max_epochs).
         "finetune": {
             "max_length": params.finetune.max_length,

@@ -3,9 +3,11 @@
 Each trial is a real fine-tuning run of ``tune.max_epochs`` epochs from the pretrained backbone
 with any fine-tuning settings drawn from ``tune.search_space`` (:func:`suggest`); the sampler is
 :func:`make_sampler` (TPE, random, CMA-ES or GP, seeded). Every ``tune.report_every_n_steps``
-optimizer steps the trial reports its metric on a fixed subset of the val split and the pruner
-(:func:`make_pruner`: median, Hyperband, successive halving, threshold) may stop it there
-(:mod:`bigmodel_ops.tuning.pruning`); the trial's value is measured on the whole val split.
+optimizer steps (or, with ``tune.report_every_n_examples``, each time the training examples seen
+reach the next multiple of it; the report step is then the examples count) the trial reports its
+metric on a fixed subset of the val split and the pruner (:func:`make_pruner`: median, Hyperband,
+successive halving, threshold) may stop it there (:mod:`bigmodel_ops.tuning.pruning`); the
+trial's value is measured on the whole val split.
 
 Study and resume: a study's name (:func:`study_name`) hashes everything that decides what a
 trial measures, so a rerun with the same setup continues the same study. Storage, heartbeats and
@@ -95,8 +97,10 @@ def load_study(tune: TuneParams, storage: Any, name: str, *, seed: int, worker: 
 
 
 def make_pruner(tune: TuneParams) -> optuna.pruners.BasePruner:
-    """tune.pruner over the step-level reports (steps are optimizer steps)."""
-    min_resource = tune.min_resource or tune.report_every_n_steps
+    """tune.pruner over the step-level reports: steps are optimizer steps, or training examples
+    when ``tune.report_every_n_examples`` is set (warmup, min_resource and max_resource count
+    the same unit; min_resource defaults to the report cadence, :attr:`TuneParams.first_rung`)."""
+    min_resource = tune.first_rung
     if tune.pruner == "median":
         return optuna.pruners.MedianPruner(
             n_startup_trials=tune.pruner_startup_trials, n_warmup_steps=tune.pruner_warmup_steps
@@ -185,8 +189,11 @@ def objective_factory(
     Every ``tune.report_every_n_steps`` optimizer steps the trial reports its metric on a fixed
     subset of the val split (:class:`~bigmodel_ops.tuning.pruning.StepPruningCallback`, also
     logged as ``tune/val_acc_subset`` / ``tune/val_loss_subset`` on the step axis); the pruner
-    may stop it there. The trial's value is the metric on the whole val split of its best epoch
-    (by val_acc: the epoch finetune would export).
+    may stop it there. With ``tune.report_every_n_examples`` the reports are on the examples axis
+    (the trial's own batch size sets the examples of a step; the trial gets the user attribute
+    ``report_axis = "examples"``), the MLflow metrics stay on the optimizer-step axis with
+    ``tune/examples_seen`` beside them. The trial's value is the metric on the whole val split of
+    its best epoch (by val_acc: the epoch finetune would export).
 
     ``run``: the stage's MLflow run handle, or a :class:`~bigmodel_ops.tuning.workers.ClientRun`
     in a worker process; ``worker`` is tagged on each trial run (``optuna.worker``).
@@ -194,9 +201,10 @@ def objective_factory(
     injection in tests; production passes none).
 
     Each trial records its cost as user attributes and run metrics: ``optimizer_steps``,
-    ``budget_steps`` (what it would have trained unpruned), ``wall_seconds``; its run is tagged
-    ``optuna.state`` (COMPLETE / PRUNED / FAIL) and ``optuna.reason``. A pruned trial's run ends
-    FINISHED. Divergence (a NaN/inf subset report, or a NaN/inf final value or val loss) raises
+    ``budget_steps`` (what it would have trained unpruned; both in optimizer steps on either
+    report axis), ``wall_seconds``; its run is tagged ``optuna.state`` (COMPLETE / PRUNED /
+    FAIL) and ``optuna.reason``. A pruned trial's run ends FINISHED. Divergence (a NaN/inf
+    subset report, or a NaN/inf final value or val loss) raises
     :class:`~bigmodel_ops.tuning.pruning.NonFiniteObjective` after recording ``fail_reason =
     "diverged: ..."``: the worker records the trial FAIL and the study goes on. Any other
     exception also fails the trial (recorded with its type and message) and is re-raised.
@@ -207,10 +215,13 @@ def objective_factory(
     def objective(trial: optuna.Trial) -> float:
         hparams = suggest(trial, tune.search_space, base)
         started = time.perf_counter()
+        examples = tune.report_every_n_examples
         pruning = StepPruningCallback(
             trial,
             subset=subset,
-            every_n_steps=tune.report_every_n_steps,
+            every_n_steps=tune.report_every_n_steps if examples is None else None,
+            every_n_examples=examples,
+            train_batch_size=hparams.batch_size,
             metric=monitor,
             num_labels=fit.num_labels,
             batch_size=max(hparams.batch_size, 64),
@@ -241,6 +252,8 @@ def objective_factory(
             ) as child:
                 pruning.sink = child
                 trial.set_user_attr("mlflow_run_id", child.run_id)
+                if examples is not None:  # benchmarks/hpo_replay.py replays step reports only
+                    trial.set_user_attr("report_axis", "examples")
                 child.log_params({k: v for k, v in hparams.as_dict().items() if k in _hparam_names(trial)})
                 try:
                     module, _ = fit_classifier(
