@@ -89,8 +89,11 @@ def build_params(args: argparse.Namespace, *, tracking_uri: str) -> dict[str, An
 
 
 # tune.* settings only the pruner reads: the study without a pruner is the same whatever they are.
+# The report axis too: reports measure a val subset without gradients, so the axis changes what an
+# unpruned study records (and its seconds a little), not what its trials train or their values.
 PRUNER_ONLY = (
     "pruner",
+    "report_every_n_examples",
     "pruner_startup_trials",
     "pruner_warmup_steps",
     "min_resource",
@@ -138,7 +141,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             f"hpo-pruning: {params.prepare.source.path}, preset {params.sizing.model_preset}, "
             f"{args.pretrain_steps if not args.quick else QUICK['profiles']['max_steps']} pretraining steps; "
             f"{t.n_trials} trials, sampler {t.sampler} (seed {params.project.seed}), pruner {t.pruner}, "
-            f"report every {t.report_every_n_steps} steps on {t.report_val_fraction:.0%} of val, "
+            f"report every {t.report_every_n_examples or t.report_every_n_steps} "
+            f"{'examples' if t.report_every_n_examples else 'steps'} on {t.report_val_fraction:.0%} of val, "
             f"{t.max_epochs} epoch(s) x {t.train_fraction:.0%} of train per trial, "
             f"torch threads {__import__('torch').get_num_threads()}"
             f"{' [QUICK]' if args.quick else ''}"

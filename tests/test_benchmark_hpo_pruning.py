@@ -26,6 +26,7 @@ def test_unpruned_key_ignores_pruner_settings_and_follows_everything_else() -> N
 
     pruner_only = copy.deepcopy(raw)
     pruner_only["tune"].update({"pruner": "successive_halving", "min_resource": 40, "reduction_factor": 4})
+    pruner_only["tune"]["report_every_n_examples"] = 320  # the report axis: what is recorded, not trained
     pruner_only["tracking"]["uri"] = "sqlite:///elsewhere.db"
     assert bench.unpruned_key(pruner_only, threads=1) == key
 
