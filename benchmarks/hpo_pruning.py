@@ -23,7 +23,9 @@ Usage::
 
 ``--quick``: a few pretraining steps and a tiny model, 3 trials, to check the code path (the
 numbers mean nothing). ``--keep DIR`` keeps (and reuses) the project folder: the prepare, tokenize
-and pretrain stages are skipped when DIR already holds a pretrained model. ``--reuse-unpruned``
+and pretrain stages are skipped when DIR already holds a pretrained model. ``--keep`` also writes
+``DIR/study-names.json``: the names of this setup's study on the steps and examples report axes
+(for ``hpo_replay.py --examples-study-name``). ``--reuse-unpruned``
 (with ``--keep``): the unpruned study's report is saved in DIR, keyed by everything that shapes
 that study (the params with the pruner-only settings left out, the torch threads), and a later run
 with the same key reuses it instead of running the unpruned study again (the search without a
@@ -115,6 +117,26 @@ def unpruned_key(raw: dict[str, Any], *, threads: int | None) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+STUDY_NAMES = "study-names.json"
+
+
+def write_study_names(target: Path, raw: dict[str, Any], *, paths: Any) -> None:
+    """The names the tune stage gives this setup's study on either report axis (``{"steps": ...,
+    "examples": ...}``): the examples axis gets its own study, and Hyperband hashes the name into
+    its brackets, so ``hpo_replay.py --examples-study-name`` needs it to replay Hyperband exactly."""
+    from bigmodel_ops.config import parse_params
+    from bigmodel_ops.pipeline.tune import name_of_study
+
+    names = {}
+    for axis, every in (("steps", None), ("examples", 1)):  # the name holds the axis, not N
+        variant = copy.deepcopy(raw)
+        variant["tune"]["report_every_n_examples"] = every
+        if every is not None:
+            variant["tune"].pop("report_every_n_steps", None)  # unused on the examples axis
+        names[axis] = name_of_study(parse_params(variant, source="params.yaml (study names)"), paths)
+    target.write_text(json.dumps(names, indent=1) + "\n")
+
+
 def study_line(name: str, report: dict[str, Any]) -> str:
     return (
         f"{name:>9}: {report['n_trials']} trials ({report['n_complete']} complete, {report['n_pruned']} "
@@ -158,6 +180,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             )
         else:
             log(f"setup: reusing {paths.pretrained_model}")
+        if args.keep is not None:
+            write_study_names(root / STUDY_NAMES, raw, paths=paths)
 
         reports: dict[str, dict[str, Any]] = {}
         cached = root / f"unpruned-{unpruned_key(raw, threads=args.threads)}.json"

@@ -27,7 +27,10 @@ steps. Reports do not change the training (the subset is measured without gradie
 mode), so a recorded report at such a step is the one the real search would have made. The
 replay is exact or refused: when the recorded study lacks one of those steps (recorded every 20
 steps, batch 32, N=320: step 10), the script exits 2 naming the setting, the trial and the step.
-With N a multiple of every batch size B, record the unpruned study with a
+The tune stage gives an examples-axis search its own study name, and Hyperband hashes the name
+into its brackets: a Hyperband setting on the examples axis needs ``--examples-study-name`` (the
+``examples`` entry of the ``study-names.json`` that ``hpo_pruning.py --keep DIR`` writes) and is
+refused without it. With N a multiple of every batch size B, record the unpruned study with a
 ``report_every_n_steps`` that divides every N / B. The recorded study must itself report on
 optimizer steps: one the tune stage ran with ``report_every_n_examples`` is refused.
 
@@ -158,9 +161,16 @@ def reports_to_replay(trial: Any, params: Any, *, setting: str) -> list[tuple[in
 
 
 def replay(
-    study: Any, trials: list[Any], tune: Any, *, reports: list[list[tuple[int, int, float]]] | None = None
+    study: Any,
+    trials: list[Any],
+    tune: Any,
+    *,
+    reports: list[list[tuple[int, int, float]]] | None = None,
+    name: str | None = None,
 ) -> dict[str, Any]:
     """Feed ``trials``' reports, in order, to a fresh study with ``tune``'s pruner.
+
+    ``name``: the fresh study's name (Hyperband's brackets hash it); default the recorded study's.
 
     ``reports``: per trial, the (optimizer step, report step, value) to feed
     (:func:`reports_to_replay`); None feeds every recorded report at its own step. A trial
@@ -173,7 +183,9 @@ def replay(
     if reports is None:
         reports = [[(s, s, t.intermediate_values[s]) for s in sorted(t.intermediate_values)] for t in trials]
     direction = study.direction
-    shadow = optuna.create_study(study_name=study.study_name, direction=direction, pruner=make_pruner(tune))
+    shadow = optuna.create_study(
+        study_name=name or study.study_name, direction=direction, pruner=make_pruner(tune)
+    )
     steps, values, pruned = 0, [], 0
     for original, fed in zip(trials, reports, strict=True):
         trial = shadow.ask()
@@ -216,6 +228,12 @@ def build_parser() -> argparse.ArgumentParser:
         "(report_every_n_examples=N: on the examples axis)",
     )
     parser.add_argument(
+        "--examples-study-name",
+        default=None,
+        help="the study name of this setup on the examples axis (hpo_pruning.py --keep DIR writes it to "
+        "DIR/study-names.json); needed by Hyperband settings with report_every_n_examples",
+    )
+    parser.add_argument(
         "--params",
         type=Path,
         default=None,
@@ -234,6 +252,18 @@ def main(argv: list[str] | None = None) -> int:
         base = yaml.safe_load(params_path.read_text())
         settings = [parse_setting(text, base=base, source=str(params_path)) for text in args.settings]
         study, trials = load_unpruned(args.study, args.study_name)
+        for text, params in zip(args.settings, settings, strict=True):
+            t = params.tune
+            if (
+                t.report_every_n_examples is not None
+                and t.pruner == "hyperband"
+                and not args.examples_study_name
+            ):
+                raise ReplayError(
+                    f"--try {text}: Hyperband on the examples axis hashes the examples-axis study name "
+                    "into its brackets: give it with --examples-study-name (the 'examples' entry of "
+                    "the study-names.json that hpo_pruning.py --keep DIR writes)"
+                )
         # Every setting's reports before any replay: a setting that cannot be exact refuses the run.
         fed = [
             [reports_to_replay(t, params, setting=text) for t in trials]
@@ -251,7 +281,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     results = []
     for text, params, reports in zip(args.settings, settings, fed, strict=True):
-        result = {"setting": text, **replay(study, trials, params.tune, reports=reports)}
+        examples = params.tune.report_every_n_examples is not None
+        name = args.examples_study_name if examples else None
+        result = {"setting": text, **replay(study, trials, params.tune, reports=reports, name=name)}
         results.append(result)
         gap = result["best_gap_points"]
         print(

@@ -51,3 +51,32 @@ def test_reuse_unpruned_needs_keep() -> None:
     )
     assert result.returncode == 2
     assert "--reuse-unpruned needs --keep" in result.stderr
+
+
+def test_study_names_are_the_tune_stages_on_each_axis(tmp_path: Path) -> None:
+    import json
+
+    from bigmodel_ops.config import parse_params
+    from bigmodel_ops.contract import MODEL_FILES
+    from bigmodel_ops.paths import ProjectPaths
+    from bigmodel_ops.pipeline.tune import name_of_study
+
+    bench = _load_script()
+    paths = ProjectPaths(tmp_path)
+    for folder, names in (
+        (paths.pretrained_model, MODEL_FILES),
+        (paths.prepared, ("train.parquet", "val.parquet")),
+    ):
+        folder.mkdir(parents=True, exist_ok=True)
+        for name in names:
+            (folder / name).write_text(f"contents of {name}")  # the name hashes contents only
+    raw = bench.repo_params()
+    raw["tune"]["report_every_n_steps"] = 20  # refused beside report_every_n_examples: must be dropped
+    bench.write_study_names(tmp_path / "names.json", raw, paths=paths)
+    names = json.loads((tmp_path / "names.json").read_text())
+
+    assert names["steps"] == name_of_study(parse_params(raw), paths)
+    examples = copy.deepcopy(raw)
+    examples["tune"].update(report_every_n_steps=10, report_every_n_examples=640)
+    assert names["examples"] == name_of_study(parse_params(examples), paths)
+    assert names["examples"] != names["steps"]

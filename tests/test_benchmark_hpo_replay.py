@@ -75,9 +75,10 @@ def _search(
     *,
     n_trials: int = 14,
     every_n_examples: int | None = None,
+    name: str = STUDY,
 ) -> optuna.Study:
     study = optuna.create_study(
-        study_name=STUDY,
+        study_name=name,
         storage=storage,
         direction="maximize",
         sampler=optuna.samplers.RandomSampler(seed=11),
@@ -138,7 +139,14 @@ def test_replay_on_the_examples_axis_equals_the_real_search_that_reported_exampl
     batches = {t.params["batch_size"] for t in unpruned.trials}
     assert batches == {16, 32}, "both batch sizes are needed for the examples axis to matter"
     total = sum(t.user_attrs["optimizer_steps"] for t in unpruned.trials)
-    result = _replay("--study", unpruned_storage, *[f"--try={s}" for s in EXAMPLE_SETTINGS])
+    # The tune stage names an examples-axis study apart from the steps one; Hyperband hashes it.
+    examples_name = f"{STUDY}-examples"
+    tries = [f"--try={s}" for s in EXAMPLE_SETTINGS]
+    unnamed = _replay("--study", unpruned_storage, *tries)
+    assert unnamed.returncode == 2 and not unnamed.stdout
+    assert f"--try {EXAMPLE_SETTINGS[1]}: Hyperband on the examples axis" in unnamed.stderr
+    assert "--examples-study-name" in unnamed.stderr
+    result = _replay("--study", unpruned_storage, *tries, "--examples-study-name", examples_name)
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout.strip().splitlines()[-1])
 
@@ -148,6 +156,7 @@ def test_replay_on_the_examples_axis_equals_the_real_search_that_reported_exampl
             f"sqlite:///{tmp_path / f'examples-{index}.db'}",
             make_pruner(_tune(setting)),
             every_n_examples=EXAMPLES,
+            name=examples_name,
         )
         finished = [t for t in real.trials if t.state == optuna.trial.TrialState.COMPLETE]
         # the real search reported on examples: the same keys whatever the batch size
