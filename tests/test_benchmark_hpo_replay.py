@@ -107,6 +107,21 @@ def _quiet_optuna() -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
+def _assert_replay_equals(replayed: dict, real: optuna.Study, *, setting: str, unpruned: optuna.Study) -> int:
+    """The replayed figures of ``setting`` are the real pruned search's; returns its pruned count."""
+    total = sum(t.user_attrs["optimizer_steps"] for t in unpruned.trials)
+    steps = sum(t.user_attrs["optimizer_steps"] for t in real.trials)
+    n_pruned = sum(t.state == optuna.trial.TrialState.PRUNED for t in real.trials)
+    assert replayed["setting"] == setting
+    assert replayed["steps"] == steps, setting
+    assert replayed["steps_fraction"] == pytest.approx(steps / total, abs=1e-4)
+    assert replayed["n_pruned"] == n_pruned, setting
+    assert replayed["best_value"] == pytest.approx(real.best_value), setting
+    gap = 100 * (unpruned.best_value - real.best_value)
+    assert replayed["best_gap_points"] == pytest.approx(gap, abs=0.01)
+    return n_pruned
+
+
 def test_replay_equals_the_real_pruned_search(tmp_path: Path) -> None:
     unpruned = _search(f"sqlite:///{tmp_path / 'unpruned.db'}", optuna.pruners.NopPruner())
     total = sum(t.user_attrs["optimizer_steps"] for t in unpruned.trials)
@@ -119,17 +134,7 @@ def test_replay_equals_the_real_pruned_search(tmp_path: Path) -> None:
     pruned_something = False
     for index, (setting, replayed) in enumerate(zip(SETTINGS, summary["settings"], strict=True)):
         real = _search(f"sqlite:///{tmp_path / f'pruned-{index}.db'}", make_pruner(_tune(setting)))
-        states = optuna.trial.TrialState
-        steps = sum(t.user_attrs["optimizer_steps"] for t in real.trials)
-        n_pruned = sum(t.state == states.PRUNED for t in real.trials)
-        assert replayed["setting"] == setting
-        assert replayed["steps"] == steps, setting
-        assert replayed["steps_fraction"] == pytest.approx(steps / total, abs=1e-4)
-        assert replayed["n_pruned"] == n_pruned, setting
-        assert replayed["best_value"] == pytest.approx(real.best_value), setting
-        gap = 100 * (unpruned.best_value - real.best_value)
-        assert replayed["best_gap_points"] == pytest.approx(gap, abs=0.01)
-        pruned_something |= n_pruned > 0
+        pruned_something |= _assert_replay_equals(replayed, real, setting=setting, unpruned=unpruned) > 0
     assert pruned_something, "no setting pruned: the comparison would prove nothing"
 
 
@@ -138,7 +143,6 @@ def test_replay_on_the_examples_axis_equals_the_real_search_that_reported_exampl
     unpruned = _search(unpruned_storage, optuna.pruners.NopPruner())
     batches = {t.params["batch_size"] for t in unpruned.trials}
     assert batches == {16, 32}, "both batch sizes are needed for the examples axis to matter"
-    total = sum(t.user_attrs["optimizer_steps"] for t in unpruned.trials)
     # The tune stage names an examples-axis study apart from the steps one; Hyperband hashes it.
     examples_name = f"{STUDY}-examples"
     tries = [f"--try={s}" for s in EXAMPLE_SETTINGS]
@@ -162,15 +166,7 @@ def test_replay_on_the_examples_axis_equals_the_real_search_that_reported_exampl
         # the real search reported on examples: the same keys whatever the batch size
         for trial in finished:
             assert sorted(trial.intermediate_values) == list(range(EXAMPLES, 3200 + 1, EXAMPLES))
-        states = optuna.trial.TrialState
-        steps = sum(t.user_attrs["optimizer_steps"] for t in real.trials)
-        n_pruned = sum(t.state == states.PRUNED for t in real.trials)
-        assert replayed["setting"] == setting
-        assert replayed["steps"] == steps, setting
-        assert replayed["steps_fraction"] == pytest.approx(steps / total, abs=1e-4)
-        assert replayed["n_pruned"] == n_pruned, setting
-        assert replayed["best_value"] == pytest.approx(real.best_value), setting
-        pruned_something |= n_pruned > 0
+        pruned_something |= _assert_replay_equals(replayed, real, setting=setting, unpruned=unpruned) > 0
     assert pruned_something, "no setting pruned: the comparison would prove nothing"
 
 
