@@ -183,7 +183,7 @@ class StepPruningCallback(L.Callback):
         self.reports: dict[int, float] = {}
         self.eval_seconds = 0.0
         self._seen_step = -1
-        self._multiples = 0  # examples axis: the multiples of every_n_examples reported so far
+        self._report_steps: frozenset[int] = frozenset()  # examples axis: the optimizer steps that report
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.budget_steps = int(trainer.estimated_stepping_batches)
@@ -191,6 +191,13 @@ class StepPruningCallback(L.Callback):
             return
         accumulation, world = int(trainer.accumulate_grad_batches), int(trainer.world_size)
         self.examples_per_step = self.train_batch_size * accumulation * world
+        self._report_steps = frozenset(
+            examples_report_steps(
+                every_n_examples=self.every_examples,
+                examples_per_step=self.examples_per_step,
+                last_step=self.budget_steps,
+            )
+        )
         if self.every_examples % self.examples_per_step and trainer.is_global_zero:
             _logger.warning(
                 "every_n_examples (%d) is not a multiple of the %d examples of an optimizer step "
@@ -210,12 +217,7 @@ class StepPruningCallback(L.Callback):
             return None
         if self.every_examples is None:
             return None if step % self.every else step
-        examples = step * self.examples_per_step
-        multiples = examples // self.every_examples
-        if multiples <= self._multiples:
-            return None
-        self._multiples = multiples
-        return examples
+        return step * self.examples_per_step if step in self._report_steps else None
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
