@@ -29,7 +29,6 @@ from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_TAG_VAL_LENGTH
 
 from bigmodel_ops.config import flatten
 from bigmodel_ops.tracking.scrub import Scrubber
-from bigmodel_ops.tracking.spool import is_offline_id
 from bigmodel_ops.tracking.store import TrackingOfflineWarning
 from bigmodel_ops.tracking.transport import LogSender, NullTransport, SenderStats
 
@@ -219,7 +218,7 @@ class StageRun:
         if registered_model_name is None or not self._transport.active:
             return None
         name = registered_model_name
-        if self.offline or is_offline_id(self.run_id):
+        if not self._transport.reachable(self._run_id):
             spooled = f"the model folder is spooled with run {self._run_id}"
             message = f"tracking server unreachable: {name} not registered ({spooled})"
             warnings.warn(message, TrackingOfflineWarning, stacklevel=2)

@@ -71,13 +71,11 @@ class SenderLoop(StoreLink):
 
     def _serve(self, requests: Any, caller_alive: Connection | None) -> None:
         pending: dict[str, Pending] = {}
+        poll_s = self.flush_interval_s if caller_alive is None else _LIVENESS_POLL_S
         deadline = time.monotonic() + self.flush_interval_s
         while True:
-            timeout = max(0.0, deadline - time.monotonic())
             try:
-                item = requests.get(
-                    timeout=timeout if caller_alive is None else min(timeout, _LIVENESS_POLL_S)
-                )
+                item = requests.get(timeout=min(poll_s, max(0.0, deadline - time.monotonic())))
             except queue.Empty:
                 item = None
             if item is None and caller_alive is not None and caller_alive.poll():
@@ -159,11 +157,11 @@ def start_process(
     Forked, not spawned: a fresh interpreter spends seconds importing MLflow.
     """
     context = multiprocessing.get_context("fork")
-    slots = context.RawArray("d", 2)
+    status = context.RawValue(SharedStatus)
     requests, replies = context.Queue(maxsize=groups), context.Queue()
     alive_reader, alive_writer = context.Pipe(duplex=False)
     config = {"uri": spool.uri, "spool_dir": str(spool.directory), "nice": nice, "sched_idle": sched_idle}
-    args = ({**config, **intervals}, slots, requests, replies, alive_reader, alive_writer)
+    args = ({**config, **intervals}, status, requests, replies, alive_reader, alive_writer)
     process = context.Process(target=_process_main, args=args, name="bigmodel_ops-log-sender", daemon=True)
     with warnings.catch_warnings():
         # Python >= 3.12 warns on fork of a multi-threaded process. The child only runs the
@@ -171,10 +169,12 @@ def start_process(
         warnings.simplefilter("ignore", DeprecationWarning)
         process.start()
     alive_reader.close()
-    return SharedStatus(slots), requests, replies, process, alive_writer
+    return status, requests, replies, process, alive_writer
 
 
-def _process_main(config: dict[str, Any], slots: Any, requests: Any, replies: Any, *pipe: Connection) -> None:
+def _process_main(
+    config: dict[str, Any], status: SharedStatus, requests: Any, replies: Any, *pipe: Connection
+) -> None:
     caller_alive, caller_end = pipe
     caller_end.close()  # only the caller may hold the writing end: its death must mean EOF
     # Ctrl-C reaches the whole process group and a scheduler's SIGTERM may too: the sender must
@@ -199,6 +199,4 @@ def _process_main(config: dict[str, Any], slots: Any, requests: Any, replies: An
             engine.dispose(close=False)
     uri = config.pop("uri")
     spool = Spool(config.pop("spool_dir"), uri=uri)
-    SenderLoop(MlflowClient(uri), spool, SharedStatus(slots), replies, **config).run(
-        requests, caller_alive=caller_alive
-    )
+    SenderLoop(MlflowClient(uri), spool, status, replies, **config).run(requests, caller_alive=caller_alive)

@@ -47,6 +47,7 @@ class Spool:
     def __init__(self, directory: Path | str, *, uri: str) -> None:
         self.directory = Path(directory)
         self.uri = uri
+        self.ids = _load_ids(self.directory)  # placeholder -> real run id, as far as known here
         self._thread_lock = threading.Lock()
 
     @contextlib.contextmanager
@@ -70,6 +71,22 @@ class Spool:
         (shutil.copytree if local.is_dir() else shutil.copy2)(local, target)
         self.append(run_id, {"op": "artifact", "file": str(target), "artifact_path": artifact_path})
 
+    def resolve(self, run_id: str) -> str:
+        """The real id of a placeholder once its run exists; any other id unchanged. The map is
+        ``idmap.json``, shared by every process that uses the spool: unknown placeholders are
+        looked up on disk again."""
+        if run_id not in self.ids and is_offline_id(run_id):
+            self.ids.update(_load_ids(self.directory))
+        return self.ids.get(run_id, run_id)
+
+    def record_id(self, placeholder: str, real: str) -> None:
+        self.ids[placeholder] = real
+        mapping = {**_load_ids(self.directory), placeholder: real}
+        self.directory.mkdir(parents=True, exist_ok=True)
+        tmp = self.directory / f"idmap.json.{os.getpid()}.tmp"
+        tmp.write_text(json.dumps(mapping, indent=1))
+        os.replace(tmp, self.directory / "idmap.json")
+
     def pending(self) -> list[str]:
         """Run ids with spooled records for this spool's tracking URI."""
         paths = self.directory.glob("*.jsonl") if self.directory.is_dir() else []
@@ -79,16 +96,15 @@ class Spool:
         paths = [self._file(r, suffix) for r in self.pending() for suffix in (".replaying", "")]
         return sum(max(0, len(_read_records(p)) - _done(p)) for p in paths if p.exists())
 
-    @contextlib.contextmanager
-    def _claim(self, run_id: str) -> Iterator[Path | None]:
+    def _claim(self, run_id: str) -> Path | None:
+        """The run's ``.replaying`` file (the one a cut replay left, else its file renamed), if any."""
         replaying = self._file(run_id, ".replaying")
         with self._lock():
             if not replaying.exists():
                 if not self._file(run_id).exists():
-                    yield None
-                    return
+                    return None
                 os.replace(self._file(run_id), replaying)
-        yield replaying
+        return replaying
 
     def replay(self, run_id: str, send: Callable[[str, dict[str, Any]], None]) -> int:
         """Send the records of one run with ``send(run_id, record)``; returns how many were sent.
@@ -98,17 +114,16 @@ class Spool:
         """
         sent = 0
         for _ in range(2):
-            with self._claim(run_id) as path:
-                if path is None:
-                    break
-                records = _read_records(path)
-                for index in range(_done(path), len(records)):
-                    if records[index].get("op") != "meta":
-                        send(run_id, records[index])
-                        sent += 1
-                    path.with_suffix(".done").write_text(str(index + 1))
-                path.unlink()
-                path.with_suffix(".done").unlink(missing_ok=True)
+            if (path := self._claim(run_id)) is None:
+                break
+            records = _read_records(path)
+            for index in range(_done(path), len(records)):
+                if records[index].get("op") != "meta":
+                    send(run_id, records[index])
+                    sent += 1
+                path.with_suffix(".done").write_text(str(index + 1))
+            path.unlink()
+            path.with_suffix(".done").unlink(missing_ok=True)
         if not self._file(run_id).exists() and not self._file(run_id, ".replaying").exists():
             shutil.rmtree(self.directory / f"{run_id}.files", ignore_errors=True)
         return sent
@@ -139,33 +154,7 @@ def _done(path: Path) -> int:
         return 0
 
 
-class IdMap:
-    """Placeholder run id -> real run id, kept in ``<spool dir>/idmap.json`` and shared by every
-    process that uses the spool: unknown placeholders are looked up on disk again."""
-
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
-        self._mapping = _load_idmap(directory)
-
-    def __contains__(self, placeholder: str) -> bool:
-        return placeholder in self._mapping
-
-    def resolve(self, run_id: str) -> str:
-        """The real id of a placeholder once its run exists; any other id unchanged."""
-        if run_id not in self._mapping and is_offline_id(run_id):
-            self._mapping.update(_load_idmap(self.directory))
-        return self._mapping.get(run_id, run_id)
-
-    def record(self, placeholder: str, real: str) -> None:
-        self._mapping[placeholder] = real
-        mapping = {**_load_idmap(self.directory), placeholder: real}
-        self.directory.mkdir(parents=True, exist_ok=True)
-        tmp = self.directory / f"idmap.json.{os.getpid()}.tmp"
-        tmp.write_text(json.dumps(mapping, indent=1))
-        os.replace(tmp, self.directory / "idmap.json")
-
-
-def _load_idmap(directory: Path) -> dict[str, str]:
+def _load_ids(directory: Path) -> dict[str, str]:
     try:
         return json.loads((directory / "idmap.json").read_text())
     except (OSError, ValueError):

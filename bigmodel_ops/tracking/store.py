@@ -11,6 +11,7 @@ says how a warning reaches the user (the warnings module is neither thread- nor 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
 import logging
 import time
@@ -23,7 +24,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.validation import MAX_METRICS_PER_BATCH, MAX_PARAMS_TAGS_PER_BATCH
 
-from bigmodel_ops.tracking.spool import IdMap, Spool, is_offline_id
+from bigmodel_ops.tracking.spool import Spool, is_offline_id
 
 _logger = logging.getLogger(__name__)
 
@@ -106,31 +107,23 @@ def ensure_experiment(client: MlflowClient, name: str, artifact_location: str | 
         return client.get_experiment_by_name(name).experiment_id  # another process was faster
 
 
-class SharedStatus:
-    """The offline flag and the time of the last replay attempt, seen by caller and sender: two
-    doubles in a ``multiprocessing`` shared array (a sender process) or a list (a thread).
+class SharedStatus(ctypes.Structure):
+    """The offline flag and the time of the last replay attempt, seen by caller and sender: in
+    shared memory (``RawValue(SharedStatus)``) for a sender process, a plain instance for a thread.
     ``time.monotonic`` is system-wide on Linux, so both processes compare the same clock."""
 
-    def __init__(self, slots: Any) -> None:
-        self._slots = slots
-
-    offline = property(lambda self: self._slots[0] != 0.0, lambda self, v: self._set(0, 1.0 if v else 0.0))
-    last_retry = property(lambda self: self._slots[1], lambda self, v: self._set(1, v))
-
-    def _set(self, index: int, value: float) -> None:
-        self._slots[index] = value
+    _fields_ = [("offline", ctypes.c_bool), ("last_retry", ctypes.c_double)]
 
 
 class StoreLink:
-    """One side's view of the store: the client, the spool, the shared status, the id map of
-    placeholders; going offline, sending a batch, replaying the spool. ``warn`` is the side's."""
+    """One side's view of the store: the client, the spool (and its map of placeholder ids), the
+    shared status; going offline, sending a batch, replaying the spool. ``warn`` is the side's."""
 
     def __init__(
         self, client: MlflowClient, spool: Spool, status: SharedStatus, retry_interval_s: float
     ) -> None:
         self.client, self.spool, self.status = client, spool, status
         self.retry_interval_s = retry_interval_s
-        self._idmap = IdMap(spool.directory)
 
     @property
     def offline(self) -> bool:
@@ -138,7 +131,7 @@ class StoreLink:
         return self.status.offline
 
     def resolve(self, run_id: str) -> str:
-        return self._idmap.resolve(run_id)
+        return self.spool.resolve(run_id)
 
     def reachable(self, run_id: str | None = None) -> bool:
         """Not offline, and ``run_id`` (when given) is no placeholder of a run not created yet."""
@@ -193,13 +186,10 @@ class StoreLink:
         if not force and time.monotonic() - self.status.last_retry < self.retry_interval_s:
             return False
         self.status.last_retry = time.monotonic()
-        runs = self.spool.pending()
-        try:
+        runs, total = self.spool.pending(), None
+        with self.on_outage_go_offline():
             total = sum(self.spool.replay(run_id, self._replay) for run_id in runs)
-        except Exception as error:
-            if not is_outage(error):
-                raise
-            self.go_offline(error)
+        if total is None:
             return False
         if runs and (self.status.offline or total):
             _logger.warning("tracking server reachable: replayed %d spooled record(s)", total)
@@ -214,7 +204,7 @@ class StoreLink:
                         f"run {run_id} was never created (its spooled 'create' record is missing)"
                     )
                 self.apply(real, record)
-            elif run_id not in self._idmap:
+            elif run_id not in self.spool.ids:
                 tags = dict(record.get("tags") or {})
                 if tags.get("mlflow.parentRunId"):
                     tags["mlflow.parentRunId"] = self.resolve(tags["mlflow.parentRunId"])
@@ -223,7 +213,7 @@ class StoreLink:
                 )
                 start, name = record.get("start_time"), record.get("run_name")
                 created = self.client.create_run(experiment_id, start_time=start, tags=tags, run_name=name)
-                self._idmap.record(run_id, created.info.run_id)
+                self.spool.record_id(run_id, created.info.run_id)
         except Exception as error:
             if is_outage(error):
                 raise

@@ -97,8 +97,8 @@ class LogSender(StoreLink):
         handoff_interval_s: float = 0.25,
         replay_leftovers: bool = False,
     ) -> None:
-        self.client, self.mode = client, mode if mode == "process" and can_fork() else "thread"
-        self._intervals = {"flush_interval_s": flush_interval_s, "retry_interval_s": retry_interval_s}
+        self.mode = mode if mode == "process" and can_fork() else "thread"
+        intervals = {"flush_interval_s": flush_interval_s, "retry_interval_s": retry_interval_s}
         self._experiments: dict[str, str] = {}
         self._counters = {"send_cpu_s": 0.0, "sent_metrics": 0}
         self._tokens, self._acked, self.spilled = itertools.count(1), 0, 0
@@ -106,21 +106,19 @@ class LogSender(StoreLink):
         self._buffer: list[tuple[Any, ...]] = []
         self._handoff_items, self._next_reply_check = max(1, handoff_items), 0.0
         self._warned_full = self._closed = False
-        self._process: Any = None
         groups = max(1, max_queue // self._handoff_items)  # the queue holds groups of records
         if self.mode == "process":
             try:
-                status, self._requests, self._replies, self._process, self._alive = start_process(
-                    spool, groups=groups, nice=nice, sched_idle=sched_idle, **self._intervals
+                status, self._requests, self._replies, self._worker, self._alive = start_process(
+                    spool, groups=groups, nice=nice, sched_idle=sched_idle, **intervals
                 )
-                self._worker = self._process
             except Exception as error:  # noqa: BLE001 - a thread still logs everything
                 _logger.warning("cannot start a log sender process (%s); using a thread", error)
                 self.mode = "thread"
         if self.mode == "thread":
-            status = SharedStatus([0.0, 0.0])
+            status = SharedStatus()
             self._requests, self._replies = queue.Queue(maxsize=groups), queue.Queue()
-            loop = SenderLoop(client, spool, status, self._replies, **self._intervals)
+            loop = SenderLoop(client, spool, status, self._replies, **intervals)
             self._worker = _daemon(loop.run, self._requests, name="bigmodel_ops-log-sender")
         super().__init__(client, spool, status, retry_interval_s)
         if replay_leftovers and spool.pending():  # an earlier process's leftovers: replay them
@@ -146,23 +144,21 @@ class LogSender(StoreLink):
             self._poll_replies()
         with self._buffer_lock:
             self._buffer.append(item)
-            if len(self._buffer) < self._handoff_items:
-                return
-            group, self._buffer = self._buffer, []
-        self._hand_over(group)
+            full = len(self._buffer) >= self._handoff_items
+        if full:
+            self._hand_over()
 
     def _handoff_loop(self, interval_s: float) -> None:
         """Hands over a group that waits but is not full: a quiet stretch keeps nothing back."""
         while not self._handoff_stop.wait(interval_s):
-            self._hand_over_buffer()
+            self._hand_over()
 
-    def _hand_over_buffer(self) -> None:
+    def _hand_over(self) -> None:
+        """Pass the buffered records to the sending side as one group."""
         with self._buffer_lock:
             group, self._buffer = self._buffer, []
-        if group:
-            self._hand_over(group)
-
-    def _hand_over(self, group: list[tuple[Any, ...]]) -> None:
+        if not group:
+            return
         try:
             self._requests.put_nowait(("group", group))
         except queue.Full:  # never block training and never drop: the spool takes the overflow
@@ -233,16 +229,16 @@ class LogSender(StoreLink):
             self._control("close", timeout)
             _open_senders.discard(self)
             self._worker.join(timeout=5)
-            if self._process is not None:
-                if self._process.is_alive():  # it ignores SIGTERM (see process_main)
-                    self._process.kill()
-                    self._process.join(timeout=5)
+            if self.mode == "process":
+                if self._worker.is_alive():  # it ignores SIGTERM (see process_main)
+                    self._worker.kill()
+                    self._worker.join(timeout=5)
                 self._alive.close()
         return not self.spool.pending()
 
     def _control(self, kind: str, timeout: float | None) -> bool:
         with self._flush_lock:
-            self._hand_over_buffer()
+            self._hand_over()
             token = next(self._tokens)
             self._requests.put((kind, token))  # a blocking put: a flush must not be lost
             self._closed = self._closed or kind == "close"
@@ -276,7 +272,7 @@ class LogSender(StoreLink):
             self._counters = reply[2]
 
     def stats(self) -> SenderStats:
-        pid = self._process.pid if self._process is not None else None
+        pid = self._worker.pid if self.mode == "process" else None
         return SenderStats(self.mode, pid, **self._counters, spilled=self.spilled)
 
 
