@@ -19,7 +19,7 @@ Targets (issue 11): steps_fraction <= 0.5 and best_gap_points <= 0.5.
 
 Usage::
 
-    python benchmarks/hpo_pruning.py [--quick] [--n-trials 12] [--pruner median] [--set KEY=VALUE] [--keep DIR]
+    python benchmarks/hpo_pruning.py [--quick] [--n-trials 20] [--pruner median] [--set KEY=VALUE] [--keep DIR]
 
 ``--quick``: a few pretraining steps and a tiny model, 3 trials, to check the code path (the
 numbers mean nothing). ``--keep DIR`` keeps (and reuses) the project folder: the prepare, tokenize
@@ -248,7 +248,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny budget: checks the code path only")
-    parser.add_argument("--n-trials", type=int, default=None, help="trials per study (default 12; quick 3)")
+    parser.add_argument("--n-trials", type=int, default=None, help="trials per study (default 20; quick 3)")
     parser.add_argument("--pruner", default=None, help="the pruned study's pruner (default: tune.pruner)")
     parser.add_argument("--seed", type=int, default=None, help="project.seed (sampler, data, init)")
     parser.add_argument(
@@ -275,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.reuse_unpruned and args.keep is None:
         build_parser().error("--reuse-unpruned needs --keep (the folder that holds the saved report)")
     if args.n_trials is None:
-        args.n_trials = 3 if args.quick else 12
+        args.n_trials = 3 if args.quick else 20
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     warnings.filterwarnings("ignore", category=UserWarning, module=r"lightning.*")
     for name in ("lightning.pytorch", "lightning.fabric"):
