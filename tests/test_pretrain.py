@@ -16,16 +16,18 @@ import numpy as np
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
+from tokenizers import Tokenizer
 
 from bigmodel_ops.config import parse_params
 from bigmodel_ops.errors import CheckpointError, DataError, TrainingDiverged
 from bigmodel_ops.model import IGNORE_INDEX, ModelConfig, TransformerLM, load_pretrained, parameter_groups
+from bigmodel_ops.pipeline.pretrain import check_inputs
 from bigmodel_ops.pipeline.pretrain import run as run_pretrain
 from bigmodel_ops.pretraining.checkpoints import find_resume_point
 from bigmodel_ops.pretraining.data import DataSpec, ResumableBatchLoader, TokenStream, TrainBatches
 from bigmodel_ops.pretraining.flops import mfu, peak_flops
 from bigmodel_ops.pretraining.lm_module import lr_factor
-from bigmodel_ops.pretraining.masking import mask_tokens, masked_count
+from bigmodel_ops.pretraining.masking import mask_tokens, masked_count, word_continuation_ids
 from bigmodel_ops.shards import ShardIndex
 from tests.faults import PoisonAtStep
 from tests.helpers_pretrain import ckpt_dir, make_project, raw_params, train_tokenizer, write_shards
@@ -96,6 +98,69 @@ def test_mask_tokens_row_with_too_few_tokens_ignores_unfilled_slots():
     )
     assert sorted(labels[labels != IGNORE_INDEX].tolist()) == [7, 8]
     assert (labels == IGNORE_INDEX).sum() == 6
+
+
+def test_whole_word_masking_picks_the_pieces_of_a_word_together():
+    # Words of 1 to 3 pieces: a word start is an id in 5..99, a continuation piece 100..199.
+    rng = np.random.default_rng(0)
+    rows, T, sep = 256, 96, 3
+    tokens = np.empty((rows, T), dtype=np.int64)
+    word = np.empty((rows, T), dtype=np.int64)  # each position's word number within its row
+    for r in range(rows):
+        t, w = 0, 0
+        while t < T:
+            pieces = [int(rng.integers(5, 100))] + [
+                int(rng.integers(100, 200)) for _ in range(rng.integers(0, 3))
+            ]
+            pieces = [sep] if rng.random() < 0.05 else pieces
+            n = min(len(pieces), T - t)
+            tokens[r, t : t + n], word[r, t : t + n] = pieces[:n], w
+            t, w = t + n, w + 1
+    continuation = np.arange(100, 200)
+    kwargs = {
+        "mask_rate": 0.2,
+        "mask_id": 4,
+        "protected_ids": np.array([sep]),
+        "random_ids": np.arange(5, 200),
+    }
+    inputs, positions, labels = mask_tokens(
+        tokens, rng=np.random.default_rng(1), continuation_ids=continuation, **kwargs
+    )
+    assert positions.shape == (rows, masked_count(T, 0.2))
+    picked = np.zeros_like(tokens, dtype=bool)
+    np.put_along_axis(picked, positions, True, axis=1)
+    assert not picked[tokens == sep].any() and (inputs[tokens == sep] == sep).all()
+    # Only the word that the last slot falls in may be cut: at most one per row.
+    per_row = [
+        sum(
+            bool(picked[r][word[r] == w].any() and not picked[r][word[r] == w].all())
+            for w in np.unique(word[r])
+        )
+        for r in range(rows)
+    ]
+    assert max(per_row) <= 1, max(per_row)
+    # Token masking of the same rows cuts words all the time: the test can tell the two apart.
+    _, token_positions, _ = mask_tokens(tokens, rng=np.random.default_rng(1), **kwargs)
+    token_picked = np.zeros_like(tokens, dtype=bool)
+    np.put_along_axis(token_picked, token_positions, True, axis=1)
+    cut = sum(
+        bool(token_picked[r][word[r] == w].any() and not token_picked[r][word[r] == w].all())
+        for r in range(rows)
+        for w in np.unique(word[r])
+    )
+    assert cut > 2 * rows, cut
+    # Every picked piece is predicted, whole words and the 80/10/10 split alike.
+    assert (labels == np.take_along_axis(tokens, positions, axis=1)).all()
+    after = np.take_along_axis(inputs, positions, axis=1)
+    assert abs((after == 4).mean() - 0.8) < 0.02
+
+
+def test_word_continuation_ids_of_wordpiece_and_byte_level_bpe():
+    wordpiece = {"[PAD]": 0, "[SEP]": 1, "un": 2, "##believ": 3, "##able": 4, "film": 5, ".": 6}
+    assert word_continuation_ids(wordpiece, model="WordPiece").tolist() == [3, 4]
+    bpe = {"<pad>": 0, "\u0120un": 1, "believ": 2, "able": 3, "\u0120film": 4, ".": 5, "'t": 6, "2": 7}
+    assert word_continuation_ids(bpe, model="BPE").tolist() == [2, 3, 7]
+    assert word_continuation_ids({"a": 0, "b": 1}, model="WordLevel").tolist() == []
 
 
 def test_masked_gather_loss_equals_boolean_mask_loss():
@@ -282,6 +347,29 @@ def test_pretrain_masked_objective_with_accumulation_and_token_budget(
     losses = _history(client, run.info.run_id, "train/loss")
     assert losses[-1][1] < losses[0][1] - 0.3, losses
     assert load_pretrained(paths.pretrained_model).config.objective == "masked"
+
+
+def test_whole_word_masking_in_the_stage_trains_and_keeps_val_loss_on_token_masking(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mlflow_store: str
+):
+    params, paths, _ = make_project(
+        tmp_path, model={"objective": "masked"}, pretrain={"masking": "word", "lr": 5e-3}
+    )
+    monkeypatch.chdir(tmp_path)
+    vocab = Tokenizer.from_file(str(paths.tokenizer_file)).get_vocab()
+    pieces = sorted(i for token, i in vocab.items() if token.startswith("##"))
+    inputs = check_inputs(params, paths)
+    assert pieces and list(inputs.datamodule.spec.continuation_ids) == pieces
+    assert inputs.fingerprint["masking"] == "word"
+    token_inputs = check_inputs(parse_params(raw_params(model={"objective": "masked"})), paths)
+    assert token_inputs.datamodule.spec.continuation_ids == () and "masking" not in token_inputs.fingerprint
+    report = run_pretrain(params, paths=paths, quiet=True)
+    assert report["global_step"] == 12
+    (run,) = _pretrain_runs(MlflowClient(mlflow_store))
+    assert run.data.params["pretrain.masking"] == "word"
+    # The same val batches (token masking at val_mask_rate) as a token-masking run would score.
+    val = inputs.datamodule.val_dataloader().dataset
+    assert val.spec.continuation_ids == () and val.spec.mask_rate == params.pretrain.val_mask_rate
 
 
 # ---------------------------------------------------------------------------------------------

@@ -255,6 +255,10 @@ class PretrainParams(_Strict):
     # The masking rate of the fixed validation batches: kept apart from mask_rate so that val loss
     # (and its gap to the unigram entropy) compares across training mask rates.
     val_mask_rate: float = Field(default=0.15, gt=0.0, lt=1.0)
+    # token: each token is picked on its own; word: whole-word masking, a word's pieces (WordPiece
+    # "##" pieces, byte-level BPE pieces without a leading space) are picked together. Val loss
+    # is always measured with token masking, so it compares across the two.
+    masking: Literal["token", "word"] = "token"
     # random: windows at random offsets; sequential: contiguous packing, epoch after epoch.
     sampling: Literal["random", "sequential"] = "random"
     val_every_n_steps: PositiveInt = 50

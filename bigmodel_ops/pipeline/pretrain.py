@@ -53,7 +53,13 @@ from bigmodel_ops.pretraining.checkpoints import (
 from bigmodel_ops.pretraining.data import DataSpec, PretrainDataModule, unigram_entropy
 from bigmodel_ops.pretraining.export import export_from_checkpoint
 from bigmodel_ops.pretraining.flops import cuda_device_name, peak_flops, training_flops_per_token
-from bigmodel_ops.pretraining.inputs import budget_steps, check_token_ids, check_tokenizer, special_ids
+from bigmodel_ops.pretraining.inputs import (
+    budget_steps,
+    check_token_ids,
+    check_tokenizer,
+    continuation_ids,
+    special_ids,
+)
 from bigmodel_ops.pretraining.lm_module import LMModule, OptimConfig
 from bigmodel_ops.shards import ShardIndex
 from bigmodel_ops.trainer import (
@@ -127,6 +133,7 @@ def check_inputs(params: Params, paths: ProjectPaths) -> Inputs:
         vocab_size=config.vocab_size,
         special_ids=tuple(sorted(special.values())),
         protected_ids=tuple(special[k] for k in ("sep", "pad", "cls") if k in special),
+        continuation_ids=continuation_ids(paths.tokenizer_file) if pre.masking == "word" else (),
     )
     accelerator = resolve_accelerator(sizing.accelerator)
     world_size = devices_per_node(accelerator, sizing.devices) * sizing.num_nodes
@@ -166,6 +173,8 @@ def check_inputs(params: Params, paths: ProjectPaths) -> Inputs:
             "sampling": pre.sampling,
             "mask_rate": pre.mask_rate,
             "val_mask_rate": pre.val_mask_rate,
+            # Only when set: checkpoints written before the setting existed still resume.
+            **({"masking": pre.masking} if pre.masking != "token" else {}),
             "seed": params.project.seed,
             "tokenizer_sha256": tokenizer_sha,
             "train_tokens": index.tokens("train"),

@@ -142,6 +142,8 @@ class DataSpec:
     vocab_size: int = 0
     special_ids: tuple[int, ...] = ()  # never masked nor used as random replacements
     protected_ids: tuple[int, ...] = ()  # never predicted (in packed pretraining: the separator)
+    # Whole-word masking: the ids of tokens that continue a word (empty: each token on its own).
+    continuation_ids: tuple[int, ...] = ()
 
     @property
     def span(self) -> int:
@@ -158,6 +160,7 @@ class BatchMaker:
         specials = np.asarray(sorted(set(spec.special_ids)), dtype=np.int64)
         self.random_ids = np.setdiff1d(np.arange(spec.vocab_size, dtype=np.int64), specials)
         self.protected_ids = np.asarray(sorted(set(spec.protected_ids)), dtype=np.int64)
+        self.continuation_ids = np.asarray(sorted(set(spec.continuation_ids)), dtype=np.int64)
 
     def build_rows(self, offsets: np.ndarray, uniforms: np.ndarray | None) -> dict[str, torch.Tensor]:
         """The batch of windows at ``offsets``, each row masked with its own uniforms
@@ -174,6 +177,7 @@ class BatchMaker:
             mask_id=spec.mask_id,
             protected_ids=self.protected_ids,
             random_ids=self.random_ids,
+            continuation_ids=self.continuation_ids,
         )
         return self._masked(masked)
 
@@ -274,7 +278,8 @@ class ValBatches(Dataset):
     def __init__(
         self, stream: TokenStream, spec: DataSpec, *, n_batches: int, rank: int = 0, world_size: int = 1
     ) -> None:
-        spec = dataclasses.replace(spec, mask_rate=spec.val_mask_rate)
+        # Token masking at val_mask_rate whatever the training masking: val losses compare.
+        spec = dataclasses.replace(spec, mask_rate=spec.val_mask_rate, continuation_ids=())
         self.maker = BatchMaker(stream, spec)
         self.spec = spec
         B, W = spec.batch_size, world_size

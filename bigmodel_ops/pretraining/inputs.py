@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +10,7 @@ import numpy as np
 from bigmodel_ops.contract import load_tokenizer
 from bigmodel_ops.errors import DataError
 from bigmodel_ops.fsutil import sha256_file
+from bigmodel_ops.pretraining.masking import word_continuation_ids
 from bigmodel_ops.shards import ShardIndex
 
 # Tokens of each shard checked for out-of-range ids (a full scan of a huge corpus would
@@ -33,6 +35,14 @@ def check_tokenizer(tokenizer_file: Path, index: ShardIndex) -> tuple[str, int]:
             f"{tokenizer_file} ({vocab} tokens); re-run the tokenize stage"
         )
     return sha, vocab
+
+
+def continuation_ids(tokenizer_file: Path) -> tuple[int, ...]:
+    """For whole-word masking: the ids of the tokenizer's pieces that continue a word (none for a
+    tokenizer whose model has no word pieces, where whole-word masking is token masking)."""
+    tokenizer = load_tokenizer(tokenizer_file)
+    model = json.loads(tokenizer.to_str())["model"]["type"]
+    return tuple(int(i) for i in word_continuation_ids(tokenizer.get_vocab(), model=model))
 
 
 def check_token_ids(index: ShardIndex, *, vocab_size: int) -> None:
