@@ -25,7 +25,7 @@ def test_unpruned_key_ignores_pruner_settings_and_follows_everything_else() -> N
     key = bench.unpruned_key(raw, threads=1)
 
     pruner_only = copy.deepcopy(raw)
-    pruner_only["tune"].update({"pruner": "successive_halving", "min_resource": 40, "reduction_factor": 4})
+    pruner_only["tune"].update({"pruner": "successive_halving", "min_resource": 640, "reduction_factor": 4})
     pruner_only["tune"]["report_every_n_examples"] = 320  # the report axis: what is recorded, not trained
     pruner_only["tracking"]["uri"] = "sqlite:///elsewhere.db"
     assert bench.unpruned_key(pruner_only, threads=1) == key
@@ -77,6 +77,7 @@ def test_study_names_are_the_tune_stages_on_each_axis(tmp_path: Path) -> None:
 
     assert names["steps"] == name_of_study(parse_params(raw), paths)
     examples = copy.deepcopy(raw)
-    examples["tune"].update(report_every_n_steps=10, report_every_n_examples=640)
+    # min_resource counts examples there: the repo's 20 would be refused (the name does not hold it).
+    examples["tune"].update(report_every_n_steps=10, report_every_n_examples=640, min_resource=640)
     assert names["examples"] == name_of_study(parse_params(examples), paths)
     assert names["examples"] != names["steps"]

@@ -201,6 +201,44 @@ def test_schema_refuses_both_cadences_and_a_max_resource_below_the_first_example
     ) in str(explicit.value)
 
 
+def test_schema_refuses_a_first_rung_below_the_first_report():
+    # params.yaml's min_resource of 20 counts examples once report_every_n_examples is set.
+    with pytest.raises(ConfigError) as examples:
+        _tune(
+            report_every_n_steps=10, report_every_n_examples=640, pruner="successive_halving", min_resource=20
+        )
+    assert (
+        "tune.min_resource (20 training examples) is below the first report, at "
+        "tune.report_every_n_examples (640): every rung up to that report would be judged on it at "
+        "once. Set tune.min_resource to null (the first report) or to at least 640; with "
+        "report_every_n_examples set it counts training examples"
+    ) in str(examples.value)
+    with pytest.raises(ConfigError) as steps:
+        _tune(report_every_n_steps=10, pruner="hyperband", min_resource=5)
+    assert (
+        "tune.min_resource (5 optimizer steps) is below the first report, at tune.report_every_n_steps "
+        "(10): every rung up to that report would be judged on it at once. Set tune.min_resource to "
+        "null (the first report) or to at least 10"
+    ) in str(steps.value)
+    # At the cadence, above it, or with a pruner that has no rungs, min_resource is accepted.
+    assert (
+        _tune(
+            report_every_n_steps=10,
+            report_every_n_examples=640,
+            pruner="successive_halving",
+            min_resource=640,
+        ).first_rung
+        == 640
+    )
+    assert _tune(report_every_n_steps=10, pruner="hyperband", min_resource=20).first_rung == 20
+    assert (
+        _tune(
+            report_every_n_steps=10, report_every_n_examples=640, pruner="median", min_resource=20
+        ).min_resource
+        == 20
+    )
+
+
 def test_examples_resources_reach_the_pruners():
     steps = _tune(report_every_n_steps=4, pruner="successive_halving")
     assert steps.report_every_n_examples is None and steps.report_unit == "optimizer steps"

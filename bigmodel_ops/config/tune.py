@@ -224,7 +224,7 @@ class TuneParams(_Strict):
     pruner_warmup_steps: int = Field(default=0, ge=0)
     # hyperband / successive_halving, in optimizer steps (training examples with
     # report_every_n_examples): the first rung (null = report_every_n_steps, or
-    # report_every_n_examples), the most a trial runs (hyperband; "auto": the last report step of
+    # report_every_n_examples; never below that first report), the most a trial runs (hyperband; "auto": the last report step of
     # the first complete trial) and the reduction factor.
     min_resource: PositiveInt | None = None
     max_resource: PositiveInt | Literal["auto"] = "auto"
@@ -247,6 +247,18 @@ class TuneParams(_Strict):
                 f"tune.report_every_n_examples ({examples}) are two cadences of the same reports: "
                 f"set tune.report_every_n_examples to null, or tune.report_every_n_steps back to its "
                 f"default ({default_steps}; unused when reporting on examples)"
+            )
+        every, key = (
+            (examples, "report_every_n_examples")
+            if examples
+            else (self.report_every_n_steps, "report_every_n_steps")
+        )
+        if self.pruner in ("hyperband", "successive_halving") and (self.min_resource or every) < every:
+            unit = "; with report_every_n_examples set it counts training examples" if examples else ""
+            raise ValueError(
+                f"tune.min_resource ({self.min_resource} {self.report_unit}) is below the first report, "
+                f"at tune.{key} ({every}): every rung up to that report would be judged on it at once. "
+                f"Set tune.min_resource to null (the first report) or to at least {every}{unit}"
             )
         if isinstance(self.max_resource, int):
             if self.max_resource < (self.min_resource or 1):
