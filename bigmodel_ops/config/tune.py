@@ -224,8 +224,8 @@ class TuneParams(_Strict):
     pruner_warmup_steps: int = Field(default=0, ge=0)
     # hyperband / successive_halving, in optimizer steps (training examples with
     # report_every_n_examples): the first rung (null = report_every_n_steps, or
-    # report_every_n_examples; never below that first report), the most a trial runs (hyperband; "auto": the last report step of
-    # the first complete trial) and the reduction factor.
+    # report_every_n_examples; never below that first report), the most a trial runs
+    # (hyperband; "auto": the last report step of the first complete trial) and the reduction factor.
     min_resource: PositiveInt | None = None
     max_resource: PositiveInt | Literal["auto"] = "auto"
     reduction_factor: int = Field(default=3, ge=2)
