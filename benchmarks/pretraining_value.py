@@ -170,6 +170,8 @@ def finetune_variant(
         labels=params.prepare.labels,
         max_length=effective_max_length(params.finetune.max_length, config),
         tokenizer_file=paths.pretrained_model / TOKENIZER_FILE,
+        truncation=params.finetune.truncation,
+        head_tokens=params.finetune.head_tokens,
     )
     texts, label_ids = test
     predicted, _ = load_classifier(out_dir).predict(texts, batch_size=params.evaluate.batch_size)
@@ -281,6 +283,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             model_dir=paths.pretrained_model,
             labels=params.prepare.labels,
             max_length=params.finetune.max_length,
+            truncation=params.finetune.truncation,
+            head_tokens=params.finetune.head_tokens,
         )
         test = read_labeled_split(paths.prepared / "test.parquet", params.prepare.labels)
         log("fine-tune (same recipe and budget):")

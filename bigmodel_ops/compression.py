@@ -43,10 +43,14 @@ import torch
 import torch.nn as nn
 
 from bigmodel_ops import onnx_export
-from bigmodel_ops.classification.export import TextClassifier, read_classifier_config
+from bigmodel_ops.classification.export import (
+    TextClassifier,
+    load_classifier_tokenizer,
+    read_classifier_config,
+)
 from bigmodel_ops.classification.inputs import collate, tokenize_texts
 from bigmodel_ops.classification.model import SequenceClassifier
-from bigmodel_ops.contract import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, load_tokenizer
+from bigmodel_ops.contract import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE
 from bigmodel_ops.errors import CheckpointError
 from bigmodel_ops.model import ModelConfig, TransformerLM
 from bigmodel_ops.onnx_export import ONNX_FILE, ONNX_INT8_FILE, Runner
@@ -228,15 +232,14 @@ def load_int8(directory: Path | str) -> TextClassifier:
             modules[name].set_weight_bias(weight, quantized.get(f"{name}.bias"))
     except (KeyError, RuntimeError, ValueError) as error:
         raise CheckpointError(f"{mismatch}: {name}: {error}") from None
-    tokenizer = load_tokenizer(
-        directory / TOKENIZER_FILE, max_length=int(payload["max_length"]), error=CheckpointError
-    )
+    tokenizer, truncation = load_classifier_tokenizer(directory, payload)
     return TextClassifier(
         model=qmodel,
         tokenizer=tokenizer,
         labels=labels,
-        max_length=int(payload["max_length"]),
+        max_length=truncation.max_length,
         config=payload,
+        truncation=truncation,
     )
 
 
@@ -277,7 +280,9 @@ def torch_runner(model: nn.Module) -> Runner:
 
 def encode(classifier: TextClassifier, texts: Sequence[str]) -> list[list[int]]:
     objective = classifier.model.backbone.config.objective
-    return tokenize_texts(classifier.tokenizer, [str(t) for t in texts], objective=objective)
+    return tokenize_texts(
+        classifier.tokenizer, [str(t) for t in texts], objective=objective, truncation=classifier.truncation
+    )
 
 
 def make_batch(ids: Sequence[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -9,13 +9,16 @@ What they agree on lives here, once:
   ``[CLS] text [SEP]`` for fine-tuning);
 - a model folder holds ``model.safetensors`` (weights, never pickle), ``config.json`` and
   ``tokenizer.json``;
-- :func:`load_tokenizer` is the one loader, and :func:`check_model_dir` the one completeness check.
+- :func:`load_tokenizer` is the one loader, and :func:`check_model_dir` the one completeness check;
+- :class:`Truncation`: which tokens of a long text a classifier reads (its head, its tail, or both),
+  the same in training, evaluation, serving and compression.
 
 Imports neither Lightning nor pydantic nor MLflow: a served model depends on this module.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +59,68 @@ def load_tokenizer(
         tokenizer.no_padding()
         tokenizer.enable_truncation(max_length=max_length)
     return tokenizer
+
+
+TRUNCATION_KEEPS = ("head", "tail", "head_tail")
+
+
+@dataclass(frozen=True)
+class Truncation:
+    """Which tokens of a text longer than ``max_length`` (special tokens included) are kept.
+
+    ``keep`` is ``head`` (the first ``max_length``), ``tail`` (``[CLS]``, then the last
+    ``max_length - 1``) or ``head_tail`` (the first ``head_tokens``, ``[CLS]`` included, then the
+    last ``max_length - head_tokens``, ``[SEP]`` included: a review's verdict is often at its end).
+    A text of at most ``max_length`` tokens is never changed. ValueError on a ``head_tokens`` that
+    leaves no room for the tail.
+    """
+
+    max_length: int
+    keep: str = "head"
+    head_tokens: int = 0
+
+    def __post_init__(self) -> None:
+        if self.max_length < 2:
+            raise ValueError(f"max_length must be at least 2 ([CLS] and [SEP]), got {self.max_length}")
+        if self.keep not in TRUNCATION_KEEPS:
+            raise ValueError(f"truncation {self.keep!r} is not one of {list(TRUNCATION_KEEPS)}")
+        if self.keep == "head_tail" and not 1 <= self.head_tokens < self.max_length:
+            raise ValueError(
+                f"head_tokens must be between 1 and max_length - 1 = {self.max_length - 1} with "
+                f"truncation head_tail, got {self.head_tokens}"
+            )
+
+    @property
+    def tokenizer_max_length(self) -> int | None:
+        """The limit to set in the tokenizer itself (head only: the same cut, done while encoding);
+        None: the tokenizer leaves texts whole and :meth:`apply` cuts them."""
+        return self.max_length if self.keep == "head" else None
+
+    def apply(self, ids: list[int]) -> list[int]:
+        """``ids`` cut to at most ``max_length``."""
+        if len(ids) <= self.max_length:
+            return ids
+        if self.keep == "head":
+            return ids[: self.max_length]
+        head = 1 if self.keep == "tail" else self.head_tokens
+        return ids[:head] + ids[len(ids) - (self.max_length - head) :]
+
+    def as_config(self) -> dict[str, Any]:
+        """The keys a classifier's config.json stores."""
+        return {"max_length": self.max_length, "truncation": self.keep, "head_tokens": self.head_tokens}
+
+    @classmethod
+    def from_config(cls, payload: dict[str, Any], *, source: Path | str) -> Truncation:
+        """Read back :meth:`as_config` (a folder without ``truncation`` keeps the head);
+        CheckpointError naming ``source`` on a bad value."""
+        try:
+            return cls(
+                int(payload["max_length"]),
+                str(payload.get("truncation", "head")),
+                int(payload.get("head_tokens", 0)),
+            )
+        except (KeyError, TypeError, ValueError) as error:
+            raise CheckpointError(f"{source}: invalid truncation settings: {error}") from None
 
 
 def check_model_dir(directory: Path, *, what: str = "pretrained model", stage: str = "pretrain") -> None:

@@ -199,8 +199,11 @@ def _load_strict(model: Any, state: dict[str, Any], where: Path) -> None:
 # ---- folders -------------------------------------------------------------------------------
 
 
-def _save_tokenizer(transformers: Any, tokenizer_file: Path, folder: Path, *, max_length: int) -> None:
-    """tokenizer.json + tokenizer_config.json + special_tokens_map.json for ``AutoTokenizer``."""
+def _save_tokenizer(
+    transformers: Any, tokenizer_file: Path, folder: Path, *, max_length: int, side: str = "right"
+) -> None:
+    """tokenizer.json + tokenizer_config.json + special_tokens_map.json for ``AutoTokenizer``;
+    ``side`` is the end that truncation cuts (right: the head is kept, left: the tail)."""
     from tokenizers import Tokenizer
 
     tokenizer = Tokenizer.from_file(str(tokenizer_file))
@@ -221,7 +224,7 @@ def _save_tokenizer(transformers: Any, tokenizer_file: Path, folder: Path, *, ma
         tokenizer_object=tokenizer,
         model_max_length=max_length,
         padding_side="right",
-        truncation_side="right",
+        truncation_side=side,
         bos_token=specials["cls_token"],
         eos_token=specials["sep_token"],
         **specials,
@@ -260,6 +263,7 @@ def _write_classifier(transformers: Any, source: Path, folder: Path) -> dict[str
     from bigmodel_ops.classification.export import load_classifier
 
     classifier = load_classifier(source)
+    side = _truncation_side(classifier.truncation, source)  # refused before anything is written
     model_ours = classifier.model.eval()
     lm = model_ours.backbone
     cfg = lm.config
@@ -295,10 +299,29 @@ def _write_classifier(transformers: Any, source: Path, folder: Path) -> dict[str
         state["head.weight"], state["head.bias"] = weight.clone(), bias.clone()
         _load_strict(model, state, source)
     model.save_pretrained(str(folder))
-    _save_tokenizer(transformers, source / TOKENIZER_FILE, folder, max_length=classifier.max_length)
+    _save_tokenizer(
+        transformers,
+        source / TOKENIZER_FILE,
+        folder,
+        max_length=classifier.max_length,
+        side=side,
+    )
     if arch != "gpt2":
         _copy_custom_module(folder)
     return {"architecture": class_name, "remote_code": arch != "gpt2", "labels": labels}
+
+
+def _truncation_side(truncation: Any, source: Path) -> str:
+    """The tokenizer's truncation_side for the classifier's truncation; CheckpointError for
+    head_tail, which a transformers tokenizer cannot do (it would read other tokens than ours)."""
+    keep = truncation.keep if truncation is not None else "head"
+    if keep == "head_tail":
+        raise CheckpointError(
+            f"{source / CONFIG_FILE}: truncation head_tail (the first and the last tokens of a long "
+            "text) has no transformers tokenizer setting; export a classifier fine-tuned with "
+            "finetune.truncation head or tail"
+        )
+    return "left" if keep == "tail" else "right"
 
 
 def _copy_custom_module(folder: Path) -> None:

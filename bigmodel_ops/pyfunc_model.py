@@ -15,7 +15,8 @@ Output: a DataFrame with one row per text and the columns
 
 One column per label rather than a list column: every column is a scalar in the signature, so
 the scoring server's JSON, a CSV of the output and a DataFrame all read the same way. Texts longer
-than the classifier's ``max_length`` tokens are truncated; an empty input gives an empty frame
+than the classifier's ``max_length`` tokens are truncated as it was trained (its config.json's
+``truncation``: head, tail or head_tail); an empty input gives an empty frame
 with these columns. A missing, empty or whitespace-only text, or a non-string value, is refused
 with an ``MlflowException`` (INVALID_PARAMETER_VALUE, so ``mlflow models serve`` answers 400)
 naming the row: there is nothing to classify.

@@ -14,10 +14,10 @@ from bigmodel_ops.classification.metrics import confusion_matrix, metrics_from_c
 from bigmodel_ops.classification.model import SequenceClassifier
 from bigmodel_ops.classification.training import build_classifier
 from bigmodel_ops.config import parse_params
+from bigmodel_ops.contract import Truncation, load_tokenizer
 from bigmodel_ops.contract import check_model_dir as check_pretrained_dir
-from bigmodel_ops.contract import load_tokenizer
-from bigmodel_ops.errors import CheckpointError, DataError
-from bigmodel_ops.model import TransformerLM
+from bigmodel_ops.errors import CheckpointError, ConfigError, DataError
+from bigmodel_ops.model import TransformerLM, read_exported_config
 from tests.helpers_finetune import LABELS, make_pretrained, make_project, make_texts, tiny_params, write_split
 from tests.tiny import tiny_model_config
 
@@ -113,6 +113,84 @@ def test_tokenizer_truncates_including_specials(tmp_path: Path):
     ids = tokenize_texts(tokenizer, ["the film was great and the plot was lovely", ""], objective="masked")
     assert len(ids[0]) == 6 and ids[0][0] == 2 and ids[0][-1] == 3
     assert ids[1] == [2, 3]
+
+
+def test_truncation_keeps_the_head_the_tail_or_both():
+    ids = list(range(10, 20))  # 10 plays [CLS], 19 [SEP]
+    assert Truncation(4).apply(ids) == [10, 11, 12, 13]
+    assert Truncation(4, "tail").apply(ids) == [10, 17, 18, 19]
+    assert Truncation(6, "head_tail", 2).apply(ids) == [10, 11, 16, 17, 18, 19]
+    for keep, head in (("head", 0), ("tail", 0), ("head_tail", 3)):
+        assert Truncation(10, keep, head).apply(ids) == ids  # short enough: unchanged
+    with pytest.raises(ValueError, match="head_tokens must be between 1 and max_length - 1 = 5"):
+        Truncation(6, "head_tail", 6)
+    with pytest.raises(ValueError, match="truncation 'middle' is not one of"):
+        Truncation(6, "middle")
+    # config.json round trip; a folder written before truncation existed keeps the head
+    cut = Truncation(6, "head_tail", 2)
+    assert Truncation.from_config(cut.as_config(), source="c.json") == cut
+    assert Truncation.from_config({"max_length": 8}, source="c.json") == Truncation(8)
+    bad = {"max_length": 8, "truncation": "head_tail", "head_tokens": 9}
+    with pytest.raises(CheckpointError, match=r"c\.json: invalid truncation settings: head_tokens"):
+        Truncation.from_config(bad, source="c.json")
+
+
+@pytest.mark.parametrize("keep", ["head", "tail", "head_tail"])
+def test_a_classifier_reads_the_part_of_a_long_text_its_truncation_keeps(tmp_path: Path, keep: str):
+    _, paths, _ = make_project(tmp_path, n_train=8, n_eval=4)
+    model = build_classifier(paths.pretrained_model, num_labels=2, dropout=0.0).eval()
+    save_classifier(
+        model,
+        tmp_path / "clf",
+        labels=LABELS,
+        max_length=12,
+        tokenizer_file=paths.pretrained_model / "tokenizer.json",
+        truncation=keep,
+        head_tokens=5,
+    )
+    loaded = load_classifier(tmp_path / "clf")
+    assert loaded.truncation == Truncation(12, keep, 5) and loaded.config["truncation"] == keep
+
+    def text(first: str, middle: str, last: str) -> str:  # 29 tokens, each word one token
+        return " ".join([first, *["film"] * 12, middle, *["film"] * 12, last])
+
+    base = text("plot", "acting", "story")
+    other_start = text("the", "acting", "story")
+    other_middle = text("plot", "really", "story")
+    other_end = text("plot", "acting", "quite")
+    whole = load_tokenizer(tmp_path / "clf" / "tokenizer.json")
+    assert len(whole.encode(base).ids) == 29  # the words are in this tiny vocabulary
+    ids = tokenize_texts(loaded.tokenizer, [base], objective="masked", truncation=loaded.truncation)[0]
+    assert len(ids) == 12 and ids[0] == 2 and ids[-1] == 3  # [CLS] ... [SEP] whatever is kept
+    logits = loaded.logits([base])
+
+    def changes(other: str) -> bool:
+        return not torch.allclose(loaded.logits([other]), logits, rtol=0.0, atol=1e-6)
+
+    reads = {"start": changes(other_start), "middle": changes(other_middle), "end": changes(other_end)}
+    expected = {
+        "head": {"start": True, "middle": False, "end": False},
+        "tail": {"start": False, "middle": False, "end": True},
+        "head_tail": {"start": True, "middle": False, "end": True},
+    }
+    assert reads == expected[keep]
+
+
+def test_truncation_settings_the_backbone_or_the_export_cannot_follow(tmp_path: Path):
+    _, paths, _ = make_project(tmp_path, n_train=8, n_eval=4)
+    block = read_exported_config(paths.pretrained_model)[0].block_size
+    with pytest.raises(ConfigError, match=rf"capped at the backbone's block_size {block}\): head_tokens"):
+        load_splits(
+            prepared=paths.prepared,
+            model_dir=paths.pretrained_model,
+            labels=LABELS,
+            max_length=block + 64,
+            truncation="head_tail",
+            head_tokens=block,
+        )
+    raw = tiny_params(finetune={"truncation": "head_tail", "head_tokens": 8}, compress={"huggingface": True})
+    with pytest.raises(ConfigError, match="compress.huggingface: true cannot export a classifier with"):
+        parse_params(raw)
 
 
 def test_missing_pretrained_model_names_the_path(tmp_path: Path):

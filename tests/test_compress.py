@@ -150,6 +150,9 @@ def test_cli_exit_2_on_a_stale_evaluate_report(tmp_path: Path, monkeypatch, caps
 def test_int8_round_trip_is_exact_and_budget_flags(tmp_path: Path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     _, paths, _, _ = make_evaluate_project(tmp_path)
+    config = json.loads((paths.classifier / "config.json").read_text())
+    config.update(max_length=6, truncation="tail")  # the int8 variant cuts long texts as its source does
+    (paths.classifier / "config.json").write_text(json.dumps(config))
     classifier = load_classifier(paths.classifier)
     quantized = compression.quantize_int8(classifier.model)
     out = tmp_path / "int8"
@@ -161,6 +164,13 @@ def test_int8_round_trip_is_exact_and_budget_flags(tmp_path: Path, monkeypatch):
     want = compression.torch_runner(quantized)(idx, lengths)
     assert np.array_equal(compression.torch_runner(loaded.model)(idx, lengths), want)
     assert loaded.labels == classifier.labels
+    long = "boring boring dull plot and a wonderful film"
+    assert loaded.truncation == classifier.truncation and loaded.truncation.keep == "tail"
+    assert compression.encode(loaded, [long]) == compression.encode(classifier, [long])
+    assert (
+        compression.encode(loaded, [long])[0][-3:]
+        == compression.encode(classifier, ["wonderful film"])[0][-3:]
+    )
     assert loaded.logits(texts).numpy() == pytest.approx(want, abs=1e-6)  # the TextClassifier path
     names = set(compression.quantizable_linears(classifier.model))
     assert "backbone.lm_head" not in names and "head" in names

@@ -45,7 +45,7 @@ def _perturb(module: torch.nn.Module, seed: int) -> None:
                 param.copy_(0.3 * noise)
 
 
-def _project(root: Path, *, pooling: str, **config) -> ProjectPaths:
+def _project(root: Path, *, pooling: str, truncation: str = "head", **config) -> ProjectPaths:
     paths = ProjectPaths(root=root)
     texts = [t for t, _ in make_texts(64, seed=1)]
     paths.pretrained_model.mkdir(parents=True)
@@ -66,6 +66,8 @@ def _project(root: Path, *, pooling: str, **config) -> ProjectPaths:
         labels=LABELS,
         max_length=16,  # < block_size: the long text is truncated, by us and by the HF tokenizer
         tokenizer_file=paths.pretrained_model / "tokenizer.json",
+        truncation=truncation,
+        head_tokens=6,
     )
     return paths
 
@@ -172,3 +174,30 @@ def test_export_hf_before_a_model_exists(tmp_path: Path, monkeypatch, capsys):
     assert "classifier not found (run the finetune stage first)" in err
     assert "pretrained model not found (run the pretrain stage first)" in err
     assert not (tmp_path / "outputs" / "hf").exists()
+
+
+def test_export_hf_keeps_the_tail_and_refuses_head_tail(tmp_path: Path):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from bigmodel_ops.classification.inputs import tokenize_texts
+    from bigmodel_ops.errors import CheckpointError
+
+    paths = _project(tmp_path / "tail", pooling="mean", truncation="tail", objective="masked")
+    export_hf(paths)
+    folder = paths.outputs / "hf" / "classifier"
+    tok = AutoTokenizer.from_pretrained(folder)
+    assert tok.truncation_side == "left"
+    ours = load_classifier(paths.classifier)
+    expected = tokenize_texts(ours.tokenizer, TEXTS, objective="masked", truncation=ours.truncation)
+    enc = tok(TEXTS, truncation=True)
+    assert enc["input_ids"] == expected and max(map(len, expected)) == 16  # [CLS] + the last 15
+    hf = AutoModelForSequenceClassification.from_pretrained(folder, trust_remote_code=True).eval()
+    with torch.no_grad():
+        theirs = hf(**tok(TEXTS, padding=True, truncation=True, return_tensors="pt")).logits
+    assert float((theirs - ours.logits(TEXTS)).abs().max()) < TOL
+
+    # head_tail has no transformers setting: refused, naming the config, and nothing is written
+    paths = _project(tmp_path / "both", pooling="mean", truncation="head_tail", objective="masked")
+    with pytest.raises(CheckpointError, match=r"model/config\.json: truncation head_tail .* no transformers"):
+        export_hf(paths)
+    assert not (paths.outputs / "hf").exists()

@@ -35,6 +35,7 @@ from bigmodel_ops.classification.training import (
     trainable_parameters,
 )
 from bigmodel_ops.config import parse_params
+from bigmodel_ops.contract import Truncation
 from bigmodel_ops.errors import ConfigError, DataError
 from bigmodel_ops.model import TransformerLM
 from bigmodel_ops.pipeline._finetuning import hyperparams
@@ -105,6 +106,12 @@ def test_params_defaults_keep_todays_behaviour_and_reach_hyperparams():
         ({"lora": {"target_modules": []}}, "finetune.lora.target_modules"),
         ({"layer_lr_decay": 1.5}, "finetune.layer_lr_decay"),
         ({"early_stopping_patience": -1}, "finetune.early_stopping_patience"),
+        ({"truncation": "middle"}, "finetune.truncation"),
+        (
+            {"truncation": "head_tail", "max_length": 64, "head_tokens": 64},
+            "head_tokens (64) must be below max_length (64) with truncation: head_tail",
+        ),
+        ({"max_length": 1}, "finetune.max_length"),
     ],
 )
 def test_schema_refuses_bad_finetune_settings(finetune: dict, message: str):
@@ -428,6 +435,9 @@ def test_finetune_stage_with_lora_mean_pooling_and_the_scratch_control(tmp_path:
         "control": "scratch",
         "max_epochs": 2,
         "batch_size": 8,
+        "max_length": 10,
+        "truncation": "head_tail",
+        "head_tokens": 4,
     }
     params, paths, _ = make_project(tmp_path, n_train=32, n_eval=8, finetune=finetune)
     report = run_finetune(params, paths=paths, quiet=True)
@@ -440,6 +450,7 @@ def test_finetune_stage_with_lora_mean_pooling_and_the_scratch_control(tmp_path:
     # the export: one plain classifier (no adapter keys), mean pooling, loads and predicts
     config = json.loads((paths.classifier / "config.json").read_text())
     assert config["pooling"] == "mean" and config["hparams"]["method"] == "lora"
+    assert (config["max_length"], config["truncation"], config["head_tokens"]) == (10, "head_tail", 4)
     assert config["best_epoch"] == report["best_epoch"]
     from safetensors import safe_open
 
@@ -465,6 +476,7 @@ def test_finetune_stage_with_lora_mean_pooling_and_the_scratch_control(tmp_path:
     assert json.loads((paths.control_classifier / "control.json").read_text()) == {"trained": True}
     control = load_classifier(paths.control_classifier)
     assert control.config["from_scratch"] is True and control.labels == classifier.labels
+    assert control.truncation == classifier.truncation == Truncation(10, "head_tail", 4)
 
 
 def test_finetune_stage_refuses_bad_settings_before_training(tmp_path: Path, monkeypatch, capsys):

@@ -95,6 +95,10 @@ def test_default_space_and_a_mixed_space():
             "tune.search_space.max_epochs: not searchable",
         ),
         ({"lr": {"type": "float", "low": 0.1, "high": 0.2, "colour": 1}}, "tune.search_space.lr.colour"),
+        (
+            {"truncation": {"type": "categorical", "choices": ["head", "tail"]}},
+            "tune.search_space.truncation: not searchable: texts are tokenised once for all trials",
+        ),
     ],
 )
 def test_bad_search_space_is_refused_naming_the_setting(space, expected):

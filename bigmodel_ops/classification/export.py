@@ -16,7 +16,14 @@ import torch
 
 from bigmodel_ops.classification.inputs import collate, tokenize_texts
 from bigmodel_ops.classification.model import SequenceClassifier
-from bigmodel_ops.contract import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, check_model_dir, load_tokenizer
+from bigmodel_ops.contract import (
+    CONFIG_FILE,
+    TOKENIZER_FILE,
+    WEIGHTS_FILE,
+    Truncation,
+    check_model_dir,
+    load_tokenizer,
+)
 from bigmodel_ops.errors import CheckpointError
 from bigmodel_ops.model import ModelConfig, TransformerLM, load_weights
 
@@ -30,9 +37,14 @@ def save_classifier(
     labels: Sequence[str],
     max_length: int,
     tokenizer_file: Path,
+    truncation: str = "head",
+    head_tokens: int = 0,
     extra: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Write model.safetensors (backbone + head), config.json and tokenizer.json into directory."""
+    """Write model.safetensors (backbone + head), config.json and tokenizer.json into directory.
+
+    config.json records how long texts were cut (:class:`~bigmodel_ops.contract.Truncation`), so
+    every consumer of the folder cuts them the same way."""
     import shutil
 
     from safetensors.torch import save_model
@@ -44,7 +56,7 @@ def save_classifier(
         "config": model.backbone.config.to_dict(),
         "num_labels": model.num_labels,
         "labels": list(labels),
-        "max_length": int(max_length),
+        **Truncation(int(max_length), truncation, int(head_tokens)).as_config(),
         "pooling": model.pooling,
         "head_dropout": float(model.dropout.p),
         **dict(extra or {}),
@@ -85,6 +97,7 @@ class TextClassifier:
     labels: list[str]
     max_length: int
     config: dict[str, Any]
+    truncation: Truncation | None = None  # None: as the tokenizer cuts texts
 
     def logits(self, texts: Sequence[str], *, batch_size: int = 64) -> torch.Tensor:
         """(N, num_labels) float32 logits, computed in batches of batch_size texts."""
@@ -95,7 +108,7 @@ class TextClassifier:
         with torch.inference_mode():
             for start in range(0, len(texts), batch_size):
                 chunk = [str(t) for t in texts[start : start + batch_size]]
-                ids = tokenize_texts(self.tokenizer, chunk, objective=objective)
+                ids = tokenize_texts(self.tokenizer, chunk, objective=objective, truncation=self.truncation)
                 batch = collate([(row, 0) for row in ids])
                 out.append(self.model(batch["idx"].to(device), batch["lengths"].to(device)).float().cpu())
         if not out:
@@ -128,9 +141,21 @@ def load_classifier(directory: Path | str) -> TextClassifier:
         raise CheckpointError(f"{directory / CONFIG_FILE}: {error}") from None
     load_weights(model, directory, what="classifier")
     model.eval()
-    tokenizer = load_tokenizer(
-        directory / TOKENIZER_FILE, max_length=int(payload["max_length"]), error=CheckpointError
-    )
+    tokenizer, truncation = load_classifier_tokenizer(directory, payload)
     return TextClassifier(
-        model=model, tokenizer=tokenizer, labels=labels, max_length=int(payload["max_length"]), config=payload
+        model=model,
+        tokenizer=tokenizer,
+        labels=labels,
+        max_length=truncation.max_length,
+        config=payload,
+        truncation=truncation,
     )
+
+
+def load_classifier_tokenizer(directory: Path, payload: dict[str, Any]) -> tuple[Any, Truncation]:
+    """The classifier folder's tokenizer and the truncation its config.json records."""
+    truncation = Truncation.from_config(payload, source=directory / CONFIG_FILE)
+    tokenizer = load_tokenizer(
+        directory / TOKENIZER_FILE, max_length=truncation.tokenizer_max_length, error=CheckpointError
+    )
+    return tokenizer, truncation

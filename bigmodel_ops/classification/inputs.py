@@ -1,7 +1,7 @@
 """Classifier inputs: labeled splits, tokenisation and batching (no Lightning, no pydantic).
 
 - :func:`read_labeled_split` and :func:`load_splits` (labeled Parquet -> token ids, with the
-  pretrained model's tokenizer), :func:`tokenize_texts`;
+  pretrained model's tokenizer), :func:`tokenize_texts`, :func:`truncation_for`;
 - :func:`collate`: right padding, shared by training and inference.
 
 Token ids follow :mod:`bigmodel_ops.contract` (pad=0, cls=2, and a ``[CLS] $A [SEP]``
@@ -17,8 +17,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bigmodel_ops.contract import CLS_ID, PAD_ID, TOKENIZER_FILE, check_model_dir, load_tokenizer
-from bigmodel_ops.errors import CheckpointError, DataError
+from bigmodel_ops.contract import (
+    CLS_ID,
+    PAD_ID,
+    TOKENIZER_FILE,
+    Truncation,
+    check_model_dir,
+    load_tokenizer,
+)
+from bigmodel_ops.errors import CheckpointError, ConfigError, DataError
 from bigmodel_ops.model import ModelConfig, read_exported_config
 
 SPLITS = ("train", "val", "test")
@@ -28,6 +35,21 @@ LABELED_COLUMNS = ("text", "label", "label_id")
 def effective_max_length(max_length: int, config: ModelConfig) -> int:
     """The requested max_length, capped by the backbone's context."""
     return min(max_length, config.block_size)
+
+
+def truncation_for(
+    max_length: int, config: ModelConfig, *, keep: str = "head", head_tokens: int = 0
+) -> Truncation:
+    """The finetune settings' :class:`Truncation`, its max_length capped by the backbone's context;
+    ConfigError naming finetune.head_tokens when the cap leaves no room for the tail."""
+    length = effective_max_length(max_length, config)
+    try:
+        return Truncation(length, keep, head_tokens)
+    except ValueError as error:
+        raise ConfigError(
+            f"finetune.head_tokens / finetune.max_length (capped at the backbone's block_size "
+            f"{config.block_size}): {error}"
+        ) from None
 
 
 def read_labeled_split(path: Path, labels: Sequence[str]) -> tuple[list[str], np.ndarray]:
@@ -83,10 +105,18 @@ class TokenizedSplit:
 
 
 def tokenize_texts(
-    tokenizer, texts: Sequence[str], *, objective: str, source: str = "tokenizer"
+    tokenizer,
+    texts: Sequence[str],
+    *,
+    objective: str,
+    truncation: Truncation | None = None,
+    source: str = "tokenizer",
 ) -> list[list[int]]:
-    """Token ids per text; checks once that a masked backbone's inputs start with [CLS]."""
+    """Token ids per text, cut by ``truncation`` (None: as the tokenizer cuts them); checks once
+    that a masked backbone's inputs start with [CLS]."""
     ids = [encoding.ids for encoding in tokenizer.encode_batch(list(texts))]
+    if truncation is not None:
+        ids = [truncation.apply(row) for row in ids]
     if objective == "masked" and ids and (not ids[0] or ids[0][0] != CLS_ID):
         raise CheckpointError(
             f"{source}: the tokenizer does not put [CLS] (id {CLS_ID}) first; a masked backbone "
@@ -101,24 +131,30 @@ def load_splits(
     model_dir: Path,
     labels: Sequence[str],
     max_length: int,
+    truncation: str = "head",
+    head_tokens: int = 0,
     splits: Sequence[str] = ("train", "val"),
 ) -> dict[str, TokenizedSplit]:
     """Check the inputs and tokenise the named labeled splits with the pretrained model's tokenizer.
 
-    Texts are truncated to ``max_length`` tokens, capped by the backbone's context.
+    Texts are truncated to ``max_length`` tokens, capped by the backbone's context, keeping their
+    head, tail or both (:func:`truncation_for`).
     """
     check_model_dir(model_dir)
     config, _ = read_exported_config(model_dir)
+    cut = truncation_for(max_length, config, keep=truncation, head_tokens=head_tokens)
     tokenizer = load_tokenizer(
-        model_dir / TOKENIZER_FILE,
-        max_length=effective_max_length(max_length, config),
-        error=CheckpointError,
+        model_dir / TOKENIZER_FILE, max_length=cut.tokenizer_max_length, error=CheckpointError
     )
     result: dict[str, TokenizedSplit] = {}
     for split in splits:
         texts, label_ids = read_labeled_split(prepared / f"{split}.parquet", labels)
         ids = tokenize_texts(
-            tokenizer, texts, objective=config.objective, source=str(model_dir / TOKENIZER_FILE)
+            tokenizer,
+            texts,
+            objective=config.objective,
+            truncation=cut,
+            source=str(model_dir / TOKENIZER_FILE),
         )
         result[split] = TokenizedSplit(ids=ids, labels=label_ids)
     return result

@@ -112,7 +112,7 @@ class HyperParams:
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> HyperParams:
         """From a mapping shaped like the ``finetune`` params (a nested ``lora`` section allowed);
-        keys that are not hyperparameters (use_tuned, control, max_length) are ignored."""
+        keys that are not hyperparameters (use_tuned, control, max_length, truncation) are ignored."""
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in cls._flatten(values).items() if k in names and v is not None})
 

@@ -139,6 +139,11 @@ class Params(_Strict):
                 f"finetune.class_weights has {len(weights)} weight(s) but prepare.labels has "
                 f"{len(self.prepare.labels)} labels: give one weight per label, in label order"
             )
+        if self.compress.huggingface and self.finetune.truncation == "head_tail":
+            raise ValueError(
+                "compress.huggingface: true cannot export a classifier with finetune.truncation: "
+                "head_tail (a transformers tokenizer keeps one end of a long text only); use head or tail"
+            )
         self.evaluate.check_gate_metrics(labels=list(self.prepare.labels))
         return self
 

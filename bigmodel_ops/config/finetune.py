@@ -42,8 +42,14 @@ class FinetuneParams(_Strict):
     dropout: Fraction = 0.1
     # Fraction of the optimizer steps spent warming the learning rate up.
     warmup_ratio: float = Field(default=0.1, ge=0.0, lt=1.0)
-    # Texts are truncated to this many tokens (at most the model's block_size).
-    max_length: PositiveInt = 128
+    # Texts are truncated to this many tokens, [CLS] and [SEP] included (at most the model's block_size).
+    max_length: int = Field(default=128, ge=2)
+    # Which tokens of a longer text are kept: head (the first max_length), tail (the last ones,
+    # after [CLS]) or head_tail (the first head_tokens and the last max_length - head_tokens).
+    # Training, evaluation, serving and the compressed models all cut texts this way.
+    truncation: Literal["head", "tail", "head_tail"] = "head"
+    # Tokens kept from the start of a long text with truncation: head_tail ([CLS] included).
+    head_tokens: PositiveInt = 64
     # One vector per text for the head: cls (masked backbone), last (causal backbone), mean
     # (either: the mean of the real tokens), auto = cls for masked, last for causal. Checked
     # against the backbone's objective once the backbone is known.
@@ -80,6 +86,11 @@ class FinetuneParams(_Strict):
             raise ValueError(
                 "freeze_backbone and freeze_layers are both set: freeze_backbone freezes everything, "
                 "freeze_layers the embeddings and the first k blocks; keep one"
+            )
+        if self.truncation == "head_tail" and self.head_tokens >= self.max_length:
+            raise ValueError(
+                f"head_tokens ({self.head_tokens}) must be below max_length ({self.max_length}) with "
+                "truncation: head_tail, to leave room for the end of the text"
             )
         if self.from_scratch and self.control == "scratch":
             raise ValueError(

@@ -40,6 +40,8 @@ NOT_SEARCHABLE: dict[str, str] = {
     "max_epochs": "a trial's budget is tune.max_epochs (and tune.train_fraction), the same for every trial",
     "lora.target_modules": "a list cannot be an Optuna choice; set finetune.lora.target_modules",
     "max_length": "texts are tokenised once for all trials; set finetune.max_length",
+    "truncation": "texts are tokenised once for all trials; set finetune.truncation",
+    "head_tokens": "texts are tokenised once for all trials; set finetune.head_tokens",
 }
 
 

@@ -230,7 +230,8 @@ def model_card(
     hparams = classifier_config.get("hparams") or {}
     lines.append(
         f"- Fine-tuning: {classifier_config.get('pooling', '?')} pooling, max length "
-        f"{classifier_config.get('max_length', '?')} tokens, best epoch "
+        f"{classifier_config.get('max_length', '?')} tokens ({classifier_config.get('truncation', 'head')} "
+        "kept), best epoch "
         f"{classifier_config.get('best_epoch', '?')}; hparams {_kv(hparams)}."
     )
     lines += ["", *_cost_section(cost)]
@@ -251,8 +252,8 @@ def model_card(
         "output: `label`, `score` and one `prob_<label>` column per label).",
         "- It always answers one of the training labels: a text of another kind (another language, "
         "another domain, another label) still gets a confident-looking label. Empty texts are refused.",
-        f"- Texts longer than {classifier_config.get('max_length', '?')} tokens are truncated: only "
-        "their beginning is read.",
+        f"- Texts longer than {classifier_config.get('max_length', '?')} tokens are truncated: "
+        f"{_read_part(classifier_config)}.",
         "- The test split is small and from the same source as the training data: the metrics above "
         "say nothing about other data; compare with the baseline before trusting a gain.",
         "- Probabilities are softmax outputs; see the calibration error above before using them as "
@@ -278,3 +279,15 @@ def description(card: str, *, limit: int = DESCRIPTION_LIMIT) -> str:
     note = f"\n\n(truncated; the full card is the evaluate run's artifact evaluate/{CARD_FILE})"
     head = card[: limit - len(note)]
     return head[: head.rfind("\n")] + note
+
+
+def _read_part(classifier_config: dict[str, Any]) -> str:
+    """What of a long text the classifier reads, in words."""
+    keep = classifier_config.get("truncation", "head")
+    if keep == "tail":
+        return "only their end is read"
+    if keep == "head_tail":
+        head = int(classifier_config.get("head_tokens", 0))
+        tail = int(classifier_config.get("max_length", 0)) - head
+        return f"their first {head} and last {tail} tokens are read, the middle is not"
+    return "only their beginning is read"

@@ -121,6 +121,8 @@ def run(
         model_dir=paths.pretrained_model,
         labels=params.prepare.labels,
         max_length=params.finetune.max_length,
+        truncation=params.finetune.truncation,
+        head_tokens=params.finetune.head_tokens,
     )
     # balanced class weights need every class in the train split: DataError naming the setting
     class_weight_tensor(hparams.class_weights, splits["train"].labels, fit.num_labels)
@@ -226,6 +228,8 @@ def _export(
             labels=params.prepare.labels,
             max_length=max_length,
             tokenizer_file=tokenizer_file,
+            truncation=params.finetune.truncation,
+            head_tokens=params.finetune.head_tokens,
             extra={"mlflow_run_id": run.run_id, "mlflow_artifact_path": MODEL_ARTIFACT_PATH, **extra},
         )
         control_dir = pub.staged(paths.control_classifier)
@@ -237,6 +241,8 @@ def _export(
                 labels=params.prepare.labels,
                 max_length=max_length,
                 tokenizer_file=tokenizer_file,
+                truncation=params.finetune.truncation,
+                head_tokens=params.finetune.head_tokens,
                 extra={**extra, "from_scratch": True, "best_epoch": report.get("control_best_epoch", 0)},
             )
         (control_dir / CONTROL_FILE).write_text(json.dumps({"trained": control is not None}) + "\n")

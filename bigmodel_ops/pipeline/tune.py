@@ -179,6 +179,8 @@ def _check_inputs(params: Params, paths: ProjectPaths) -> tuple[dict, Any]:
         model_dir=paths.pretrained_model,
         labels=params.prepare.labels,
         max_length=params.finetune.max_length,
+        truncation=params.finetune.truncation,
+        head_tokens=params.finetune.head_tokens,
     )
     check_vocabulary(paths.pretrained_model)
     check_classes(splits["train"], params.prepare.labels, source=paths.prepared / "train.parquet")
