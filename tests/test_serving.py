@@ -170,6 +170,8 @@ def test_model_card_is_the_version_description_and_an_artifact(store: Registered
         "Best tuned params (trial 1, val 0.7500): `lr`=0.003, `batch_size`=16",
         "run `pretrain-run-0`",
         "## Intended use and limits",
+        "tokens (head kept)",
+        "tokens are truncated: only their beginning is read.",
         f"finetune `{store.finetune_run_id}`",
         f"evaluate `{evaluate_run}`",
     ):
@@ -242,3 +244,20 @@ def test_predict_from_an_exported_classifier_folder_needs_no_tracking_store(
     (broken / "model.safetensors").write_bytes(b"not weights")
     assert main(["predict", "--params", str(store.params_file), "--model", str(broken), "x"]) != 0
     assert "model.safetensors" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "config,words",
+    [
+        ({"max_length": 256}, "only their beginning is read"),
+        ({"max_length": 256, "truncation": "tail"}, "only their end is read"),
+        (
+            {"max_length": 256, "truncation": "head_tail", "head_tokens": 64},
+            "their first 64 and last 192 tokens are read, the middle is not",
+        ),
+    ],
+)
+def test_model_card_says_which_part_of_a_long_text_is_read(config: dict, words: str):
+    from bigmodel_ops.evaluation.card import _read_part
+
+    assert _read_part(config) == words
