@@ -41,7 +41,8 @@ def _params(space=None, **tune):
 
 def test_every_hyperparameter_is_searchable_or_refused_with_a_reason():
     names = {setting_name(f.name) for f in dataclasses.fields(HyperParams)}
-    assert names == set(SEARCHABLE) | (set(NOT_SEARCHABLE) - {"max_length"})
+    tokenisation = {"max_length", "truncation", "head_tokens"}  # finetune settings, not hyperparameters
+    assert names == set(SEARCHABLE) | (set(NOT_SEARCHABLE) - tokenisation)
 
 
 def test_default_space_and_a_mixed_space():

@@ -47,7 +47,7 @@ class FinetuneParams(_Strict):
     # Which tokens of a longer text are kept: head (the first max_length), tail (the last ones,
     # after [CLS]) or head_tail (the first head_tokens and the last max_length - head_tokens).
     # Training, evaluation, serving and the compressed models all cut texts this way.
-    truncation: Literal["head", "tail", "head_tail"] = "head"
+    truncation: Literal["head", "tail", "head_tail"] = "tail"
     # Tokens kept from the start of a long text with truncation: head_tail ([CLS] included).
     head_tokens: PositiveInt = 64
     # One vector per text for the head: cls (masked backbone), last (causal backbone), mean
