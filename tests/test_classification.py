@@ -176,6 +176,27 @@ def test_a_classifier_reads_the_part_of_a_long_text_its_truncation_keeps(tmp_pat
     assert reads == expected[keep]
 
 
+def test_val_batches_and_inference_batches_group_texts_of_similar_length(tmp_path: Path):
+    import numpy as np
+
+    from bigmodel_ops.classification.datamodule import ClassificationDataModule
+    from bigmodel_ops.classification.inputs import TokenizedSplit
+
+    lengths = [3, 9, 5, 12, 4, 12, 7, 2, 10, 6]
+    split = TokenizedSplit(ids=[[2] + [7] * (n - 2) + [3] for n in lengths], labels=np.arange(10) % 2)
+    data = ClassificationDataModule({"train": split, "val": split}, batch_size=4, seed=0)
+    batches = list(data.val_dataloader())
+    seen = [int(n) for batch in batches for n in batch["lengths"]]
+    assert seen == sorted(lengths, reverse=True)  # longest first: each batch pads little
+    assert [int(b["idx"].shape[1]) for b in batches] == [12, 7, 3]  # padded to 12, 7 and 3, not 12 each
+    rows = torch.cat([b["rows"] for b in batches])
+    assert sorted(rows.tolist()) == list(range(10))  # every row once, named by its split row
+    assert torch.equal(torch.cat([b["labels"] for b in batches]), torch.as_tensor(split.labels)[rows])
+    assert [lengths[r] for r in rows.tolist()] == seen
+    train = [int(n) for batch in data.train_dataloader() for n in batch["lengths"]]
+    assert sorted(train) == sorted(lengths) and train != seen  # training order stays shuffled
+
+
 def test_truncation_settings_the_backbone_or_the_export_cannot_follow(tmp_path: Path):
     _, paths, _ = make_project(tmp_path, n_train=8, n_eval=4)
     block = read_exported_config(paths.pretrained_model)[0].block_size
@@ -253,7 +274,12 @@ def test_export_roundtrip_gives_the_same_logits(tmp_path: Path, objective: str):
     with torch.no_grad():
         expected = model(batch["idx"], batch["lengths"])
     texts = read_labeled_split(paths.prepared / "val.parquet", LABELS)[0]
+    widths: list[int] = []
+    hook = loaded.model.register_forward_hook(lambda _m, args, _out: widths.append(args[0].shape[1]))
+    # in the order of the texts, computed longest first (batches of similar length)
     torch.testing.assert_close(loaded.logits(texts, batch_size=3), expected, atol=1e-5, rtol=1e-5)
+    hook.remove()
+    assert widths == sorted(widths, reverse=True) and len(set(widths)) > 1
     # predict = the most probable label and its softmax probability, of the logits computed above
     labels, scores = loaded.predict(texts, batch_size=3)
     probs = torch.softmax(expected, dim=-1)

@@ -16,14 +16,20 @@ from bigmodel_ops.classification.inputs import TokenizedSplit, collate
 
 
 class _SplitDataset(torch.utils.data.Dataset):
-    def __init__(self, split: TokenizedSplit) -> None:
+    """The split's examples with their row numbers; ``by_length``: longest first, so each batch holds
+    texts of similar length and pads little (the row number still names the split's row)."""
+
+    def __init__(self, split: TokenizedSplit, *, by_length: bool = False) -> None:
         self.split = split
+        rows = range(len(split))
+        self.rows = sorted(rows, key=lambda row: -len(split.ids[row])) if by_length else list(rows)
 
     def __len__(self) -> int:
         return len(self.split)
 
     def __getitem__(self, index: int) -> tuple[list[int], int, int]:
-        return self.split.ids[index], int(self.split.labels[index]), index
+        row = self.rows[index]
+        return self.split.ids[row], int(self.split.labels[row]), row
 
 
 def collate_rows(batch: Sequence[tuple[list[int], int, int]]) -> dict[str, torch.Tensor]:
@@ -45,7 +51,8 @@ class ClassificationDataModule(L.LightningDataModule):
       ranks of ``batch_size`` B, step i's batches together are exactly the batch i of one process
       with batch size ``B x W`` when the split size is a multiple of ``B x W`` (otherwise the
       sampler repeats up to W - 1 rows to even out the ranks, and the last step differs);
-    - val: contiguous order, sharded the same way; the module counts each row once
+    - val: longest texts first (batches of similar lengths pad little; the metrics do not depend
+      on the order), sharded the same way; the module counts each row once
       (:meth:`~.training.ClassifierModule.on_validation_epoch_end`).
     """
 
@@ -62,7 +69,7 @@ class ClassificationDataModule(L.LightningDataModule):
         trainer = self.trainer
         world = trainer.world_size if trainer is not None else 1
         rank = trainer.global_rank if trainer is not None else 0
-        dataset = _SplitDataset(self.splits[split])
+        dataset = _SplitDataset(self.splits[split], by_length=not shuffle)
         sampler = torch.utils.data.DistributedSampler(
             dataset, num_replicas=world, rank=rank, shuffle=shuffle, seed=self.seed, drop_last=False
         )

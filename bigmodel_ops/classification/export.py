@@ -100,20 +100,23 @@ class TextClassifier:
     truncation: Truncation | None = None  # None: as the tokenizer cuts texts
 
     def logits(self, texts: Sequence[str], *, batch_size: int = 64) -> torch.Tensor:
-        """(N, num_labels) float32 logits, computed in batches of batch_size texts."""
+        """(N, num_labels) float32 logits, in the order of ``texts``. They are computed in batches
+        of batch_size texts of similar length (longest first), so a batch pads little."""
         self.model.eval()
         objective = self.model.backbone.config.objective
-        out: list[torch.Tensor] = []
+        ids = tokenize_texts(
+            self.tokenizer, [str(t) for t in texts], objective=objective, truncation=self.truncation
+        )
+        order = sorted(range(len(ids)), key=lambda row: -len(ids[row]))
+        out = torch.empty(len(ids), len(self.labels))
         device = next(self.model.parameters()).device
         with torch.inference_mode():
-            for start in range(0, len(texts), batch_size):
-                chunk = [str(t) for t in texts[start : start + batch_size]]
-                ids = tokenize_texts(self.tokenizer, chunk, objective=objective, truncation=self.truncation)
-                batch = collate([(row, 0) for row in ids])
-                out.append(self.model(batch["idx"].to(device), batch["lengths"].to(device)).float().cpu())
-        if not out:
-            return torch.empty(0, len(self.labels))
-        return torch.cat(out)
+            for start in range(0, len(order), batch_size):
+                rows = order[start : start + batch_size]
+                batch = collate([(ids[row], 0) for row in rows])
+                logits = self.model(batch["idx"].to(device), batch["lengths"].to(device))
+                out[rows] = logits.float().cpu()
+        return out
 
     def predict(self, texts: Sequence[str], *, batch_size: int = 64) -> tuple[list[str], list[float]]:
         """Predicted label and its softmax probability per text."""
