@@ -42,7 +42,9 @@ def _tokenizer(texts: list[str]):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--data", type=Path, default=ROOT / "data" / "imdb" / "reviews.csv")
     parser.add_argument("--text-column", default="review")
     parser.add_argument("--rows", type=int, default=1000)
