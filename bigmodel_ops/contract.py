@@ -43,8 +43,9 @@ def load_tokenizer(
     """Load a ``tokenizers`` file; ``error`` (DataError by default) names the file when it is
     missing or not a tokenizer.
 
-    With ``max_length``, padding is off (batches are padded by the caller, to their longest
-    row) and texts are truncated to ``max_length`` tokens, special tokens included.
+    Padding is off (batches are padded by the caller, to their longest row). With ``max_length``,
+    texts are truncated to ``max_length`` tokens, special tokens included; without it they are
+    left whole (:class:`Truncation` cuts them).
     """
     from tokenizers import Tokenizer
 
@@ -55,9 +56,11 @@ def load_tokenizer(
         tokenizer = Tokenizer.from_file(str(path))
     except Exception as raised:  # noqa: BLE001 - tokenizers raises a bare Exception on a bad file
         raise error(f"{path}: not a valid tokenizers file: {raised}") from None
+    tokenizer.no_padding()
     if max_length is not None:
-        tokenizer.no_padding()
         tokenizer.enable_truncation(max_length=max_length)
+    else:
+        tokenizer.no_truncation()
     return tokenizer
 
 
