@@ -45,8 +45,8 @@ import torch.nn as nn
 from bigmodel_ops import onnx_export
 from bigmodel_ops.classification.export import (
     TextClassifier,
-    load_classifier_tokenizer,
     read_classifier_config,
+    text_classifier,
 )
 from bigmodel_ops.classification.inputs import collate, tokenize_texts
 from bigmodel_ops.classification.model import SequenceClassifier
@@ -232,15 +232,7 @@ def load_int8(directory: Path | str) -> TextClassifier:
             modules[name].set_weight_bias(weight, quantized.get(f"{name}.bias"))
     except (KeyError, RuntimeError, ValueError) as error:
         raise CheckpointError(f"{mismatch}: {name}: {error}") from None
-    tokenizer, truncation = load_classifier_tokenizer(directory, payload)
-    return TextClassifier(
-        model=qmodel,
-        tokenizer=tokenizer,
-        labels=labels,
-        max_length=truncation.max_length,
-        config=payload,
-        truncation=truncation,
-    )
+    return text_classifier(qmodel, directory, payload)
 
 
 def _int8_weight(tensors: dict[str, torch.Tensor], name: str, scheme: str) -> torch.Tensor:

@@ -144,21 +144,20 @@ def load_classifier(directory: Path | str) -> TextClassifier:
         raise CheckpointError(f"{directory / CONFIG_FILE}: {error}") from None
     load_weights(model, directory, what="classifier")
     model.eval()
-    tokenizer, truncation = load_classifier_tokenizer(directory, payload)
-    return TextClassifier(
-        model=model,
-        tokenizer=tokenizer,
-        labels=labels,
-        max_length=truncation.max_length,
-        config=payload,
-        truncation=truncation,
-    )
+    return text_classifier(model, directory, payload)
 
 
-def load_classifier_tokenizer(directory: Path, payload: dict[str, Any]) -> tuple[Any, Truncation]:
-    """The classifier folder's tokenizer and the truncation its config.json records."""
+def text_classifier(model: SequenceClassifier, directory: Path, payload: dict[str, Any]) -> TextClassifier:
+    """``model`` with the folder's labels, tokenizer and the truncation its config.json records."""
     truncation = Truncation.from_config(payload, source=directory / CONFIG_FILE)
     tokenizer = load_tokenizer(
         directory / TOKENIZER_FILE, max_length=truncation.tokenizer_max_length, error=CheckpointError
     )
-    return tokenizer, truncation
+    return TextClassifier(
+        model=model,
+        tokenizer=tokenizer,
+        labels=[str(label) for label in payload["labels"]],
+        max_length=truncation.max_length,
+        config=payload,
+        truncation=truncation,
+    )
