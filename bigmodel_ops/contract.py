@@ -71,11 +71,11 @@ TRUNCATION_KEEPS = ("head", "tail", "head_tail")
 class Truncation:
     """Which tokens of a text longer than ``max_length`` (special tokens included) are kept.
 
-    ``keep`` is ``head`` (the first ``max_length``), ``tail`` (``[CLS]``, then the last
-    ``max_length - 1``) or ``head_tail`` (the first ``head_tokens``, ``[CLS]`` included, then the
-    last ``max_length - head_tokens``, ``[SEP]`` included: a review's verdict is often at its end).
-    A text of at most ``max_length`` tokens is never changed. ValueError on a ``head_tokens`` that
-    leaves no room for the tail.
+    ``keep`` is ``head`` (the first ``max_length``), ``tail`` (the first token, ``[CLS]`` with the
+    tokenize stage's tokenizers, then the last ``max_length - 1``, ``[SEP]`` included: a review's
+    verdict is often at its end) or ``head_tail`` (the first ``head_tokens`` and the last
+    ``max_length - head_tokens``). A text of at most ``max_length`` tokens is never changed.
+    ValueError on a ``head_tokens`` that leaves no room for the tail.
     """
 
     max_length: int
