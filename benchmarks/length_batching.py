@@ -78,7 +78,6 @@ def main() -> None:
         model=model,
         tokenizer=tokenizer,
         labels=["negative", "positive"],
-        max_length=args.max_length,
         config={},
         truncation=truncation,
     )

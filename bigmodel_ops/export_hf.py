@@ -314,14 +314,13 @@ def _write_classifier(transformers: Any, source: Path, folder: Path) -> dict[str
 def _truncation_side(truncation: Any, source: Path) -> str:
     """The tokenizer's truncation_side for the classifier's truncation; CheckpointError for
     head_tail, which a transformers tokenizer cannot do (it would read other tokens than ours)."""
-    keep = truncation.keep if truncation is not None else "head"
-    if keep == "head_tail":
+    if truncation.keep == "head_tail":
         raise CheckpointError(
             f"{source / CONFIG_FILE}: truncation head_tail (the first and the last tokens of a long "
             "text) has no transformers tokenizer setting; export a classifier fine-tuned with "
             "finetune.truncation head or tail"
         )
-    return "left" if keep == "tail" else "right"
+    return "left" if truncation.keep == "tail" else "right"
 
 
 def _copy_custom_module(folder: Path) -> None:

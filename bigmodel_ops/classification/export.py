@@ -95,9 +95,12 @@ class TextClassifier:
     model: SequenceClassifier
     tokenizer: Any
     labels: list[str]
-    max_length: int
     config: dict[str, Any]
-    truncation: Truncation | None = None  # None: as the tokenizer cuts texts
+    truncation: Truncation  # which tokens of a long text it reads
+
+    @property
+    def max_length(self) -> int:
+        return self.truncation.max_length
 
     def logits(self, texts: Sequence[str], *, batch_size: int = 64) -> torch.Tensor:
         """(N, num_labels) float32 logits, in the order of ``texts``. They are computed in batches
@@ -157,7 +160,6 @@ def text_classifier(model: SequenceClassifier, directory: Path, payload: dict[st
         model=model,
         tokenizer=tokenizer,
         labels=[str(label) for label in payload["labels"]],
-        max_length=truncation.max_length,
         config=payload,
         truncation=truncation,
     )
