@@ -5,6 +5,7 @@ LoRA and TF-IDF + logistic regression, on one split of a labelled CSV, in one pr
     python benchmarks/pretraining_value.py --data reviews.csv --short        # first sentence of each review
     python benchmarks/pretraining_value.py --data reviews.csv --quick        # smoke test (< 2 minutes)
     python benchmarks/pretraining_value.py --data reviews.csv --set profiles.max_steps=2000 --set finetune.lr=0.001
+    python benchmarks/pretraining_value.py --data reviews.csv --seed 1337 --seed 2 --seed 3 --skip-lora
 
 In a temporary project folder (MLflow: a sqlite store in that folder, no system metrics), with the
 repo's params.yaml where only the source (the given CSV, no extra unlabeled text), the objective
@@ -27,13 +28,20 @@ loaded back as the evaluate stage loads it, and scored on the TEST split; and
 
 ``--short`` first writes a derived CSV with the first sentence of each review (markup stripped).
 ``--quick`` shrinks pretraining to a few steps and fine-tuning to one epoch (a smoke test).
+``--seed S`` repeated runs the whole comparison once per seed (each its own split, tokenizer,
+backbone and inits), prints a table across seeds, and reports the means: on a test split of a
+few hundred texts one seed's (a) - (b) is within noise. ``--skip-lora`` leaves out (d).
 
 Prints a table, then as the LAST line one JSON object: acc_pretrained / acc_scratch / acc_lora /
 acc_tfidf (test accuracies, fractions), val_acc_*, trainable_params_*, pretrain_val_loss,
 unigram_entropy (nats), gap_to_unigram (entropy minus val loss: > 0 means the model learnt beyond
 token frequencies), seconds and seconds_<part>, objective, corpus (full | short), n_train / n_val /
-n_test and test_se_points (the binomial standard error of an accuracy near the observed ones on a
-test split of this size, in points: differences of about twice that are noise).
+n_test, test_se_points (the binomial standard error of an accuracy near the observed ones on a
+test split of this size, in points: differences of about twice that are noise) and
+pretrained_minus_scratch_points. With several seeds the numbers are means over the seeds
+(``seconds``: the total), ``seeds`` lists the seeds, ``per_seed`` holds each seed's summary, and
+``pretrained_minus_scratch_se`` / ``val_pretrained_minus_scratch_se`` the standard error of the
+mean paired difference.
 """
 
 from __future__ import annotations
@@ -214,7 +222,8 @@ def tfidf(params: Any, paths: Any) -> dict[str, Any]:
     return {"acc": acc, "seconds": time.perf_counter() - started}
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def run(args: argparse.Namespace, *, seed: int | None, keep: Path | None) -> dict[str, Any]:
+    """The whole comparison on one seed's split (``seed`` None: the params' ``project.seed``)."""
     from bigmodel_ops.classification.inputs import load_splits, read_labeled_split
     from bigmodel_ops.paths import ProjectPaths
     from bigmodel_ops.pipeline import prepare, pretrain, tokenize
@@ -223,7 +232,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     data = Path(args.data).resolve()
     if not data.is_file():
         raise SystemExit(f"--data {args.data}: not a file")
-    with project_dir(args.keep, prefix="pretraining-value-") as root:
+    with project_dir(keep, prefix="pretraining-value-") as root:
         corpus = "short" if args.short else "full"
         if args.short:
             short = root / "short.csv"
@@ -237,7 +246,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             text_column=args.text_column,
             label_column=args.label_column,
             objective=args.objective,
-            seed=args.seed,
+            seed=seed,
             tracking_uri=uri,
             quick=args.quick,
             overrides=args.set,
@@ -291,8 +300,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         results = {
             "pretrained": finetune_variant("pretrained", params, paths, splits, test),
             "scratch": finetune_variant("scratch", params, paths, splits, test, from_scratch=True),
-            "lora": finetune_variant("lora", params, paths, splits, test, method="lora"),
         }
+        if not args.skip_lora:
+            results["lora"] = finetune_variant("lora", params, paths, splits, test, method="lora")
         results["tfidf"] = tfidf(params, paths)
         log(f"  {'tfidf':<10} test acc {results['tfidf']['acc']:.4f}  ({results['tfidf']['seconds']:.1f}s)")
 
@@ -307,9 +317,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for k, r in results.items()
             if "trainable_params" in r
         },
-        "best_epoch_pretrained": results["pretrained"]["best_epoch"],
-        "best_epoch_scratch": results["scratch"]["best_epoch"],
-        "best_epoch_lora": results["lora"]["best_epoch"],
+        **{f"best_epoch_{k}": r["best_epoch"] for k, r in results.items() if "best_epoch" in r},
+        "pretrained_minus_scratch_points": round(
+            100 * (results["pretrained"]["acc"] - results["scratch"]["acc"]), 2
+        ),
         "pretrain_val_loss": round(val_loss, 4),
         "unigram_entropy": round(entropy, 4),
         "gap_to_unigram": round(gap, 4),
@@ -320,9 +331,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "seconds_prepare": round(seconds_prepare, 1),
         "seconds_tokenize": round(seconds_tokenize, 1),
         "seconds_pretrain": round(seconds_pretrain, 1),
-        "seconds_finetune_pretrained": round(results["pretrained"]["seconds"], 1),
-        "seconds_finetune_scratch": round(results["scratch"]["seconds"], 1),
-        "seconds_finetune_lora": round(results["lora"]["seconds"], 1),
+        **{f"seconds_finetune_{k}": round(r["seconds"], 1) for k, r in results.items() if k != "tfidf"},
         "seconds_tfidf": round(results["tfidf"]["seconds"], 1),
         "objective": args.objective,
         "corpus": corpus,
@@ -353,6 +362,8 @@ def print_table(s: dict[str, Any]) -> None:
         "lora": "(d) pretrained, LoRA",
     }
     for key, label in names.items():
+        if f"acc_{key}" not in s:  # --skip-lora
+            continue
         val = s.get(f"val_acc_{key}")
         trainable = s.get(f"trainable_params_{key}")
         seconds = s["seconds_tfidf"] if key == "tfidf" else s[f"seconds_finetune_{key}"]
@@ -366,15 +377,68 @@ def print_table(s: dict[str, Any]) -> None:
         f"gap {s['gap_to_unigram']:+.4f}; {s['pretrain_steps']} steps, {s['pretrain_tokens']:,} tokens, "
         f"{s['seconds_pretrain']:.0f}s"
     )
-    log(
-        f"pretrained - scratch: {100 * (s['acc_pretrained'] - s['acc_scratch']):+.1f} points; "
-        f"pretrained - tfidf: {100 * (s['acc_pretrained'] - s['acc_tfidf']):+.1f}; "
-        f"lora - pretrained: {100 * (s['acc_lora'] - s['acc_pretrained']):+.1f}"
+    lora = (
+        f"; lora - pretrained: {100 * (s['acc_lora'] - s['acc_pretrained']):+.1f}" if "acc_lora" in s else ""
     )
     log(
+        f"pretrained - scratch: {s['pretrained_minus_scratch_points']:+.1f} points; "
+        f"pretrained - tfidf: {100 * (s['acc_pretrained'] - s['acc_tfidf']):+.1f}{lora}"
+    )
+    finetunes = " / ".join(f"{s[f'seconds_finetune_{k}']:.0f}" for k in names if f"seconds_finetune_{k}" in s)
+    log(
         f"wall: total {s['seconds']:.0f}s (prepare {s['seconds_prepare']:.0f}, tokenize {s['seconds_tokenize']:.0f}, "
-        f"pretrain {s['seconds_pretrain']:.0f}, fine-tune {s['seconds_finetune_pretrained']:.0f} / "
-        f"{s['seconds_finetune_scratch']:.0f} / {s['seconds_finetune_lora']:.0f}, tfidf {s['seconds_tfidf']:.0f})"
+        f"pretrain {s['seconds_pretrain']:.0f}, fine-tune {finetunes}, tfidf {s['seconds_tfidf']:.0f})"
+    )
+
+
+def aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One summary for several seeds: every number the runs share, averaged (``seconds``: the
+    total), with the per-seed summaries under ``per_seed``. The paired difference (a) - (b) of each
+    seed gives ``pretrained_minus_scratch_points`` (its mean) and ``..._se`` (the standard error of
+    that mean over seeds: 0 for one seed, since one split says nothing about the spread); the same
+    for val accuracy."""
+    n = len(runs)
+    summary: dict[str, Any] = {}
+    for key, value in runs[0].items():
+        if key == "seed":
+            continue
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            if all(isinstance(run.get(key), int | float) for run in runs):
+                summary[key] = round(sum(run[key] for run in runs) / n, 4)
+        else:
+            summary[key] = value
+    summary["seconds"] = round(sum(run["seconds"] for run in runs), 1)
+    for name, a, b in (
+        ("", "acc_pretrained", "acc_scratch"),
+        ("val_", "val_acc_pretrained", "val_acc_scratch"),
+    ):
+        diffs = [100 * (run[a] - run[b]) for run in runs]
+        mean = sum(diffs) / n
+        spread = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1) / n) if n > 1 else 0.0
+        summary[f"{name}pretrained_minus_scratch_points"] = round(mean, 2)
+        summary[f"{name}pretrained_minus_scratch_se"] = round(spread, 2)
+    summary.update(seeds=[run["seed"] for run in runs], n_seeds=n, per_seed=runs)
+    return summary
+
+
+def print_seeds_table(s: dict[str, Any]) -> None:
+    log("")
+    log(f"pretraining value over {s['n_seeds']} seeds (test / val accuracy; (a) - (b) in points)")
+    log(f"{'seed':<8}{'(a) pretrained':>17}{'(b) scratch':>17}{'(a) - (b)':>15}{'(c) tfidf':>11}{'gap':>8}")
+    rows = [*s["per_seed"], {**s, "seed": "mean"}]
+    for r in rows:
+        diff_val = 100 * (r["val_acc_pretrained"] - r["val_acc_scratch"])
+        log(
+            f"{r['seed']!s:<8}{100 * r['acc_pretrained']:>9.1f} / {100 * r['val_acc_pretrained']:.1f}"
+            f"{100 * r['acc_scratch']:>9.1f} / {100 * r['val_acc_scratch']:.1f}"
+            f"{100 * (r['acc_pretrained'] - r['acc_scratch']):>+8.1f} / {diff_val:+.1f}"
+            f"{100 * r['acc_tfidf']:>10.1f}%{r['gap_to_unigram']:>+8.2f}"
+        )
+    log(
+        f"(a) - (b): {s['pretrained_minus_scratch_points']:+.2f} +- {s['pretrained_minus_scratch_se']:.2f} "
+        f"points on test, {s['val_pretrained_minus_scratch_points']:+.2f} +- "
+        f"{s['val_pretrained_minus_scratch_se']:.2f} on val (mean +- its standard error over seeds); "
+        f"wall {s['seconds']:.0f}s in all"
     )
 
 
@@ -386,10 +450,24 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--objective", choices=["masked", "causal"], default="masked")
     parser.add_argument("--short", action="store_true", help="first sentence of each text only")
     parser.add_argument("--quick", action="store_true", help="a few pretraining steps, one fine-tuning epoch")
-    parser.add_argument("--seed", type=int, default=None, help="default: project.seed of params.yaml")
+    parser.add_argument(
+        "--seed",
+        type=int,
+        action="append",
+        help="the split and every init (default: project.seed of params.yaml); repeat it to run the whole "
+        "comparison once per seed and report the means and the spread of (a) - (b)",
+    )
+    parser.add_argument(
+        "--skip-lora", action="store_true", help="leave out (d): one fine-tuning less per seed"
+    )
     parser.add_argument("--text-column", default="review")
     parser.add_argument("--label-column", default="sentiment")
-    parser.add_argument("--keep", type=Path, default=None, help="use (and keep) this project folder")
+    parser.add_argument(
+        "--keep",
+        type=Path,
+        default=None,
+        help="use (and keep) this project folder (several seeds: seed-S in it)",
+    )
     parser.add_argument(
         "--set",
         action="append",
@@ -408,7 +486,17 @@ def main(argv: list[str] | None = None) -> int:
 
     for name in ("lightning.pytorch", "lightning.fabric"):  # their info lines, once per fit
         logging.getLogger(name).setLevel(logging.WARNING)
-    summary = run(args)
+    seeds = args.seed or [None]
+    if len(set(seeds)) < len(seeds):
+        raise SystemExit(f"--seed: {seeds} names a seed twice")
+    if len(seeds) == 1:
+        summary = run(args, seed=seeds[0], keep=args.keep)
+    else:
+        runs = [
+            run(args, seed=seed, keep=args.keep / f"seed-{seed}" if args.keep else None) for seed in seeds
+        ]
+        summary = aggregate(runs)
+        print_seeds_table(summary)
     print(json.dumps(summary), flush=True)
     return 0
 

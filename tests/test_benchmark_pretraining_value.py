@@ -135,3 +135,71 @@ def test_quick_run_prints_the_json_summary_last(tmp_path: Path) -> None:
     # The table is printed before the JSON; the project lived in a temporary folder, not here.
     assert any(line.startswith("(a) pretrained") for line in lines)
     assert not {"outputs", "mlflow.db", "mlartifacts"} & {p.name for p in tmp_path.iterdir()}
+
+
+def _seed_run(seed: int, acc_pretrained: float, acc_scratch: float, seconds: float) -> dict:
+    return {
+        "acc_pretrained": acc_pretrained,
+        "acc_scratch": acc_scratch,
+        "val_acc_pretrained": 0.80,
+        "val_acc_scratch": 0.78,
+        "acc_tfidf": 0.87,
+        "gap_to_unigram": 1.2,
+        "seconds": seconds,
+        "seed": seed,
+        "objective": "masked",
+        "quick": False,
+    }
+
+
+def test_several_seeds_average_each_figure_and_give_the_spread_of_the_paired_difference() -> None:
+    bench = _load_script()
+    runs = [_seed_run(1, 0.80, 0.78, 100.0), _seed_run(2, 0.84, 0.78, 120.0), _seed_run(3, 0.79, 0.80, 90.0)]
+    summary = bench.aggregate(runs)
+    assert summary["acc_pretrained"] == pytest.approx(0.81) and summary["acc_scratch"] == pytest.approx(
+        0.7867
+    )
+    assert summary["seconds"] == 310.0  # the total wall time, not a mean
+    assert summary["seeds"] == [1, 2, 3] and "seed" not in summary and summary["n_seeds"] == 3
+    assert summary["per_seed"] == runs and summary["objective"] == "masked" and summary["quick"] is False
+    # Paired differences +2, +6, -1 points: mean 2.33, sample sd 3.51, standard error 3.51 / sqrt(3).
+    assert summary["pretrained_minus_scratch_points"] == pytest.approx(2.33)
+    assert summary["pretrained_minus_scratch_se"] == pytest.approx(2.03)
+    assert summary["val_pretrained_minus_scratch_points"] == pytest.approx(2.0)
+    assert summary["val_pretrained_minus_scratch_se"] == 0.0  # the same val difference on every seed
+    assert bench.aggregate(runs[:1])["pretrained_minus_scratch_se"] == 0.0
+
+
+def test_a_seed_named_twice_is_refused(tmp_path: Path) -> None:
+    bench = _load_script()
+    data = write_tiny_csv(tmp_path / "tiny.csv", n=4)
+    with pytest.raises(SystemExit, match=r"--seed: \[1, 2, 1\] names a seed twice"):
+        bench.main(["--data", str(data), "--seed", "1", "--seed", "2", "--seed", "1"])
+
+
+@pytest.mark.slow
+def test_quick_run_over_two_seeds_without_lora_reports_each_seed_and_the_means(tmp_path: Path) -> None:
+    data = write_tiny_csv(tmp_path / "tiny.csv")
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), "--data", str(data), "--quick", "--skip-lora"]
+        + ["--seed", "5", "--seed", "6", "--keep", str(tmp_path / "kept")],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    lines = result.stdout.strip().splitlines()
+    summary = json.loads(lines[-1])
+    assert summary["seeds"] == [5, 6] and [run["seed"] for run in summary["per_seed"]] == [5, 6]
+    assert not any("lora" in key for key in summary) and not any(
+        "lora" in key for key in summary["per_seed"][0]
+    )
+    # Two seeds are two splits of the same CSV, so two pretraining val shards.
+    assert summary["per_seed"][0]["unigram_entropy"] != summary["per_seed"][1]["unigram_entropy"]
+    mean = sum(run["acc_pretrained"] for run in summary["per_seed"]) / 2
+    assert summary["acc_pretrained"] == pytest.approx(mean, abs=1e-4)
+    assert summary["seconds"] == pytest.approx(sum(run["seconds"] for run in summary["per_seed"]), abs=0.2)
+    assert any(line.startswith("pretraining value over 2 seeds") for line in lines)
+    assert not any(line.startswith("(d)") for line in lines)
+    assert sorted(p.name for p in (tmp_path / "kept").iterdir()) == ["seed-5", "seed-6"]
