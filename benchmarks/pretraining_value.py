@@ -480,15 +480,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    seeds = args.seed or [None]
+    if len(set(seeds)) < len(seeds):  # before anything is set up or changed
+        raise SystemExit(f"--seed: {seeds} names a seed twice")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     warnings.filterwarnings("ignore", category=UserWarning, module=r"lightning.*")
     import lightning.pytorch  # noqa: F401  (its import sets its loggers to INFO: quiet them after)
 
     for name in ("lightning.pytorch", "lightning.fabric"):  # their info lines, once per fit
         logging.getLogger(name).setLevel(logging.WARNING)
-    seeds = args.seed or [None]
-    if len(set(seeds)) < len(seeds):
-        raise SystemExit(f"--seed: {seeds} names a seed twice")
     if len(seeds) == 1:
         summary = run(args, seed=seeds[0], keep=args.keep)
     else:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
+import logging
 import random
 import subprocess
 import sys
@@ -173,8 +174,11 @@ def test_several_seeds_average_each_figure_and_give_the_spread_of_the_paired_dif
 def test_a_seed_named_twice_is_refused(tmp_path: Path) -> None:
     bench = _load_script()
     data = write_tiny_csv(tmp_path / "tiny.csv", n=4)
+    levels = {name: logging.getLogger(name).level for name in ("", "lightning.pytorch", "lightning.fabric")}
     with pytest.raises(SystemExit, match=r"--seed: \[1, 2, 1\] names a seed twice"):
         bench.main(["--data", str(data), "--seed", "1", "--seed", "2", "--seed", "1"])
+    # Refused before main() quiets Lightning: nothing about this process's logging changed.
+    assert {name: logging.getLogger(name).level for name in levels} == levels
 
 
 @pytest.mark.slow
