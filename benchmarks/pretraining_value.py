@@ -54,6 +54,7 @@ import logging
 import math
 import os
 import re
+import statistics
 import sys
 import time
 import warnings
@@ -413,10 +414,9 @@ def aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
         ("val_", "val_acc_pretrained", "val_acc_scratch"),
     ):
         diffs = [100 * (run[a] - run[b]) for run in runs]
-        mean = sum(diffs) / n
-        spread = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1) / n) if n > 1 else 0.0
-        summary[f"{name}pretrained_minus_scratch_points"] = round(mean, 2)
-        summary[f"{name}pretrained_minus_scratch_se"] = round(spread, 2)
+        se = statistics.stdev(diffs) / math.sqrt(n) if n > 1 else 0.0
+        summary[f"{name}pretrained_minus_scratch_points"] = round(statistics.fmean(diffs), 2)
+        summary[f"{name}pretrained_minus_scratch_se"] = round(se, 2)
     summary.update(seeds=[run["seed"] for run in runs], n_seeds=n, per_seed=runs)
     return summary
 
