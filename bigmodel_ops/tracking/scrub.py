@@ -6,7 +6,8 @@ A :class:`Scrubber` masks, in every param, tag, text artifact and model card:
   ``https://token@host`` -> ``https://***@host``, and ``?password=...`` / ``&token=...`` query values;
 - the value of a secret-named key (``*password*``, ``*passwd*``, ``*secret*``, ``*credential*``, a
   ``token`` word such as ``hf_token`` or ``access_token``, and ``*_key`` / ``*apikey*``), matched on
-  the last part of a dotted key; ``special_tokens`` or ``max_tokens`` are not secret names;
+  the last part of a dotted key; ``special_tokens``, ``max_tokens`` or ``flops_per_token`` are not
+  secret names;
 - anywhere in text, every secret value found that way in the params it was built from, in the
   environment and in what was logged before (at least 6 characters), so a value copied into a
   report is masked too.
@@ -40,7 +41,11 @@ def is_secret_key(key: str) -> bool:
     last = str(key).rsplit(".", 1)[-1].lower()
     if any(word in last for word in ("password", "passwd", "secret", "credential", "apikey")):
         return True
-    return last.endswith("_key") or "token" in re.split(r"[^a-z0-9]+", last)
+    words = re.split(r"[^a-z0-9]+", last)
+    # A unit such as flops_per_token is not a credential.
+    return last.endswith("_key") or any(
+        w == "token" and words[i - 1 : i] != ["per"] for i, w in enumerate(words)
+    )
 
 
 def mask_uris(text: str) -> str:
