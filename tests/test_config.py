@@ -51,6 +51,11 @@ def test_gpu_profile_switch(repo_params):
             lambda p: p["profiles"]["cpu"].update(accelerator="cpu", strategy="fsdp"),
             "Value error, strategy 'fsdp' needs CUDA GPUs",
         ),
+        (
+            lambda p: (p["pretrain"].update(task="electra"), p["model"].update(objective="causal")),
+            "pretrain.task: electra needs model.objective: masked (replaced-token detection trains a "
+            "bidirectional backbone); got model.objective: causal",
+        ),
     ],
 )
 def test_bad_params_name_the_field(repo_params, mutate, expected):

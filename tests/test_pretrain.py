@@ -25,8 +25,14 @@ from bigmodel_ops.pipeline.pretrain import check_inputs
 from bigmodel_ops.pipeline.pretrain import run as run_pretrain
 from bigmodel_ops.pretraining.checkpoints import find_resume_point
 from bigmodel_ops.pretraining.data import DataSpec, ResumableBatchLoader, TokenStream, TrainBatches
-from bigmodel_ops.pretraining.flops import mfu, peak_flops
-from bigmodel_ops.pretraining.lm_module import lr_factor
+from bigmodel_ops.pretraining.flops import mfu, peak_flops, training_flops_per_token
+from bigmodel_ops.pretraining.lm_module import (
+    ElectraConfig,
+    LMModule,
+    OptimConfig,
+    lr_factor,
+    replace_with_samples,
+)
 from bigmodel_ops.pretraining.masking import mask_tokens, masked_count, word_continuation_ids
 from bigmodel_ops.shards import ShardIndex
 from tests.faults import PoisonAtStep
@@ -370,6 +376,89 @@ def test_whole_word_masking_in_the_stage_trains_and_keeps_val_loss_on_token_mask
     # The same val batches (token masking at val_mask_rate) as a token-masking run would score.
     val = inputs.datamodule.val_dataloader().dataset
     assert val.spec.continuation_ids == () and val.spec.mask_rate == params.pretrain.val_mask_rate
+
+
+def test_electra_replaces_only_the_filled_slots_with_generator_samples():
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(5, 90, size=(6, 40))
+    tokens[0, 5:] = 2  # a row of separators (protected): fewer unprotected tokens than slots
+    inputs, positions, labels = mask_tokens(
+        tokens, rng=rng, mask_rate=0.3, mask_id=4, protected_ids=np.array([2]), random_ids=np.arange(5, 90)
+    )
+    assert (labels == IGNORE_INDEX).any()  # the short row leaves slots unfilled
+    logits = torch.randn(6, positions.shape[1], 128)
+    logits[..., 90:] = 100.0  # padding ids would win every draw if they were not excluded
+    original, corrupted = replace_with_samples(
+        torch.tensor(inputs), torch.tensor(positions), torch.tensor(labels), logits, vocab_size=90
+    )
+    assert torch.equal(original, torch.tensor(tokens))  # the masked rows, restored
+    slots = np.zeros(tokens.shape, dtype=bool)
+    np.put_along_axis(slots, positions, labels != IGNORE_INDEX, axis=1)
+    changed = (corrupted != original).numpy()
+    assert not changed[~slots].any()  # nothing outside the filled slots moves
+    assert changed[slots].mean() > 0.9  # 90 ids to draw from: a sample rarely equals the original
+    assert int(corrupted.max()) < 90
+
+
+def test_electra_module_trains_generator_discriminator_and_head_with_shared_embeddings():
+    config = ModelConfig(vocab_size=90, block_size=32, n_layer=2, n_head=2, n_embd=32, objective="masked")
+    optim = OptimConfig(lr=1e-3, min_lr=1e-4, warmup_steps=1, weight_decay=0.1)
+    module = LMModule(
+        config, optim, total_steps=4, electra=ElectraConfig(generator_layers=1, rtd_weight=50.0)
+    )
+    assert len(module.generator.blocks) == 1 and module.generator.wte is module.model.wte
+    rng = np.random.default_rng(1)
+    inputs, positions, labels = mask_tokens(
+        rng.integers(5, 90, size=(4, 32)), rng=rng, mask_rate=0.25, mask_id=4,
+        protected_ids=np.array([2]), random_ids=np.arange(5, 90),
+    )  # fmt: skip
+    batch = {
+        "input_ids": torch.tensor(inputs),
+        "positions": torch.tensor(positions),
+        "labels": torch.tensor(labels),
+    }
+    loss = module._electra_loss(batch)
+    generator_loss = module._loss(batch)  # what validation reports: the generator's MLM loss
+    # At init the discriminator guesses 50/50: about log 2 per position, times rtd_weight.
+    assert loss.item() == pytest.approx(generator_loss.item() + 50.0 * math.log(2), rel=0.1)
+    loss.backward()
+    for name in ("model.blocks.0.attn.qkv.weight", "generator.blocks.0.attn.qkv.weight", "rtd_head.weight"):
+        assert module.get_parameter(name).grad.abs().sum() > 0, name
+    optimised = {
+        id(p) for group in module.configure_optimizers()["optimizer"].param_groups for p in group["params"]
+    }
+    assert {id(p) for p in module.parameters()} == optimised
+
+
+def test_electra_in_the_stage_exports_only_the_discriminator(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mlflow_store: str
+):
+    params, paths, _ = make_project(
+        tmp_path, model={"objective": "masked"}, pretrain={"task": "electra", "generator_layers": 1}
+    )
+    monkeypatch.chdir(tmp_path)
+    inputs = check_inputs(params, paths)
+    assert inputs.fingerprint["task"] == "electra" and inputs.fingerprint["rtd_weight"] == 50.0
+    report = run_pretrain(params, paths=paths, quiet=True)
+    assert report["global_step"] == 12
+    client = MlflowClient(mlflow_store)
+    (run,) = _pretrain_runs(client)
+    assert run.data.params["pretrain.task"] == "electra"
+    losses = _history(client, run.info.run_id, "train/loss")
+    assert losses[-1][1] < losses[0][1] - 5.0, losses  # mostly the RTD head learning the base rate
+    # val/loss is the generator's MLM loss, with its gap to the unigram entropy.
+    assert report["val_gap_to_unigram"] == pytest.approx(report["unigram_entropy"] - report["val_loss"])
+    # The exported backbone is the discriminator alone: a plain masked TransformerLM.
+    model = load_pretrained(paths.pretrained_model)
+    ckpt = torch.load(ckpt_dir(paths) / "last.ckpt", map_location="cpu", weights_only=True)
+    assert any(k.startswith("generator.blocks.") for k in ckpt["state_dict"])
+    assert model.config.objective == "masked" and report["n_params"] == model.num_parameters()
+    # FLOPs (for MFU) count the generator too: more than the same backbone's masked LM.
+    mlm = training_flops_per_token(model.config, n_params=model.num_parameters(), mask_rate=0.15)
+    assert float(run.data.params["resolved.flops_per_token"]) > mlm
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, ckpt["state_dict"][f"model.{name}"]), name
 
 
 # ---------------------------------------------------------------------------------------------

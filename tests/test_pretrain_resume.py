@@ -64,10 +64,16 @@ _SETUP = dict(
 
 
 @pytest.mark.slow
-def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path: Path, mlflow_store: str):
+@pytest.mark.parametrize("task", ["causal", "electra"])
+def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path: Path, mlflow_store: str, task: str):
+    # electra: the generator, the RTD head and the generator's samples (torch's RNG) resume too.
+    objective = "causal" if task == "causal" else "masked"
+    setup = {**_SETUP, "model": {**_SETUP["model"], "objective": objective}}
+    if task == "electra":
+        setup["pretrain"] = {**_SETUP["pretrain"], "task": "electra"}
     straight_root, killed_root = tmp_path / "straight", tmp_path / "killed"
-    make_project(straight_root, **_SETUP)
-    make_project(killed_root, **_SETUP)
+    make_project(straight_root, **setup)
+    make_project(killed_root, **setup)
 
     straight = _cli(straight_root)
     assert straight.returncode == 0, straight.stderr[-3000:]
@@ -111,7 +117,7 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path: Path, mlflow
         )
     # The setup really crossed epochs and was killed mid-epoch.
     index = ShardIndex.load(paths.shards)
-    spec = DataSpec(objective="causal", block_size=32, batch_size=4, seed=7)
+    spec = DataSpec(objective=objective, block_size=32, batch_size=4, seed=7)
     per_epoch = len(TrainBatches(TokenStream.from_index(index, "train"), spec))
     assert 6 % per_epoch != 0 and 12 > 2 * per_epoch, per_epoch
     assert _history(client, report["run_id"], "train/epoch")[-1][1] == (12 - 1) // per_epoch

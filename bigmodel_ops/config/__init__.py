@@ -144,6 +144,11 @@ class Params(_Strict):
                 "compress.huggingface: true cannot export a classifier with finetune.truncation: "
                 "head_tail (a transformers tokenizer keeps one end of a long text only); use head or tail"
             )
+        if self.pretrain.task == "electra" and self.model.objective != "masked":
+            raise ValueError(
+                "pretrain.task: electra needs model.objective: masked (replaced-token detection "
+                f"trains a bidirectional backbone); got model.objective: {self.model.objective}"
+            )
         self.evaluate.check_gate_metrics(labels=list(self.prepare.labels))
         return self
 

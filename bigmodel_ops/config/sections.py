@@ -259,6 +259,14 @@ class PretrainParams(_Strict):
     # "##" pieces, byte-level BPE pieces without a leading space) are picked together. Val loss
     # is always measured with token masking, so it compares across the two.
     masking: Literal["token", "word"] = "token"
+    # mlm: the backbone predicts the masked tokens. electra (masked objective only): replaced-token
+    # detection (Clark et al. 2020): a smaller generator fills the masked positions with its own
+    # samples and the backbone learns, at every position, whether a token was replaced.
+    task: Literal["mlm", "electra"] = "mlm"
+    # electra: the generator's depth (it shares the backbone's embeddings and width).
+    generator_layers: PositiveInt = 1
+    # electra: weight of the replaced-token loss against the generator's MLM loss.
+    rtd_weight: float = Field(default=50.0, gt=0.0)
     # random: windows at random offsets; sequential: contiguous packing, epoch after epoch.
     sampling: Literal["random", "sequential"] = "random"
     val_every_n_steps: PositiveInt = 50

@@ -60,7 +60,7 @@ from bigmodel_ops.pretraining.inputs import (
     continuation_ids,
     special_ids,
 )
-from bigmodel_ops.pretraining.lm_module import LMModule, OptimConfig
+from bigmodel_ops.pretraining.lm_module import ElectraConfig, LMModule, OptimConfig
 from bigmodel_ops.shards import ShardIndex
 from bigmodel_ops.trainer import (
     MetricsCallback,
@@ -175,6 +175,11 @@ def check_inputs(params: Params, paths: ProjectPaths) -> Inputs:
             "val_mask_rate": pre.val_mask_rate,
             # Only when set: checkpoints written before the setting existed still resume.
             **({"masking": pre.masking} if pre.masking != "token" else {}),
+            **(
+                {"task": pre.task, "generator_layers": pre.generator_layers, "rtd_weight": pre.rtd_weight}
+                if pre.task != "mlm"
+                else {}
+            ),
             "seed": params.project.seed,
             "tokenizer_sha256": tokenizer_sha,
             "train_tokens": index.tokens("train"),
@@ -247,6 +252,11 @@ def fit(
             "tokenizer_sha256": inputs.tokenizer_sha,
         },
         unigram_entropy=inputs.unigram_entropy,
+        electra=(
+            ElectraConfig(generator_layers=pre.generator_layers, rtd_weight=pre.rtd_weight)
+            if pre.task == "electra"
+            else None
+        ),
     )
     flops_per_token, peak = _log_setup(run, inputs, module, point=point, mask_rate=pre.mask_rate)
     metrics = MetricsCallback(
@@ -297,6 +307,13 @@ def _log_setup(
     peak = peak_flops(device_name, inputs.precision)
     n_params = module.model.num_parameters()
     flops_per_token = training_flops_per_token(inputs.config, n_params=n_params, mask_rate=mask_rate)
+    if module.electra is not None:  # the discriminator never runs its LM head; the generator does
+        generator = module.generator
+        flops_per_token = training_flops_per_token(
+            inputs.config, n_params=n_params, mask_rate=0.0
+        ) + training_flops_per_token(
+            generator.config, n_params=generator.num_parameters(), mask_rate=mask_rate
+        )
     if point is None:
         run.log_params(
             {

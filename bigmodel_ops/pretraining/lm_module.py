@@ -19,15 +19,17 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import lightning.pytorch as pl
 import numpy as np
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
 from bigmodel_ops.errors import TrainingDiverged
-from bigmodel_ops.model import ModelConfig, TransformerLM, parameter_groups
+from bigmodel_ops.model import IGNORE_INDEX, ModelConfig, TransformerLM, parameter_groups
 from bigmodel_ops.trainer import perplexity
 
 CHECKPOINT_KEY = "bigmodel_ops"
@@ -46,6 +48,20 @@ class OptimConfig:
     fused: bool | None = None
 
 
+@dataclass(frozen=True)
+class ElectraConfig:
+    """Replaced-token detection (ELECTRA, Clark et al. 2020) for a masked backbone.
+
+    A generator (a masked LM of ``generator_layers`` blocks that shares the backbone's token and
+    position embeddings) predicts the masked positions; its samples replace them, and the
+    backbone (the discriminator) learns at every position whether the token is the original.
+    The loss is the generator's MLM loss plus ``rtd_weight`` times the discriminator's.
+    """
+
+    generator_layers: int = 1
+    rtd_weight: float = 50.0
+
+
 def lr_factor(step: int, *, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
     """Multiplier of the peak lr at optimizer step `step` (0-based).
 
@@ -59,6 +75,32 @@ def lr_factor(step: int, *, warmup_steps: int, total_steps: int, min_ratio: floa
         return 1.0 if step < total_steps else min_ratio
     progress = min(1.0, (step - warmup_steps) / (total_steps - warmup_steps))
     return min_ratio + 0.5 * (1.0 - min_ratio) * (1.0 + math.cos(math.pi * progress))
+
+
+def replace_with_samples(
+    inputs: torch.Tensor,
+    positions: torch.Tensor,
+    labels: torch.Tensor,
+    logits: torch.Tensor,
+    *,
+    vocab_size: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """ELECTRA's corruption of a masked batch: (original (B, T), corrupted (B, T)).
+
+    ``inputs`` (B, T) are the masked rows, ``positions`` / ``labels`` (B, M) the predicted slots
+    and their original ids (IGNORE_INDEX for a slot a short row could not fill: left as it is),
+    ``logits`` (B, M, V) the generator's predictions there. Each filled slot gets a token sampled
+    from the generator (never a padding id at or above ``vocab_size``); every other position
+    keeps its original token. No gradient flows through the sampling.
+    """
+    valid = labels != IGNORE_INDEX  # (B, M)
+    at_slots = inputs.gather(1, positions)
+    original = inputs.scatter(1, positions, torch.where(valid, labels, at_slots))
+    with torch.no_grad():
+        scores = logits.detach().float()
+        scores[..., vocab_size:] = float("-inf")
+        sampled = torch.distributions.Categorical(logits=scores).sample()  # (B, M)
+    return original, original.scatter(1, positions, torch.where(valid, sampled, at_slots))
 
 
 class _LRLambda:
@@ -113,6 +155,8 @@ class LMModule(pl.LightningModule):
     `total_steps` sizes the LR schedule; `compile` wraps the model's forward with
     torch.compile in place (state-dict keys stay unprefixed). `unigram_entropy` (nats, of the
     val tokens the model predicts) is reported beside every val loss, with the gap between them.
+    With `electra`, ``self.model`` is the discriminator (what is exported) and the val loss is the
+    generator's MLM loss: the gap to unigram then measures the generator.
     """
 
     def __init__(
@@ -124,6 +168,7 @@ class LMModule(pl.LightningModule):
         compile: bool = False,
         meta: dict[str, Any] | None = None,
         unigram_entropy: float | None = None,
+        electra: ElectraConfig | None = None,
     ) -> None:
         super().__init__()
         self.config = config
@@ -131,6 +176,15 @@ class LMModule(pl.LightningModule):
         self.total_steps = total_steps
         self.meta: dict[str, Any] = dict(meta or {})
         self.model = TransformerLM(config)
+        self.electra = electra
+        if electra is not None:
+            if config.objective != "masked":
+                raise ValueError("replaced-token detection (electra) needs a masked backbone")
+            self.generator = TransformerLM(replace(config, n_layer=electra.generator_layers))
+            self.generator.wte = self.model.wte  # shared, as in ELECTRA: the generator's softmax
+            self.generator.wpe = self.model.wpe  # trains every token's embedding
+            self.generator.lm_head.weight = self.model.wte.weight
+            self.rtd_head = nn.Linear(config.n_embd, 1)  # (B, T, C) -> replaced-or-not logit
         if compile:
             self.model.compile()
         self.train_loss_sum: torch.Tensor | None = None  # since the last log, on device
@@ -147,12 +201,26 @@ class LMModule(pl.LightningModule):
         if "tokens" in batch:
             tokens = batch["tokens"]
             _, loss = self.model(tokens[:, :-1], tokens[:, 1:])
+        elif self.electra is not None:
+            _, loss = self.generator(batch["input_ids"], batch["labels"], positions=batch["positions"])
         else:
             _, loss = self.model(batch["input_ids"], batch["labels"], positions=batch["positions"])
         return loss
 
+    def _electra_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The generator's MLM loss + rtd_weight x the discriminator's replaced-token loss."""
+        inputs, positions, labels = batch["input_ids"], batch["positions"], batch["labels"]
+        logits, gen_loss = self.generator(inputs, labels, positions=positions)  # (B, M, V)
+        original, corrupted = replace_with_samples(
+            inputs, positions, labels, logits, vocab_size=self.config.vocab_size
+        )
+        h = self.model.hidden(corrupted)  # (B, T, C)
+        replaced = (corrupted != original).float()  # a sample equal to the original is not replaced
+        rtd_loss = F.binary_cross_entropy_with_logits(self.rtd_head(h).squeeze(-1).float(), replaced)
+        return gen_loss + self.electra.rtd_weight * rtd_loss
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss = self._loss(batch)
+        loss = self._electra_loss(batch) if self.electra is not None else self._loss(batch)
         detached = loss.detach()
         if self.train_loss_sum is None:
             self.train_loss_sum = torch.zeros((), device=detached.device, dtype=torch.float32)
@@ -236,7 +304,7 @@ class LMModule(pl.LightningModule):
         o = self.optim
         fused = o.fused if o.fused is not None else self.device.type == "cuda"
         optimizer = torch.optim.AdamW(
-            parameter_groups(self.model, weight_decay=o.weight_decay),
+            parameter_groups(self, weight_decay=o.weight_decay),  # generator and RTD head too
             lr=o.lr,
             betas=(o.beta1, o.beta2),
             fused=fused,
