@@ -78,8 +78,11 @@ def _read_yaml_cached(path: str, mtime: int, _size: int) -> Any:
         raise ValueError(f"{path}: not valid YAML ({first})") from None
 
 
-@functools.lru_cache(maxsize=16)
-def _git_info_cached(root: str, *_state: tuple[int, int]) -> tuple[str, bool | None]:
+def git_info(root: Path) -> tuple[str, bool | None]:
+    """(commit sha or "none", dirty flag or None when unknown), asked of git on every call: an
+    edit to a tracked file changes neither HEAD nor the index until ``git status`` refreshes it,
+    so no file stamp can say when a cached answer went stale."""
+
     def git(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=30)
 
@@ -91,17 +94,6 @@ def _git_info_cached(root: str, *_state: tuple[int, int]) -> tuple[str, bool | N
     except (OSError, subprocess.SubprocessError):
         return ("none", None)
     return (commit.stdout.strip(), bool(status.stdout.strip()) if status.returncode == 0 else None)
-
-
-def git_info(root: Path) -> tuple[str, bool | None]:
-    """(commit sha or "none", dirty flag or None when unknown); git is asked again only after
-    HEAD, the index or the checked-out ref changed (a commit, checkout or add)."""
-    files = [root / ".git" / "HEAD", root / ".git" / "index"]
-    with contextlib.suppress(OSError):
-        head = files[0].read_text().strip()
-        if head.startswith("ref: "):
-            files.append(root / ".git" / head[5:])
-    return _git_info_cached(str(root), *(_file_key(f) for f in files))
 
 
 def _stage_spec(dvc_yaml: Any, stage: str) -> dict[str, Any]:
