@@ -24,7 +24,14 @@ each exported at its best epoch (by val accuracy, as the finetune stage exports 
 loaded back as the evaluate stage loads it, and scored on the TEST split; and
 
   (c) tfidf:      TF-IDF + logistic regression (``evaluate.baseline`` settings, the evaluate
-                  stage's baseline) fitted on the same train split, scored on the same test split.
+                  stage's baseline) fitted on the same train split, scored on the same test split;
+
+  (e) probe:      what the frozen backbone already knows about the labels, before any
+                  fine-tuning: logistic regression (scikit-learn, C by 5-fold CV) on the mean of
+                  the final hidden states over each text's real tokens, fitted on the train split
+                  and scored on test, for the pretrained backbone and for the same architecture at
+                  random init (seeded). A pretrained probe no better than the random one means
+                  pretraining learnt nothing the task can read off its mean state.
 
 ``--short`` first writes a derived CSV with the first sentence of each review (markup stripped).
 ``--quick`` shrinks pretraining to a few steps and fine-tuning to one epoch (a smoke test).
@@ -33,8 +40,8 @@ backbone and inits), prints a table across seeds, and reports the means: on a te
 few hundred texts one seed's (a) - (b) is within noise. ``--skip-lora`` leaves out (d).
 
 Prints a table, then as the LAST line one JSON object: acc_pretrained / acc_scratch / acc_lora /
-acc_tfidf (test accuracies, fractions), val_acc_*, trainable_params_*, pretrain_val_loss,
-unigram_entropy (nats), gap_to_unigram (entropy minus val loss: > 0 means the model learnt beyond
+acc_tfidf / acc_probe_pretrained / acc_probe_random (test accuracies, fractions), val_acc_*,
+trainable_params_*, pretrain_val_loss, unigram_entropy (nats), gap_to_unigram (entropy minus val loss: > 0 means the model learnt beyond
 token frequencies), seconds and seconds_<part>, objective, corpus (full | short), n_train / n_val /
 n_test, test_se_points (the binomial standard error of an accuracy near the observed ones on a
 test split of this size, in points: differences of about twice that are noise) and
@@ -223,6 +230,55 @@ def tfidf(params: Any, paths: Any) -> dict[str, Any]:
     return {"acc": acc, "seconds": time.perf_counter() - started}
 
 
+def mean_hidden_states(model: Any, ids: list[list[int]], *, batch_size: int = 64) -> Any:
+    """(N, C) array: the mean of ``model``'s final hidden states over each row's real tokens
+    (padding is hidden from attention and left out of the mean, so a row's features do not
+    depend on the rows batched with it)."""
+    import numpy as np
+    import torch
+
+    from bigmodel_ops.classification.inputs import collate
+
+    model.eval()
+    rows = [(row, 0) for row in ids]
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(rows), batch_size):
+            batch = collate(rows[start : start + batch_size])
+            idx, lengths = batch["idx"], batch["lengths"]
+            mask = torch.arange(idx.size(1))[None, :] < lengths[:, None]  # (B, T), True = real
+            hidden = model.hidden(idx, mask)  # (B, T, C)
+            weights = mask.unsqueeze(-1).to(hidden.dtype)
+            out.append(((hidden * weights).sum(1) / weights.sum(1)).float().numpy())
+    return np.concatenate(out) if out else np.zeros((0, model.config.n_embd), dtype=np.float32)
+
+
+def probe(params: Any, paths: Any, splits: Any) -> dict[str, Any]:
+    """(e): logistic regression on the frozen mean hidden state, pretrained and random-init backbones."""
+    import torch
+    from sklearn.linear_model import LogisticRegressionCV
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from bigmodel_ops.model import TransformerLM, load_pretrained, read_exported_config
+
+    started = time.perf_counter()
+    config, _ = read_exported_config(paths.pretrained_model)
+    torch.manual_seed(params.project.seed)
+    backbones = {"pretrained": load_pretrained(paths.pretrained_model), "random": TransformerLM(config)}
+    result: dict[str, Any] = {}
+    for name, model in backbones.items():
+        train, test = (mean_hidden_states(model, splits[s].ids) for s in ("train", "test"))
+        classifier = make_pipeline(
+            StandardScaler(),
+            LogisticRegressionCV(Cs=8, cv=5, max_iter=5000, random_state=params.project.seed),
+        )
+        classifier.fit(train, splits["train"].labels)
+        result[name] = float(classifier.score(test, splits["test"].labels))
+    result["seconds"] = time.perf_counter() - started
+    return result
+
+
 def run(args: argparse.Namespace, *, seed: int | None, keep: Path | None) -> dict[str, Any]:
     """The whole comparison on one seed's split (``seed`` None: the params' ``project.seed``)."""
     from bigmodel_ops.classification.inputs import load_splits, read_labeled_split
@@ -295,6 +351,7 @@ def run(args: argparse.Namespace, *, seed: int | None, keep: Path | None) -> dic
             max_length=params.finetune.max_length,
             truncation=params.finetune.truncation,
             head_tokens=params.finetune.head_tokens,
+            splits=("train", "val", "test"),
         )
         test = read_labeled_split(paths.prepared / "test.parquet", params.prepare.labels)
         log("fine-tune (same recipe and budget):")
@@ -306,6 +363,11 @@ def run(args: argparse.Namespace, *, seed: int | None, keep: Path | None) -> dic
             results["lora"] = finetune_variant("lora", params, paths, splits, test, method="lora")
         results["tfidf"] = tfidf(params, paths)
         log(f"  {'tfidf':<10} test acc {results['tfidf']['acc']:.4f}  ({results['tfidf']['seconds']:.1f}s)")
+        probes = probe(params, paths, splits)
+        log(
+            f"  {'probe':<10} test acc {probes['pretrained']:.4f} pretrained, {probes['random']:.4f} random "
+            f"init ({probes['seconds']:.1f}s)"
+        )
 
     n_test = len(test[0])
     accs = [r["acc"] for r in results.values()]
@@ -319,6 +381,8 @@ def run(args: argparse.Namespace, *, seed: int | None, keep: Path | None) -> dic
             if "trainable_params" in r
         },
         **{f"best_epoch_{k}": r["best_epoch"] for k, r in results.items() if "best_epoch" in r},
+        "acc_probe_pretrained": round(probes["pretrained"], 4),
+        "acc_probe_random": round(probes["random"], 4),
         "pretrained_minus_scratch_points": round(
             100 * (results["pretrained"]["acc"] - results["scratch"]["acc"]), 2
         ),
@@ -334,6 +398,7 @@ def run(args: argparse.Namespace, *, seed: int | None, keep: Path | None) -> dic
         "seconds_pretrain": round(seconds_pretrain, 1),
         **{f"seconds_finetune_{k}": round(r["seconds"], 1) for k, r in results.items() if k != "tfidf"},
         "seconds_tfidf": round(results["tfidf"]["seconds"], 1),
+        "seconds_probe": round(probes["seconds"], 1),
         "objective": args.objective,
         "corpus": corpus,
         "n_train": int(rows["train"]),
@@ -374,6 +439,10 @@ def print_table(s: dict[str, Any]) -> None:
             f"{(f'{trainable:,}' if trainable is not None else '-'):>12}{seconds:>10.1f}"
         )
     log(
+        f"{'(e) probe, frozen':<26}{100 * s['acc_probe_pretrained']:>9.1f}% pretrained backbone, "
+        f"{100 * s['acc_probe_random']:.1f}% random init ({s['seconds_probe']:.1f}s)"
+    )
+    log(
         f"pretrain: val loss {s['pretrain_val_loss']:.4f} nats, unigram entropy {s['unigram_entropy']:.4f}, "
         f"gap {s['gap_to_unigram']:+.4f}; {s['pretrain_steps']} steps, {s['pretrain_tokens']:,} tokens, "
         f"{s['seconds_pretrain']:.0f}s"
@@ -388,7 +457,8 @@ def print_table(s: dict[str, Any]) -> None:
     finetunes = " / ".join(f"{s[f'seconds_finetune_{k}']:.0f}" for k in names if f"seconds_finetune_{k}" in s)
     log(
         f"wall: total {s['seconds']:.0f}s (prepare {s['seconds_prepare']:.0f}, tokenize {s['seconds_tokenize']:.0f}, "
-        f"pretrain {s['seconds_pretrain']:.0f}, fine-tune {finetunes}, tfidf {s['seconds_tfidf']:.0f})"
+        f"pretrain {s['seconds_pretrain']:.0f}, fine-tune {finetunes}, tfidf {s['seconds_tfidf']:.0f}, "
+        f"probe {s['seconds_probe']:.0f})"
     )
 
 
@@ -424,7 +494,10 @@ def aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
 def print_seeds_table(s: dict[str, Any]) -> None:
     log("")
     log(f"pretraining value over {s['n_seeds']} seeds (test / val accuracy; (a) - (b) in points)")
-    log(f"{'seed':<8}{'(a) pretrained':>17}{'(b) scratch':>17}{'(a) - (b)':>15}{'(c) tfidf':>11}{'gap':>8}")
+    log(
+        f"{'seed':<8}{'(a) pretrained':>17}{'(b) scratch':>17}{'(a) - (b)':>15}{'(c) tfidf':>11}{'gap':>8}"
+        f"{'(e) probe a / random':>22}"
+    )
     rows = [*s["per_seed"], {**s, "seed": "mean"}]
     for r in rows:
         diff_val = 100 * (r["val_acc_pretrained"] - r["val_acc_scratch"])
@@ -433,6 +506,7 @@ def print_seeds_table(s: dict[str, Any]) -> None:
             f"{100 * r['acc_scratch']:>9.1f} / {100 * r['val_acc_scratch']:.1f}"
             f"{100 * (r['acc_pretrained'] - r['acc_scratch']):>+8.1f} / {diff_val:+.1f}"
             f"{100 * r['acc_tfidf']:>10.1f}%{r['gap_to_unigram']:>+8.2f}"
+            f"{100 * r['acc_probe_pretrained']:>13.1f} / {100 * r['acc_probe_random']:.1f}"
         )
     log(
         f"(a) - (b): {s['pretrained_minus_scratch_points']:+.2f} +- {s['pretrained_minus_scratch_se']:.2f} "

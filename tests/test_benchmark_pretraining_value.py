@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from bigmodel_ops.errors import ConfigError
@@ -32,6 +33,9 @@ KEYS = {
     "seconds_finetune_scratch",
     "seconds_finetune_lora",
     "seconds_tfidf",
+    "acc_probe_pretrained",
+    "acc_probe_random",
+    "seconds_probe",
     "objective",
     "corpus",
     "n_train",
@@ -126,7 +130,14 @@ def test_quick_run_prints_the_json_summary_last(tmp_path: Path) -> None:
     lines = result.stdout.strip().splitlines()
     summary = json.loads(lines[-1])
     assert KEYS <= set(summary), sorted(KEYS - set(summary))
-    for key in ("acc_pretrained", "acc_scratch", "acc_tfidf", "acc_lora"):
+    for key in (
+        "acc_pretrained",
+        "acc_scratch",
+        "acc_tfidf",
+        "acc_lora",
+        "acc_probe_pretrained",
+        "acc_probe_random",
+    ):
         assert 0.0 <= summary[key] <= 1.0
     assert summary["objective"] == "masked" and summary["corpus"] == "full" and summary["quick"] is True
     assert summary["unigram_entropy"] > 0 and summary["n_test"] > 0 and summary["test_se_points"] > 0
@@ -136,6 +147,27 @@ def test_quick_run_prints_the_json_summary_last(tmp_path: Path) -> None:
     # The table is printed before the JSON; the project lived in a temporary folder, not here.
     assert any(line.startswith("(a) pretrained") for line in lines)
     assert not {"outputs", "mlflow.db", "mlartifacts"} & {p.name for p in tmp_path.iterdir()}
+
+
+def test_mean_hidden_states_leave_padding_out() -> None:
+    """A text's probe features do not depend on the texts batched with it: padding is hidden from
+    attention and left out of the mean (with padding in the mean, the short row would change)."""
+    import torch
+
+    from bigmodel_ops.model import TransformerLM
+    from tests.tiny import tiny_model_config
+
+    bench = _load_script()
+    torch.manual_seed(0)
+    model = TransformerLM(tiny_model_config(vocab_size=50, objective="masked"))
+    short, long = [2, 11, 12, 13, 3], [2, *range(14, 40), 3]
+    alone = bench.mean_hidden_states(model, [short])
+    batched = bench.mean_hidden_states(model, [short, long])
+    assert alone.shape == (1, model.config.n_embd) and batched.shape == (2, model.config.n_embd)
+    assert np.allclose(alone[0], batched[0], atol=1e-5)
+    assert not np.allclose(batched[0], batched[1], atol=1e-3)
+    # In batches of one, every row is its own batch: the same features again.
+    assert np.allclose(bench.mean_hidden_states(model, [short, long], batch_size=1), batched, atol=1e-5)
 
 
 def _seed_run(seed: int, acc_pretrained: float, acc_scratch: float, seconds: float) -> dict:

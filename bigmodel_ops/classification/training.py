@@ -67,7 +67,7 @@ class HyperParams:
     ``lora_rank`` both name :attr:`lora_rank`). Defaults are the schema's defaults.
     """
 
-    lr: float = 5e-4
+    lr: float = 2e-3
     dropout: float = 0.1
     weight_decay: float = 0.01
     batch_size: int = 32
