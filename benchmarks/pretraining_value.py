@@ -231,25 +231,22 @@ def tfidf(params: Any, paths: Any) -> dict[str, Any]:
 
 
 def mean_hidden_states(model: Any, ids: list[list[int]], *, batch_size: int = 64) -> Any:
-    """(N, C) array: the mean of ``model``'s final hidden states over each row's real tokens
-    (padding is hidden from attention and left out of the mean, so a row's features do not
-    depend on the rows batched with it)."""
+    """(N, C) array: ``model``'s final hidden states averaged over each row's real tokens, through the
+    classifier's own ``mean`` pooling (:meth:`SequenceClassifier.pool`), so a row's features do not
+    depend on the rows batched with it."""
     import numpy as np
     import torch
 
     from bigmodel_ops.classification.inputs import collate
+    from bigmodel_ops.classification.model import SequenceClassifier
 
-    model.eval()
+    pooler = SequenceClassifier(model, num_labels=2, pooling="mean").eval()
     rows = [(row, 0) for row in ids]
     out = []
     with torch.no_grad():
         for start in range(0, len(rows), batch_size):
             batch = collate(rows[start : start + batch_size])
-            idx, lengths = batch["idx"], batch["lengths"]
-            mask = torch.arange(idx.size(1))[None, :] < lengths[:, None]  # (B, T), True = real
-            hidden = model.hidden(idx, mask)  # (B, T, C)
-            weights = mask.unsqueeze(-1).to(hidden.dtype)
-            out.append(((hidden * weights).sum(1) / weights.sum(1)).float().numpy())
+            out.append(pooler.pool(batch["idx"], batch["lengths"]).float().numpy())
     return np.concatenate(out) if out else np.zeros((0, model.config.n_embd), dtype=np.float32)
 
 
