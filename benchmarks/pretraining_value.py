@@ -45,8 +45,11 @@ trainable_params_*, pretrain_val_loss, unigram_entropy (nats), gap_to_unigram (e
 token frequencies), seconds and seconds_<part>, objective, corpus (full | short), n_train / n_val /
 n_test, test_se_points (the binomial standard error of an accuracy near the observed ones on a
 test split of this size, in points: differences of about twice that are noise) and
-pretrained_minus_scratch_points. With several seeds the numbers are means over the seeds
-(``seconds``: the total), ``seeds`` lists the seeds, ``per_seed`` holds each seed's summary, and
+pretrained_minus_scratch_points; tokenizer_sha256 and backbone_sha256 (the first 16 hex digits of
+tokenizer.json's and of the pretrained model.safetensors' sha256: two runs of one seed whose figures
+differ show whether they parted at the tokenizer, in pretraining or only in fine-tuning). With several
+seeds the numbers are means over the seeds (``seconds``: the total; the hashes stay per seed),
+``seeds`` lists the seeds, ``per_seed`` holds each seed's summary, and
 ``pretrained_minus_scratch_se`` / ``val_pretrained_minus_scratch_se`` the standard error of the
 mean paired difference.
 """
@@ -86,6 +89,8 @@ QUICK = {
     "pretrain": {"warmup_steps": 2, "val_every_n_steps": 4, "val_batches": 2, "checkpoint_every_n_steps": 4},
     "finetune": {"max_epochs": 1},
 }
+# Summary keys that describe one seed's run and are not averaged over seeds (``per_seed`` has them).
+PER_SEED_ONLY = ("seed", "tokenizer_sha256", "backbone_sha256")
 
 
 def first_sentence(text: str) -> str:
@@ -279,6 +284,8 @@ def probe(params: Any, paths: Any, splits: Any) -> dict[str, Any]:
 def run(args: argparse.Namespace, *, seed: int | None, keep: Path | None) -> dict[str, Any]:
     """The whole comparison on one seed's split (``seed`` None: the params' ``project.seed``)."""
     from bigmodel_ops.classification.inputs import load_splits, read_labeled_split
+    from bigmodel_ops.contract import WEIGHTS_FILE
+    from bigmodel_ops.fsutil import sha256_file
     from bigmodel_ops.paths import ProjectPaths
     from bigmodel_ops.pipeline import prepare, pretrain, tokenize
 
@@ -335,6 +342,7 @@ def run(args: argparse.Namespace, *, seed: int | None, keep: Path | None) -> dic
         val_loss, entropy = float(pre["val_loss"]), float(pre["unigram_entropy"])
         gap = pre.get("val_gap_to_unigram")
         gap = float(gap) if gap is not None else entropy - val_loss
+        backbone_sha = sha256_file(paths.pretrained_model / WEIGHTS_FILE)[:16]
         log(
             f"pretrain: {pre['global_step']} steps, {pre['tokens']:,} tokens, val loss {val_loss:.4f} against a "
             f"unigram entropy of {entropy:.4f} nats (gap {gap:+.3f}), {pre['n_params']:,} params "
@@ -389,6 +397,8 @@ def run(args: argparse.Namespace, *, seed: int | None, keep: Path | None) -> dic
         "pretrain_steps": int(pre["global_step"]),
         "pretrain_tokens": int(pre["tokens"]),
         "pretrain_params": int(pre["n_params"]),
+        "tokenizer_sha256": str(tok_report["tokenizer_sha256"])[:16],
+        "backbone_sha256": backbone_sha,
         "seconds": round(time.perf_counter() - t_start, 1),
         "seconds_prepare": round(seconds_prepare, 1),
         "seconds_tokenize": round(seconds_tokenize, 1),
@@ -468,7 +478,7 @@ def aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
     n = len(runs)
     summary: dict[str, Any] = {}
     for key, value in runs[0].items():
-        if key == "seed":
+        if key in PER_SEED_ONLY:
             continue
         if isinstance(value, int | float) and not isinstance(value, bool):
             if all(isinstance(run.get(key), int | float) for run in runs):

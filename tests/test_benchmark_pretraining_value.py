@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import importlib.util
 import json
 import logging
@@ -15,6 +16,7 @@ import numpy as np
 import pytest
 
 from bigmodel_ops.errors import ConfigError
+from bigmodel_ops.paths import ProjectPaths
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "pretraining_value.py"
@@ -41,6 +43,8 @@ KEYS = {
     "n_train",
     "n_test",
     "test_se_points",
+    "tokenizer_sha256",
+    "backbone_sha256",
 }
 
 _GOOD = ["wonderful", "moving", "brilliant", "a joy to watch", "beautifully acted", "great fun"]
@@ -180,6 +184,7 @@ def _seed_run(seed: int, acc_pretrained: float, acc_scratch: float, seconds: flo
         "gap_to_unigram": 1.2,
         "seconds": seconds,
         "seed": seed,
+        "tokenizer_sha256": f"{seed:016x}",
         "objective": "masked",
         "quick": False,
     }
@@ -194,6 +199,7 @@ def test_several_seeds_average_each_figure_and_give_the_spread_of_the_paired_dif
     )
     assert summary["seconds"] == 310.0  # the total wall time, not a mean
     assert summary["seeds"] == [1, 2, 3] and "seed" not in summary and summary["n_seeds"] == 3
+    assert "tokenizer_sha256" not in summary  # one seed's fingerprint is not the mean's: per_seed has it
     assert summary["per_seed"] == runs and summary["objective"] == "masked" and summary["quick"] is False
     # Paired differences +2, +6, -1 points: mean 2.33, sample sd 3.51, standard error 3.51 / sqrt(3).
     assert summary["pretrained_minus_scratch_points"] == pytest.approx(2.33)
@@ -237,5 +243,13 @@ def test_quick_run_over_two_seeds_without_lora_reports_each_seed_and_the_means(t
     assert summary["acc_pretrained"] == pytest.approx(mean, abs=1e-4)
     assert summary["seconds"] == pytest.approx(sum(run["seconds"] for run in summary["per_seed"]), abs=0.2)
     assert any(line.startswith("pretraining value over 2 seeds") for line in lines)
+    # Each seed's fingerprints are those of the files its run kept, and differ between the seeds.
+    for run in summary["per_seed"]:
+        kept = ProjectPaths(tmp_path / "kept" / f"seed-{run['seed']}")
+        assert run["tokenizer_sha256"] == hashlib.sha256(kept.tokenizer_file.read_bytes()).hexdigest()[:16]
+        weights = (kept.pretrained_model / "model.safetensors").read_bytes()
+        assert run["backbone_sha256"] == hashlib.sha256(weights).hexdigest()[:16]
+    assert summary["per_seed"][0]["backbone_sha256"] != summary["per_seed"][1]["backbone_sha256"]
+    assert "backbone_sha256" not in summary and "tokenizer_sha256" not in summary
     assert not any(line.startswith("(d)") for line in lines)
     assert sorted(p.name for p in (tmp_path / "kept").iterdir()) == ["seed-5", "seed-6"]
