@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +27,18 @@ def tokenizer_sha256(path: Path | str) -> str:
     return sha256_file(path)
 
 
-def build_tokenizer(params: TokenizerParams, *, show_progress: bool = False) -> tuple[Tokenizer, Any]:
-    """An untrained tokenizer and its trainer, configured from params."""
+def build_tokenizer(
+    params: TokenizerParams,
+    *,
+    show_progress: bool = False,
+    pieces: list[str] | tuple[str, ...] = (),
+    vocab_size: int | None = None,
+) -> tuple[Tokenizer, Any]:
+    """An untrained tokenizer and its trainer, configured from params.
+
+    WordPiece only: ``pieces`` (``##`` pieces, see :func:`continuing_pieces`) get their ids before
+    training, after the special tokens, in the order given; ``vocab_size`` replaces the params'.
+    """
     specials = params.special_tokens.as_list()
     if params.kind == "wordpiece":
         tokenizer = Tokenizer(
@@ -45,9 +55,9 @@ def build_tokenizer(params: TokenizerParams, *, show_progress: bool = False) -> 
         tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
         tokenizer.decoder = decoders.WordPiece(prefix="##")
         trainer = trainers.WordPieceTrainer(
-            vocab_size=params.vocab_size,
+            vocab_size=params.vocab_size if vocab_size is None else vocab_size,
             min_frequency=params.min_frequency,
-            special_tokens=specials,
+            special_tokens=specials + list(pieces),
             limit_alphabet=params.limit_alphabet,
             continuing_subword_prefix="##",
             show_progress=show_progress,
@@ -73,19 +83,32 @@ def build_tokenizer(params: TokenizerParams, *, show_progress: bool = False) -> 
     return tokenizer, trainer
 
 
+def continuing_pieces(params: TokenizerParams, batches: Iterable[list[str]]) -> list[str]:
+    """The ``##`` pieces of single characters that WordPiece training on ``batches`` creates, sorted.
+
+    The trainer creates them while it walks its word counts, a hash map whose order changes from
+    one process to the next (huggingface/tokenizers issue #1794), and numbers them in that order.
+    Where two candidate merges tie on count, the lower pair of ids wins, so the order decides which
+    pieces are merged: on a small corpus (a few thousand sentences) the same data gave a different
+    vocabulary, and so different shards and a different model, on every run. Registered before
+    training, in sorted order, they get the same ids every time. This is a training run that
+    stops before the first merge (the cost of counting the words once more). Edge case: with more
+    distinct characters than ``limit_alphabet``, those tied on count at the cut are still
+    chosen in hash order.
+    """
+    tokenizer, trainer = build_tokenizer(params, vocab_size=0)
+    tokenizer.train_from_iterator(batches, trainer=trainer)
+    return sorted(t for t in tokenizer.get_vocab() if t.startswith("##") and len(t) == 3)
+
+
 def canonical_ids(tokenizer: Tokenizer, *, keep: int) -> Tokenizer:
     """The WordPiece tokenizer with its ids renumbered in a fixed order: the first ``keep`` (the
     special tokens) unchanged, then single characters, then ``##`` characters, then longer pieces,
-    each group sorted by text.
+    each group sorted by text. Only the first ``keep`` stay added (special) tokens: pieces given to
+    the trainer as special tokens (:func:`continuing_pieces`) become plain vocabulary.
 
-    The trainer numbers the ``##`` pieces (and so, through tie-breaking, the pieces merged from
-    them) in hash-map order, which changes from one process to the next (huggingface/tokenizers
-    issue #1794), so the same data gave a differently numbered tokenizer, and different shards,
-    on every run. WordPiece encodes by longest match over the vocabulary, never by id, so the
-    renumbering changes no tokenization, only makes the ids a function of the vocabulary.
-    Edge case: where many candidate merges tie on count (tiny or synthetic corpora), the same
-    hash order can change which pieces are merged, and then the vocabulary itself differs between
-    runs; on natural text it does not (tests/test_tokenize.py trains on the bundled reviews).
+    WordPiece encodes by longest match over the vocabulary, never by id, so the renumbering
+    changes no tokenization, only makes the ids a function of the vocabulary.
     """
     import json
 
@@ -95,6 +118,7 @@ def canonical_ids(tokenizer: Tokenizer, *, keep: int) -> Tokenizer:
     head, rest = ordered[:keep], ordered[keep:]
     rest.sort(key=lambda t: (len(t.removeprefix("##")) > 1, t.startswith("##"), t))
     data["model"]["vocab"] = {token: index for index, token in enumerate(head + rest)}
+    data["added_tokens"] = [token for token in data["added_tokens"] if token["content"] in head]
     return Tokenizer.from_str(json.dumps(data))
 
 
@@ -117,20 +141,22 @@ def train_tokenizer(
     alphabet, so a too-small vocab shows up as a bigger one). A vocab smaller than asked is fine:
     the corpus simply has fewer mergeable pieces; the report records the actual size.
     """
-    tokenizer, trainer = build_tokenizer(params)
     bar = progress_bar(desc="tokenize: train", total=plan.train_documents, unit="doc", quiet=quiet)
 
-    def texts() -> Iterator[list[str]]:
+    def texts(count: bool = True) -> Iterator[list[str]]:
         for start, array in pool.batches(batch_rows):
             mask = document_mask(array)
             rows = np.arange(start, start + len(array))
             mask &= ~plan.is_val(rows)
             if mask.any():
                 batch = array.filter(pa.array(mask)).to_pylist()
-                bar.update(len(batch))
+                if count:
+                    bar.update(len(batch))
                 yield batch
 
     try:
+        pieces = continuing_pieces(params, texts(count=False)) if params.kind == "wordpiece" else []
+        tokenizer, trainer = build_tokenizer(params, pieces=pieces)
         tokenizer.train_from_iterator(texts(), trainer=trainer, length=plan.train_documents)
     finally:
         bar.close()
