@@ -20,6 +20,8 @@ from bigmodel_ops.tokenizer.split import SplitPlan
 
 # Byte-level BPE starts from all 256 byte symbols, whatever the corpus.
 BYTE_ALPHABET = 256
+# WordPiece marks a piece that continues a word: "play", "##ing".
+SUBWORD_PREFIX = "##"
 
 
 def tokenizer_sha256(path: Path | str) -> str:
@@ -53,13 +55,13 @@ def build_tokenizer(
             lowercase=params.lowercase,
         )
         tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-        tokenizer.decoder = decoders.WordPiece(prefix="##")
+        tokenizer.decoder = decoders.WordPiece(prefix=SUBWORD_PREFIX)
         trainer = trainers.WordPieceTrainer(
             vocab_size=params.vocab_size if vocab_size is None else vocab_size,
             min_frequency=params.min_frequency,
             special_tokens=specials + list(pieces),
             limit_alphabet=params.limit_alphabet,
-            continuing_subword_prefix="##",
+            continuing_subword_prefix=SUBWORD_PREFIX,
             show_progress=show_progress,
         )
     else:
@@ -98,7 +100,9 @@ def continuing_pieces(params: TokenizerParams, batches: Iterable[list[str]]) -> 
     """
     tokenizer, trainer = build_tokenizer(params, vocab_size=0)
     tokenizer.train_from_iterator(batches, trainer=trainer)
-    return sorted(t for t in tokenizer.get_vocab() if t.startswith("##") and len(t) == 3)
+    return sorted(
+        t for t in tokenizer.get_vocab() if t.startswith(SUBWORD_PREFIX) and len(t) == len(SUBWORD_PREFIX) + 1
+    )
 
 
 def canonical_ids(tokenizer: Tokenizer, *, keep: int) -> Tokenizer:
@@ -116,7 +120,7 @@ def canonical_ids(tokenizer: Tokenizer, *, keep: int) -> Tokenizer:
     vocab: dict[str, int] = data["model"]["vocab"]
     ordered = sorted(vocab, key=vocab.__getitem__)
     head, rest = ordered[:keep], ordered[keep:]
-    rest.sort(key=lambda t: (len(t.removeprefix("##")) > 1, t.startswith("##"), t))
+    rest.sort(key=lambda t: (len(t.removeprefix(SUBWORD_PREFIX)) > 1, t.startswith(SUBWORD_PREFIX), t))
     data["model"]["vocab"] = {token: index for index, token in enumerate(head + rest)}
     data["added_tokens"] = [token for token in data["added_tokens"] if token["content"] in head]
     return Tokenizer.from_str(json.dumps(data))
