@@ -52,9 +52,14 @@ def test_tune_study_nested_runs_resume_and_pruning(tmp_path: Path, monkeypatch, 
     assert not (paths.tune_dir / "best_params.json").exists()  # one file, the one finetune reads
     steps = [t.user_attrs["optimizer_steps"] for t in study.trials]
     assert steps == [2, 2] and [t.user_attrs["budget_steps"] for t in study.trials] == [2, 2]  # 32 rows / 16
+    # trial 0 is the baseline: the finetune settings themselves (tune.baseline_trial)
+    assert study.trials[0].params == {"lr": 3e-3, "dropout": 0.1, "weight_decay": 0.01, "batch_size": 16}
+    assert [t.user_attrs.get("baseline", False) for t in study.trials] == [True, False]
     assert report == {
         "best_value": study.best_value,
         "best_trial": study.best_trial.number,
+        "baseline_value": study.trials[0].value,
+        "baseline_trial": 0,
         "n_trials": 2,
         "n_complete": 2,
         "n_pruned": 0,
@@ -91,6 +96,7 @@ def test_tune_study_nested_runs_resume_and_pruning(tmp_path: Path, monkeypatch, 
         assert {m.step: m.value for m in subset} == pytest.approx(reports)
         assert run.data.metrics["tune/optimizer_steps"] == 2 and run.data.metrics["tune/wall_seconds"] > 0
     assert tune_run.data.metrics["n_complete"] == 2
+    assert tune_run.data.metrics["baseline_value"] == pytest.approx(study.trials[0].value)
     assert tune_run.data.tags["tune.best_trial"] == str(study.best_trial.number)
     assert tune_run.data.tags["tune.best_run_id"] == study.best_trial.user_attrs["mlflow_run_id"]
     artifacts = [a.path for a in client.list_artifacts(tune_run.info.run_id, "plots")]
@@ -104,6 +110,7 @@ def test_tune_study_nested_runs_resume_and_pruning(tmp_path: Path, monkeypatch, 
     report = run_tune(more, paths=paths, quiet=True)
     study = _journal_study(params, paths)
     assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE", "PRUNED"]
+    assert "baseline" not in study.trials[2].user_attrs  # a continued study gets no second baseline
     assert report["n_pruned"] == 1 and report["n_complete"] == 2 and report["n_trials"] == 3
     assert yaml.safe_load(paths.best_params.read_text()) == best  # a pruned trial is never the best
     runs = _runs(mlflow_store)
@@ -171,6 +178,69 @@ def test_summary_counts_nan_and_failed_trials(tmp_path: Path):
     assert (summary["n_complete"], summary["n_pruned"], summary["n_failed"]) == (1, 1, 1)
     assert summary["failures"] == {1: "diverged: val_loss=nan"}
     assert summary["best"]["trial"] == 0 and summary["best"]["x"] == study.trials[0].params["x"]
+
+
+def test_tune_without_baseline_trial_draws_every_trial(tmp_path: Path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    params, paths, _ = make_project(
+        tmp_path, n_train=16, n_eval=8, tune={"n_trials": 1, "baseline_trial": False}
+    )
+    with_baseline = parse_params(tiny_params(tune={"n_trials": 1}))
+    assert study_name(params, paths) != study_name(with_baseline, paths)  # not the same study
+
+    report = run_tune(params, paths=paths, quiet=True)
+
+    trial = _journal_study(params, paths).trials[0]
+    assert "baseline" not in trial.user_attrs and trial.params["lr"] != 3e-3  # drawn, not finetune.lr
+    assert "baseline_value" not in report and "baseline_trial" not in report
+    assert report["best_trial"] == 0
+
+
+def test_baseline_values_keep_only_what_the_space_can_draw():
+    from bigmodel_ops.classification.training import HyperParams
+    from bigmodel_ops.config import SearchSpace
+    from bigmodel_ops.tuning.study import baseline_values
+
+    space = SearchSpace.model_validate(
+        {
+            "lr": {"type": "float", "low": 1e-4, "high": 1e-3, "log": True},  # finetune.lr 2e-3 is above
+            "dropout": {"type": "float", "low": 0.0, "high": 0.3, "step": 0.1},
+            "weight_decay": {"type": "float", "low": 0.0, "high": 0.1, "step": 0.04},  # 0.01 is off the step
+            "batch_size": {"type": "categorical", "choices": [16, 32]},
+            "lora.rank": {"type": "int", "low": 4, "high": 16, "step": 4},
+            "freeze_backbone": {"type": "categorical", "choices": [False]},
+        }
+    )
+    base = HyperParams(
+        lr=2e-3, dropout=0.1, weight_decay=0.01, batch_size=32, lora_rank=8, freeze_backbone=True
+    )
+    assert baseline_values(space, base) == {"dropout": 0.1, "batch_size": 32, "lora.rank": 8}
+
+
+def test_fill_queue_enqueues_the_baseline_only_into_an_empty_study(tmp_path: Path):
+    from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+    from bigmodel_ops.tuning.workers import fill_queue, run_worker
+
+    storage = JournalStorage(JournalFileBackend(str(tmp_path / "s.journal")))
+    study = optuna.create_study(
+        storage=storage, study_name="s", direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0)
+    )
+
+    def objective(trial: optuna.Trial) -> float:
+        return trial.suggest_float("x", 0, 1) + trial.suggest_float("y", 0, 1)
+
+    assert fill_queue(study, n_trials=2, first={"x": 0.25})["enqueued"] == 2
+    run_worker(study, objective)
+    first, second = study.trials
+    assert first.params["x"] == 0.25 and first.user_attrs == {"baseline": True}
+    assert 0 <= first.params["y"] <= 1  # a setting the baseline leaves out is drawn
+    assert second.params["x"] != 0.25 and "baseline" not in second.user_attrs
+    assert study_summary(study)["baseline"] == {"value": first.value, "trial": 0}
+
+    assert fill_queue(study, n_trials=3, first={"x": 0.25})["enqueued"] == 1  # not empty: no second baseline
+    run_worker(study, objective)
+    assert study.trials[2].params["x"] != 0.25 and "baseline" not in study.trials[2].user_attrs
 
 
 @pytest.mark.parametrize(

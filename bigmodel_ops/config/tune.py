@@ -191,6 +191,10 @@ class TuneParams(_Strict):
     heartbeat_interval_s: PositiveInt = 5
     grace_period_s: PositiveInt = 30
     max_retry: int = Field(default=2, ge=0)
+    # The first trial of a new study runs the finetune settings as they are (each searched
+    # setting at its finetune value, where the space can draw it): the search then never ships
+    # settings worse than the defaults on its own metric, and the report says what it gained.
+    baseline_trial: bool = True
     # Epochs of fine-tuning per trial (the full val split is measured at each epoch's end).
     max_epochs: PositiveInt = 2
     # Fraction of the training batches each trial epoch sees (Lightning's limit_train_batches):

@@ -4,7 +4,9 @@ The study lives in ``tune.storage`` / ``--storage`` (an SQLAlchemy URL: workers 
 machines) or, by default, in the journal file ``outputs/tune/study.journal`` (persisted by DVC,
 so an interrupted ``dvc repro`` continues the study). The study runs exactly ``tune.n_trials``
 COMPLETE or PRUNED trials: a run queues the missing ones and ``tune.workers`` / ``--workers``
-processes run the queue (:mod:`bigmodel_ops.tuning.workers`). Every running trial heartbeats; a
+processes run the queue (:mod:`bigmodel_ops.tuning.workers`). With ``tune.baseline_trial`` the
+first trial of a new study runs the ``finetune`` settings themselves, so the best trial is never
+worse than them on the study's metric (``baseline_value`` in the report). Every running trial heartbeats; a
 trial whose process died (a SIGKILL, a lost machine) is failed by the next worker that sees it
 silent for ``tune.grace_period_s`` and retried with the same parameters; a live worker's trial is
 never touched. FAILED trials hold no slot: the next run replaces them.
@@ -32,9 +34,9 @@ Outputs (only when at least one trial completed): ``best_params.yaml`` (the depe
 weight_decay / batch_size, its value and number), Optuna's optimisation-history,
 intermediate-values, parameter-importance and parallel-coordinate plots in ``outputs/tune/``
 (also MLflow artifacts under ``plots/``), and the report ``outputs/metrics/tune.json`` (best
-value, trials by state, total trial seconds and optimizer steps, steps saved by pruning). With
-no completed trial the stage fails and writes neither (the study stays, so finished trials are
-not lost). The algorithms are in :mod:`bigmodel_ops.tuning`.
+value, the baseline trial's value and number when it completed, trials by state, total trial
+seconds and optimizer steps, steps saved by pruning). With no completed trial the stage fails
+and writes neither (the study stays, so finished trials are not lost). The algorithms are in :mod:`bigmodel_ops.tuning`.
 """
 
 from __future__ import annotations
@@ -69,7 +71,14 @@ from bigmodel_ops.tuning.checks import (
 )
 from bigmodel_ops.tuning.pruning import NonFiniteObjective
 from bigmodel_ops.tuning.storage import describe, open_storage
-from bigmodel_ops.tuning.study import load_study, objective_factory, save_plots, study_name, study_summary
+from bigmodel_ops.tuning.study import (
+    baseline_values,
+    load_study,
+    objective_factory,
+    save_plots,
+    study_name,
+    study_summary,
+)
 from bigmodel_ops.tuning.workers import (
     ClientRun,
     end_stale_trial_run,
@@ -114,6 +123,12 @@ def name_of_study(params: Params, paths: ProjectPaths) -> str:
                 if k not in searched and k != "max_epochs"
             },
         },
+        # The baseline trial's settings (tune.baseline_trial): a new finetune.lr is a new study.
+        **(
+            {"baseline": baseline_values(params.tune.search_space, hyperparams(params))}
+            if params.tune.baseline_trial
+            else {}
+        ),
         "seed": params.project.seed,
         "labels": params.prepare.labels,
         "precision": fit.precision,
@@ -227,7 +242,11 @@ def run(
     def on_stale(trial: optuna.trial.FrozenTrial) -> None:
         end_stale_trial_run(client, trial)
 
-    counts = fill_queue(study, n_trials=tune.n_trials, on_stale=on_stale)
+    first = baseline_values(tune.search_space, base) if tune.baseline_trial else None
+    drawn = [k for k, _ in tune.search_space.items() if first is not None and k not in first]
+    if drawn:
+        _logger.info("tune: the baseline trial draws %s (finetune values outside the space)", drawn)
+    counts = fill_queue(study, n_trials=tune.n_trials, on_stale=on_stale, first=first)
     pending = counts["running"] + counts["waiting"] + counts["enqueued"]
     if counts["done"]:
         _logger.info("tune: study %s has %d finished trial(s); %d to run", name, counts["done"], pending)
@@ -431,9 +450,16 @@ def _summarise(
             f"{paths.best_params} was not written. Check the search space (tune.search_space), the "
             "pruner settings (tune.pruner / tune.prune_threshold) or raise tune.n_trials."
         )
+    baseline = summary["baseline"]
     report = {
         "best_value": float(best["value"]),
         "best_trial": int(best["trial"]),
+        # The finetune settings' own trial (tune.baseline_trial), when it completed.
+        **(
+            {"baseline_value": float(baseline["value"]), "baseline_trial": int(baseline["trial"])}
+            if baseline
+            else {}
+        ),
         "n_trials": counts["n_complete"] + counts["n_pruned"] + counts["n_failed"],
         **counts,
         **{k: summary[k] for k in ("total_trial_seconds", "total_optimizer_steps", "steps_saved_by_pruning")},
@@ -441,7 +467,14 @@ def _summarise(
     run.log_metrics(
         {
             k: float(report[k])
-            for k in ("best_value", "total_trial_seconds", "total_optimizer_steps", "steps_saved_by_pruning")
+            for k in (
+                "best_value",
+                "baseline_value",
+                "total_trial_seconds",
+                "total_optimizer_steps",
+                "steps_saved_by_pruning",
+            )
+            if k in report
         },
         step=0,
     )

@@ -31,7 +31,7 @@ import optuna
 
 from bigmodel_ops.classification.inputs import TokenizedSplit
 from bigmodel_ops.classification.training import FitConfig, HyperParams, fit_classifier
-from bigmodel_ops.config import SearchSpace, TuneParams
+from bigmodel_ops.config import SearchSpace, TuneParams, setting_name
 from bigmodel_ops.fsutil import publish, sha256_file, short_hash
 from bigmodel_ops.trainer import MetricsCallback
 from bigmodel_ops.tuning.pruning import NonFiniteObjective, StepPruningCallback, val_subset
@@ -142,8 +142,29 @@ def suggest(trial: optuna.Trial, space: SearchSpace, base: HyperParams | None = 
     return (base or HyperParams()).override(suggest_values(trial, space))
 
 
+def baseline_values(space: SearchSpace, base: HyperParams) -> dict[str, Any]:
+    """The baseline trial's fixed params: each searched setting at its ``base`` (``finetune``)
+    value, keyed as the space declares it. A value the space cannot draw (outside the range, off
+    the step, not among the choices) is left out, so the sampler draws that setting instead."""
+    current = base.as_dict()
+    values: dict[str, Any] = {}
+    for key, dist in space.items():
+        value = current[setting_name(key).replace(".", "_")]
+        if dist.type == "categorical":
+            inside = value in dist.choices
+        else:
+            inside = dist.low <= value <= dist.high
+            if inside and dist.step is not None:
+                steps = (value - dist.low) / dist.step
+                inside = abs(steps - round(steps)) < 1e-9
+        if inside:
+            values[key] = value
+    return values
+
+
 def study_summary(study: optuna.Study) -> dict[str, Any]:
-    """Trial counts by state, and the best COMPLETE trial (None if there is none)."""
+    """Trial counts by state, the best COMPLETE trial (None if there is none) and the value of
+    the baseline trial (None when the study has none, or it was pruned or failed)."""
     states = optuna.trial.TrialState
     trials = study.get_trials(deepcopy=False)
     complete = [t for t in trials if t.state == states.COMPLETE]
@@ -168,6 +189,8 @@ def study_summary(study: optuna.Study) -> dict[str, Any]:
     if complete:
         best = study.best_trial
         summary["best"] = {**best.params, "value": best.value, "trial": best.number}
+    baseline = [t for t in complete if t.user_attrs.get("baseline")]
+    summary["baseline"] = {"value": baseline[0].value, "trial": baseline[0].number} if baseline else None
     return summary
 
 

@@ -46,17 +46,27 @@ SLOT_STATES = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, Trial
 
 
 def fill_queue(
-    study: optuna.Study, *, n_trials: int, on_stale: Callable[[FrozenTrial], None] | None = None
+    study: optuna.Study,
+    *,
+    n_trials: int,
+    on_stale: Callable[[FrozenTrial], None] | None = None,
+    first: Mapping[str, Any] | None = None,
 ) -> dict[str, int]:
     """Reap dead workers' trials, then enqueue empty trials up to ``n_trials`` slots; returns
     ``{"done", "running", "waiting", "enqueued"}`` (running / waiting counted before enqueueing).
 
+    ``first``: the fixed params of the first trial of a study that holds no trial yet (the
+    baseline; user attribute ``baseline`` = True); the sampler draws any setting it leaves out.
+
     Edge cases: a study that already holds ``n_trials`` finished trials enqueues nothing; a
     RUNNING trial of a live worker keeps its slot (its worker finishes it); FAIL trials hold no
-    slot, so each run replaces the failures of earlier runs.
+    slot, so each run replaces the failures of earlier runs; ``first`` is enqueued only into an
+    empty study, so a continued study never gets a second baseline (a failed baseline is
+    replaced by a drawn trial).
     """
     reap_stale_trials(study, on_failed=on_stale)
     with storage_lock(study._storage):
+        fresh = not study.get_trials(deepcopy=False)
         trials = study.get_trials(deepcopy=False, states=SLOT_STATES)
         counts = {
             "done": sum(t.state in DONE for t in trials),
@@ -64,8 +74,11 @@ def fill_queue(
             "waiting": sum(t.state == TrialState.WAITING for t in trials),
         }
         counts["enqueued"] = max(0, n_trials - len(trials))
-        for _ in range(counts["enqueued"]):
-            study.enqueue_trial({})
+        for k in range(counts["enqueued"]):
+            if k == 0 and fresh and first is not None:
+                study.enqueue_trial(dict(first), user_attrs={"baseline": True})
+            else:
+                study.enqueue_trial({})
     return counts
 
 
