@@ -264,46 +264,19 @@ def run(
             }
         )
         if pending:
-            deadline = time.time() + tune.timeout_s if tune.timeout_s else None
-            threads = threads_per_worker(n_workers)
-            spec = {
-                "params": params.model_dump(mode="json"),
-                "root": str(Path(paths.root).resolve()),
-                "storage": storage,
-                "study": name,
-                "parent_run_id": run.run_id,
-                "quiet": quiet,
-                "deadline": deadline,
-                "threads": threads,
-            }
-            helpers = spawn_workers(_worker_process, [{**spec, "worker": k} for k in range(1, n_workers)])
-            previous_threads = torch.get_num_threads()
-            if threads:
-                torch.set_num_threads(threads)
-            try:
-                _run_trials(
-                    params,
-                    paths=paths,
-                    splits=splits,
-                    base=base,
-                    study=study,
-                    run=run,
-                    quiet=quiet,
-                    deadline=deadline,
-                    on_stale=on_stale,
-                    extra_callbacks=extra_callbacks,
-                )
-            except BaseException:
-                for helper in helpers:
-                    helper.terminate()
-                raise
-            finally:
-                torch.set_num_threads(previous_threads)
-                for helper in helpers:
-                    helper.join()
-            for k, helper in enumerate(helpers, start=1):
-                if helper.exitcode:
-                    _logger.warning("tune: worker %d exited with code %s", k, helper.exitcode)
+            _run_pool(
+                params,
+                paths=paths,
+                splits=splits,
+                base=base,
+                study=study,
+                run=run,
+                n_workers=n_workers,
+                storage=storage,
+                quiet=quiet,
+                on_stale=on_stale,
+                extra_callbacks=extra_callbacks,
+            )
         report, best = _summarise(study, run=run, name=name, paths=paths, base=base)
         for plot in save_plots(study, paths.tune_dir):
             run.log_artifact(plot, "plots")
@@ -312,6 +285,66 @@ def run(
         write_json_atomic(paths.tune_report, report)
         _logger.info("tune: best %s = %.4f (trial %d)", tune.metric, best["value"], best["trial"])
     return report
+
+
+def _run_pool(
+    params: Params,
+    *,
+    paths: ProjectPaths,
+    splits: dict,
+    base: Any,
+    study: optuna.Study,
+    run: Any,
+    n_workers: int,
+    storage: str | None,
+    quiet: bool,
+    on_stale: Callable[[optuna.trial.FrozenTrial], None],
+    extra_callbacks: Callable[[optuna.Trial], Sequence[Any]] | None,
+) -> None:
+    """The queued trials, run by this process (worker 0) and ``n_workers - 1`` worker processes
+    under the stage run ``run``, until the queue is empty or ``tune.timeout_s`` passes. Helpers are
+    terminated when this process fails or is interrupted; a helper's non-zero exit only warns."""
+    tune = params.tune
+    deadline = time.time() + tune.timeout_s if tune.timeout_s else None
+    threads = threads_per_worker(n_workers)
+    spec = {
+        "params": params.model_dump(mode="json"),
+        "root": str(Path(paths.root).resolve()),
+        "storage": storage,
+        "study": study.study_name,
+        "parent_run_id": run.run_id,
+        "quiet": quiet,
+        "deadline": deadline,
+        "threads": threads,
+    }
+    helpers = spawn_workers(_worker_process, [{**spec, "worker": k} for k in range(1, n_workers)])
+    previous_threads = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        _run_trials(
+            params,
+            paths=paths,
+            splits=splits,
+            base=base,
+            study=study,
+            run=run,
+            quiet=quiet,
+            deadline=deadline,
+            on_stale=on_stale,
+            extra_callbacks=extra_callbacks,
+        )
+    except BaseException:
+        for helper in helpers:
+            helper.terminate()
+        raise
+    finally:
+        torch.set_num_threads(previous_threads)
+        for helper in helpers:
+            helper.join()
+    for k, helper in enumerate(helpers, start=1):
+        if helper.exitcode:
+            _logger.warning("tune: worker %d exited with code %s", k, helper.exitcode)
 
 
 def _write_yaml_atomic(path: Path, data: dict) -> None:
