@@ -70,8 +70,10 @@ def test_bytecode_does_not_invalidate_directory_deps(project: Project):
 
 
 def test_params_change_reruns_exactly_the_affected_stages(project: Project):
-    project.set_param("finetune.lr", 0.0007)
+    project.set_param("finetune.max_epochs", 2)  # read by finetune alone
     assert project.repro() == {"finetune", "evaluate", "compress"}
+    project.set_param("finetune.lr", 0.0007)  # also the tune stage's baseline trial
+    assert project.repro() == {"tune", "finetune", "evaluate", "compress"}
     project.set_param("evaluate.gate.min", 0.05)
     assert project.repro() == {"evaluate", "compress"}
     project.run("git", "add", "-A")
