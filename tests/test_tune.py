@@ -87,6 +87,7 @@ def test_tune_study_nested_runs_resume_and_pruning(tmp_path: Path, monkeypatch, 
         assert run.data.tags["mlflow.parentRunId"] == tune_run.info.run_id
         assert run.info.status == "FINISHED"
         assert run.data.tags["optuna.state"] == "COMPLETE"
+        assert run.data.tags.get("tune.baseline") == ("true" if number == 0 else None)
         assert float(run.data.params["lr"]) == pytest.approx(study.trials[number].params["lr"])
         history = client.get_metric_history(run.info.run_id, "val_acc")
         assert [m.step for m in history] == [0]  # one epoch, logged at the epoch number

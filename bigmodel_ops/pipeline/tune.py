@@ -21,9 +21,10 @@ trial's params, its subset reports (``tune/val_acc_subset``, ``tune/val_loss_sub
 optimizer-step axis (with ``tune.report_every_n_examples``, which keys the Optuna reports by
 training examples, also ``tune/examples_seen``), its train/val metrics, its cost
 (``tune/optimizer_steps``, ``tune/budget_steps``, ``tune/wall_seconds``) and tags
-``optuna.state`` / ``optuna.reason`` / ``optuna.trial`` / ``optuna.worker``. A pruned trial's
-run ends FINISHED with ``bigmodel_ops.outcome = TrialPruned``; a diverged or failed one ends
-FAILED; the run of a trial whose worker died ends KILLED (``optuna.state = FAIL``). The
+``optuna.state`` / ``optuna.reason`` / ``optuna.trial`` / ``optuna.worker`` (and
+``tune.baseline`` on the baseline trial). A pruned trial's run ends FINISHED with
+``bigmodel_ops.outcome = TrialPruned``; a diverged or failed one ends FAILED; the run of a
+trial whose worker died ends KILLED (``optuna.state = FAIL``). The
 ``tune`` run's id is kept in the study (user attribute ``mlflow_run_id``): a run that was
 killed (still RUNNING or KILLED in MLflow) is resumed by the next run of the stage, so a study
 interrupted and continued stays one ``tune`` run. The parent is tagged with the best trial and

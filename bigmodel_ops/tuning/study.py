@@ -270,7 +270,12 @@ def objective_factory(
         try:
             with run.child_run(
                 f"trial-{trial.number}",
-                tags={"optuna.trial": trial.number, "optuna.study": study, "optuna.worker": worker},
+                tags={
+                    "optuna.trial": trial.number,
+                    "optuna.study": study,
+                    "optuna.worker": worker,
+                    **({"tune.baseline": "true"} if trial.user_attrs.get("baseline") else {}),
+                },
                 finished_on=(optuna.TrialPruned,),
             ) as child:
                 pruning.sink = child
