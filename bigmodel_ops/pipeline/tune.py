@@ -6,10 +6,10 @@ so an interrupted ``dvc repro`` continues the study). The study runs exactly ``t
 COMPLETE or PRUNED trials: a run queues the missing ones and ``tune.workers`` / ``--workers``
 processes run the queue (:mod:`bigmodel_ops.tuning.workers`). With ``tune.baseline_trial`` the
 first trial of a new study runs the ``finetune`` settings themselves, so the best trial is never
-worse than them on the study's metric (``baseline_value`` in the report). Every running trial
-heartbeats; a trial whose process died (a SIGKILL, a lost machine) is failed by the next worker
-that sees it silent for ``tune.grace_period_s`` and retried with the same parameters; a live
-worker's trial is never touched. FAILED trials hold no slot: the next run replaces them.
+worse than them on the study's metric (``baseline_value`` in the report). Every running trial heartbeats; a
+trial whose process died (a SIGKILL, a lost machine) is failed by the next worker that sees it
+silent for ``tune.grace_period_s`` and retried with the same parameters; a live worker's trial is
+never touched. FAILED trials hold no slot: the next run replaces them.
 
 Before any trial: the inputs (splits, tokenizer vocabulary against the backbone, every label
 present in the training split), the models a trial can draw (LoRA targets, pooling), the storage
@@ -37,8 +37,7 @@ intermediate-values, parameter-importance and parallel-coordinate plots in ``out
 (also MLflow artifacts under ``plots/``), and the report ``outputs/metrics/tune.json`` (best
 value, the baseline trial's value and number when it completed, trials by state, total trial
 seconds and optimizer steps, steps saved by pruning). With no completed trial the stage fails
-and writes neither (the study stays, so finished trials are not lost). The algorithms are in
-:mod:`bigmodel_ops.tuning`.
+and writes neither (the study stays, so finished trials are not lost). The algorithms are in :mod:`bigmodel_ops.tuning`.
 """
 
 from __future__ import annotations
@@ -245,7 +244,8 @@ def run(
         end_stale_trial_run(client, trial)
 
     first = baseline_values(tune.search_space, base) if tune.baseline_trial else None
-    if first is not None and (drawn := [k for k, _ in tune.search_space.items() if k not in first]):
+    drawn = [k for k, _ in tune.search_space.items() if first is not None and k not in first]
+    if drawn:
         _logger.info("tune: the baseline trial draws %s (finetune values outside the space)", drawn)
     counts = fill_queue(study, n_trials=tune.n_trials, on_stale=on_stale, first=first)
     pending = counts["running"] + counts["waiting"] + counts["enqueued"]

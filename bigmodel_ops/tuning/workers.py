@@ -66,8 +66,8 @@ def fill_queue(
     """
     reap_stale_trials(study, on_failed=on_stale)
     with storage_lock(study._storage):
-        everything = study.get_trials(deepcopy=False)
-        trials = [t for t in everything if t.state in SLOT_STATES]
+        fresh = not study.get_trials(deepcopy=False)
+        trials = study.get_trials(deepcopy=False, states=SLOT_STATES)
         counts = {
             "done": sum(t.state in DONE for t in trials),
             "running": sum(t.state == TrialState.RUNNING for t in trials),
@@ -75,7 +75,7 @@ def fill_queue(
         }
         counts["enqueued"] = max(0, n_trials - len(trials))
         for k in range(counts["enqueued"]):
-            if k == 0 and not everything and first is not None:
+            if k == 0 and fresh and first is not None:
                 study.enqueue_trial(dict(first), user_attrs={"baseline": True})
             else:
                 study.enqueue_trial({})
