@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import os
 import shutil
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,16 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 # Launcher variables that would make a process believe it is one rank of a bigger job, and the
 # run id a parent stage hands its children: none may leak from the calling environment.
 RANK_VARS = ("RANK", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "SLURM_PROCID", "BIGMODEL_OPS_RUN_ID")
+
+
+@pytest.fixture(autouse=True)
+def _restore_sys_path() -> Iterator[None]:
+    """Loading an MLflow pyfunc model in this process puts the model's ``code/`` folder first on
+    ``sys.path``, and processes started with ``spawn`` inherit ``sys.path``: a later test's worker
+    processes would import ``bigmodel_ops`` from that copy. Each test ends with the path it began with."""
+    saved = list(sys.path)
+    yield
+    sys.path[:] = saved
 
 
 @pytest.fixture
