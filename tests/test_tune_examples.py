@@ -15,7 +15,8 @@ from mlflow.tracking import MlflowClient
 
 from bigmodel_ops.config import parse_params
 from bigmodel_ops.errors import ConfigError
-from bigmodel_ops.pipeline.tune import JOURNAL_FILE, name_of_study
+from bigmodel_ops.pipeline._tuning import JOURNAL_FILE
+from bigmodel_ops.pipeline.tune import name_of_study
 from bigmodel_ops.pipeline.tune import run as run_tune
 from bigmodel_ops.tuning.pruning import StepPruningCallback, examples_report_steps
 from bigmodel_ops.tuning.study import make_pruner

@@ -15,7 +15,8 @@ import yaml
 
 from bigmodel_ops.cli import main
 from bigmodel_ops.config import parse_params
-from bigmodel_ops.pipeline.tune import JOURNAL_FILE, direction_of, name_of_study, storage_for
+from bigmodel_ops.pipeline._tuning import JOURNAL_FILE, storage_for
+from bigmodel_ops.pipeline.tune import direction_of, name_of_study
 from tests.helpers_finetune import make_project, make_texts, write_split
 
 

@@ -7,7 +7,8 @@ from pathlib import Path
 import optuna
 from mlflow.tracking import MlflowClient
 
-from bigmodel_ops.pipeline.tune import JOURNAL_FILE, name_of_study
+from bigmodel_ops.pipeline._tuning import JOURNAL_FILE
+from bigmodel_ops.pipeline.tune import name_of_study
 from bigmodel_ops.pipeline.tune import run as run_tune
 from tests.helpers_finetune import make_project
 

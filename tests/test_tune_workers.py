@@ -19,7 +19,8 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from bigmodel_ops.cli import main
-from bigmodel_ops.pipeline.tune import JOURNAL_FILE, name_of_study
+from bigmodel_ops.pipeline._tuning import JOURNAL_FILE
+from bigmodel_ops.pipeline.tune import name_of_study
 from bigmodel_ops.tuning.storage import HEARTBEAT_ATTR, open_storage, reap_stale_trials
 from bigmodel_ops.tuning.workers import fill_queue, run_worker
 from tests.helpers_finetune import make_project

@@ -37,7 +37,9 @@ intermediate-values, parameter-importance and parallel-coordinate plots in ``out
 (also MLflow artifacts under ``plots/``), and the report ``outputs/metrics/tune.json`` (best
 value, the baseline trial's value and number when it completed, trials by state, total trial
 seconds and optimizer steps, steps saved by pruning). With no completed trial the stage fails
-and writes neither (the study stays, so finished trials are not lost). The algorithms are in :mod:`bigmodel_ops.tuning`.
+and writes neither (the study stays, so finished trials are not lost). The algorithms are in
+:mod:`bigmodel_ops.tuning`; the worker pool and the checks it shares with this module are in
+:mod:`bigmodel_ops.pipeline._tuning`.
 """
 
 from __future__ import annotations
@@ -45,60 +47,36 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import time
-import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import optuna
-import torch
 import yaml
 
-from bigmodel_ops.classification.inputs import load_splits
-from bigmodel_ops.config import Params, load_params, parse_params
+from bigmodel_ops.config import Params, load_params
 from bigmodel_ops.contract import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE
 from bigmodel_ops.errors import BigModelOpsError
 from bigmodel_ops.fsutil import publish, write_json_atomic
 from bigmodel_ops.paths import ProjectPaths
 from bigmodel_ops.pipeline._common import add_common_args, guarded, setup_logging, stage_run
 from bigmodel_ops.pipeline._finetuning import fit_config, hyperparams
-from bigmodel_ops.tuning.checks import (
-    check_classes,
-    check_direction,
-    check_searchable_models,
-    check_vocabulary,
-)
-from bigmodel_ops.tuning.pruning import NonFiniteObjective
-from bigmodel_ops.tuning.storage import describe, open_storage
+from bigmodel_ops.pipeline._tuning import check_inputs, run_pool, storage_for, tracking_client
+from bigmodel_ops.tuning.checks import check_direction
+from bigmodel_ops.tuning.storage import describe
 from bigmodel_ops.tuning.study import (
     baseline_values,
     load_study,
-    objective_factory,
     save_plots,
     study_name,
     study_summary,
 )
-from bigmodel_ops.tuning.workers import (
-    ClientRun,
-    end_stale_trial_run,
-    fill_queue,
-    run_worker,
-    spawn_workers,
-    threads_per_worker,
-)
+from bigmodel_ops.tuning.workers import end_stale_trial_run, fill_queue
 
 _logger = logging.getLogger(__name__)
 
-JOURNAL_FILE = "study.journal"
 # Always in best_params.yaml (finetune reads them), searched or not.
 CORE_SETTINGS = ("lr", "dropout", "weight_decay", "batch_size")
-# A trial that runs out of memory or hits a numerical error fails alone; user errors
-# (BigModelOpsError) stop the stage.
-CATCH = (RuntimeError, FloatingPointError, NonFiniteObjective)
-# How often an idle worker looks for a retry of another worker's trial.
-POLL_S = 1.0
 
 
 def name_of_study(params: Params, paths: ProjectPaths) -> str:
@@ -149,28 +127,6 @@ def direction_of(params: Params) -> str:
     return "maximize" if params.tune.metric == "val_acc" else "minimize"
 
 
-def storage_for(
-    params: Params, paths: ProjectPaths, *, url: str | None = None, setting: str = "tune.storage"
-):
-    """The study storage of these params (``url`` overrides ``tune.storage``); ConfigError naming
-    ``setting`` when it cannot be opened."""
-    tune = params.tune
-    return open_storage(
-        url if url is not None else tune.storage,
-        journal=paths.tune_dir / JOURNAL_FILE,
-        heartbeat_interval=tune.heartbeat_interval_s,
-        grace_period=tune.grace_period_s,
-        max_retry=tune.max_retry,
-        setting=setting,
-    )
-
-
-def _tracking_client(params: Params) -> Any:
-    from mlflow.tracking import MlflowClient
-
-    return MlflowClient(os.environ.get("MLFLOW_TRACKING_URI") or params.tracking.uri)
-
-
 def _resumable_run(study: optuna.Study, client: Any) -> str | None:
     """The ``tune`` run of this study's last interrupted run, to continue: still RUNNING (its
     process was killed), KILLED (stopped by a signal) or FAILED by the tracking layer's reaper
@@ -186,28 +142,6 @@ def _resumable_run(study: optuna.Study, client: Any) -> str | None:
     status = run.info.status
     reaped = status == "FAILED" and "bigmodel_ops.reap_reason" in run.data.tags
     return run_id if status in ("RUNNING", "KILLED") or reaped else None
-
-
-def _check_inputs(params: Params, paths: ProjectPaths) -> tuple[dict, Any]:
-    """(splits, base hyperparameters) after every check that needs no study."""
-    splits = load_splits(
-        prepared=paths.prepared,
-        model_dir=paths.pretrained_model,
-        labels=params.prepare.labels,
-        max_length=params.finetune.max_length,
-        truncation=params.finetune.truncation,
-        head_tokens=params.finetune.head_tokens,
-    )
-    check_vocabulary(paths.pretrained_model)
-    check_classes(splits["train"], params.prepare.labels, source=paths.prepared / "train.parquet")
-    base = hyperparams(params)
-    check_searchable_models(
-        paths.pretrained_model,
-        num_labels=len(params.prepare.labels),
-        base=base,
-        space=params.tune.search_space,
-    )
-    return splits, base
 
 
 def run(
@@ -229,7 +163,7 @@ def run(
     """
     tune = params.tune
     n_workers = workers or tune.workers
-    splits, base = _check_inputs(params, paths)
+    splits, base = check_inputs(params, paths)
     name = name_of_study(params, paths)
     direction = direction_of(params)
     store = storage_for(
@@ -238,7 +172,7 @@ def run(
     created = optuna.create_study(storage=store, study_name=name, direction=direction, load_if_exists=True)
     check_direction(created, direction, metric=tune.metric)
     study = load_study(tune, store, name, seed=params.project.seed, worker=0)
-    client = _tracking_client(params)
+    client = tracking_client(params)
 
     def on_stale(trial: optuna.trial.FrozenTrial) -> None:
         end_stale_trial_run(client, trial)
@@ -265,7 +199,7 @@ def run(
             }
         )
         if pending:
-            _run_pool(
+            run_pool(
                 params,
                 paths=paths,
                 splits=splits,
@@ -288,140 +222,9 @@ def run(
     return report
 
 
-def _run_pool(
-    params: Params,
-    *,
-    paths: ProjectPaths,
-    splits: dict,
-    base: Any,
-    study: optuna.Study,
-    run: Any,
-    n_workers: int,
-    storage: str | None,
-    quiet: bool,
-    on_stale: Callable[[optuna.trial.FrozenTrial], None],
-    extra_callbacks: Callable[[optuna.Trial], Sequence[Any]] | None,
-) -> None:
-    """The queued trials, run by this process (worker 0) and ``n_workers - 1`` worker processes
-    under the stage run ``run``, until the queue is empty or ``tune.timeout_s`` passes. Helpers are
-    terminated when this process fails or is interrupted; a helper's non-zero exit only warns."""
-    tune = params.tune
-    deadline = time.time() + tune.timeout_s if tune.timeout_s else None
-    threads = threads_per_worker(n_workers)
-    spec = {
-        "params": params.model_dump(mode="json"),
-        "root": str(Path(paths.root).resolve()),
-        "storage": storage,
-        "study": study.study_name,
-        "parent_run_id": run.run_id,
-        "quiet": quiet,
-        "deadline": deadline,
-        "threads": threads,
-    }
-    helpers = spawn_workers(_worker_process, [{**spec, "worker": k} for k in range(1, n_workers)])
-    previous_threads = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    try:
-        _run_trials(
-            params,
-            paths=paths,
-            splits=splits,
-            base=base,
-            study=study,
-            run=run,
-            quiet=quiet,
-            deadline=deadline,
-            on_stale=on_stale,
-            extra_callbacks=extra_callbacks,
-        )
-    except BaseException:
-        for helper in helpers:
-            helper.terminate()
-        raise
-    finally:
-        torch.set_num_threads(previous_threads)
-        for helper in helpers:
-            helper.join()
-    for k, helper in enumerate(helpers, start=1):
-        if helper.exitcode:
-            _logger.warning("tune: worker %d exited with code %s", k, helper.exitcode)
-
-
 def _write_yaml_atomic(path: Path, data: dict) -> None:
     with publish(path) as pub:
         pub.staged(path).write_text(yaml.safe_dump(data, sort_keys=False))
-
-
-def _worker_process(
-    *,
-    params: dict,
-    root: str,
-    storage: str | None,
-    study: str,
-    parent_run_id: str,
-    quiet: bool,
-    deadline: float | None,
-    worker: int,
-    threads: int | None = None,
-) -> None:
-    """A worker process of ``run``: the same study and objective, its trial runs logged under the
-    stage's ``tune`` run through :class:`~bigmodel_ops.tuning.workers.ClientRun`."""
-    setup_logging(quiet)
-    if threads:
-        torch.set_num_threads(threads)
-    os.chdir(root)
-    resolved = parse_params(params)
-    paths = ProjectPaths()
-    splits, base = _check_inputs(resolved, paths)
-    store = storage_for(resolved, paths, url=storage)
-    loaded = load_study(resolved.tune, store, study, seed=resolved.project.seed, worker=worker)
-    client = _tracking_client(resolved)
-    _run_trials(
-        resolved,
-        paths=paths,
-        splits=splits,
-        base=base,
-        study=loaded,
-        run=ClientRun(client, parent_run_id),
-        quiet=quiet,
-        deadline=deadline,
-        on_stale=lambda trial: end_stale_trial_run(client, trial),
-        worker=worker,
-    )
-
-
-def _run_trials(
-    params: Params,
-    *,
-    paths: ProjectPaths,
-    splits: dict,
-    base: Any,
-    study: optuna.Study,
-    run: Any,
-    quiet: bool,
-    deadline: float | None,
-    on_stale: Callable[[optuna.trial.FrozenTrial], None],
-    worker: int = 0,
-    extra_callbacks: Callable[[optuna.Trial], Sequence[Any]] | None = None,
-) -> None:
-    """One worker's share of the study (the stage process is worker 0): the trial objective,
-    its runs nested under ``run``, then queued trials until none is left or ``deadline``."""
-    objective = objective_factory(
-        params.tune,
-        fit=fit_config(params),
-        base=base,
-        model_dir=paths.pretrained_model,
-        splits=splits,
-        run=run,
-        study=study.study_name,
-        quiet=quiet,
-        worker=worker,
-        extra_callbacks=extra_callbacks,
-    )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        run_worker(study, objective, catch=CATCH, deadline=deadline, poll_s=POLL_S, on_stale=on_stale)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
