@@ -22,7 +22,7 @@ from bigmodel_ops.cli import main
 from bigmodel_ops.pipeline._tuning import JOURNAL_FILE
 from bigmodel_ops.pipeline.tune import name_of_study
 from bigmodel_ops.tuning.storage import HEARTBEAT_ATTR, open_storage, reap_stale_trials
-from bigmodel_ops.tuning.workers import fill_queue, run_worker
+from bigmodel_ops.tuning.workers import _pop_waiting, fill_queue, run_worker
 from tests.helpers_finetune import make_project
 
 HEARTBEAT, GRACE = 1, 3
@@ -60,6 +60,15 @@ def _start(journal: Path, tag: str, hold_s: float, results: Path) -> multiproces
     return process
 
 
+def _pop_all(journal: str, tag: str, results: str) -> None:
+    """A worker process that only takes queued trials (as run_worker does), as fast as it can."""
+    study = optuna.load_study(study_name="s", storage=_storage(Path(journal)))
+    taken = []
+    while (trial := _pop_waiting(study)) is not None:
+        taken.append(trial.number)
+    Path(results, f"{tag}.json").write_text(json.dumps(taken))
+
+
 def _new_study(journal: Path, n_trials: int) -> optuna.Study:
     study = optuna.create_study(study_name="s", storage=_storage(journal), direction="maximize")
     fill_queue(study, n_trials=n_trials)
@@ -91,6 +100,26 @@ def test_three_workers_run_exactly_the_requested_trials(tmp_path: Path, store: s
     assert len({t.user_attrs["worker"] for t in trials}) >= 2  # the work was shared
     # a second fill of a full study queues nothing
     assert fill_queue(study, n_trials=9) == {"done": 9, "running": 0, "waiting": 0, "enqueued": 0}
+
+
+@STORES
+def test_workers_taking_queued_trials_at_once_never_take_the_same_one(tmp_path: Path, store: str):
+    # Optuna hands out a WAITING trial by reading, then updating it; on sqlite the read is outside
+    # the update's transaction, and without the storage lock 3 such processes took 8 of 300
+    # trials twice.
+    journal = tmp_path / store
+    _new_study(journal, n_trials=300)
+    context = multiprocessing.get_context("spawn")
+    workers = [
+        context.Process(target=_pop_all, args=(str(journal), f"p{k}", str(tmp_path))) for k in range(3)
+    ]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=300)
+        assert worker.exitcode == 0
+    taken = [n for k in range(3) for n in json.loads((tmp_path / f"p{k}.json").read_text())]
+    assert sorted(taken) == list(range(300))  # every trial taken, and by exactly one process
 
 
 @STORES

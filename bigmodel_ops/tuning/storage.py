@@ -34,6 +34,7 @@ from optuna.storages import BaseStorage, RDBStorage, RetryHeartbeatStaleTrialCal
 from optuna.storages._heartbeat import BaseHeartbeat
 from optuna.storages.journal import JournalFileBackend, JournalStorage
 from optuna.trial import FrozenTrial, TrialState
+from sqlalchemy.engine import make_url
 
 from bigmodel_ops.errors import ConfigError
 from bigmodel_ops.fsutil import flocked
@@ -157,14 +158,34 @@ def _engine_kwargs(url: str) -> dict[str, Any]:
 
 @contextlib.contextmanager
 def storage_lock(storage: BaseStorage) -> Iterator[None]:
-    """An exclusive lock between the processes of one machine that use this journal storage
-    (a no-op for RDB storages, whose database serialises concurrent updates itself)."""
-    if not isinstance(storage, HeartbeatJournalStorage):
+    """An exclusive lock between the processes of one machine that use this storage (see
+    :func:`lock_file`); a no-op for database servers, which serialise concurrent updates
+    themselves."""
+    lock_path = lock_file(storage)
+    if lock_path is None:
         yield
         return
-    lock_path = storage.path.with_name(storage.path.name + ".workers.lock")
     with flocked(lock_path):
         yield
+
+
+def lock_file(storage: BaseStorage) -> Path | None:
+    """The file that serialises this machine's workers on ``storage``: beside a journal file, or
+    beside an sqlite database. Optuna hands out a WAITING trial by reading its state, then updating
+    it; sqlite runs the read outside the update's transaction, so without this lock two processes
+    can both take the same trial. None for a database server (its ``SELECT ... FOR UPDATE`` holds
+    the row) and for an in-memory sqlite database (one process only)."""
+    if isinstance(storage, HeartbeatJournalStorage):
+        return storage.path.with_name(storage.path.name + ".workers.lock")
+    # A study wraps its RDBStorage in Optuna's cache (``_backend``).
+    rdb = storage if isinstance(storage, RDBStorage) else getattr(storage, "_backend", None)
+    if not isinstance(rdb, RDBStorage):
+        return None
+    url = make_url(rdb.url)
+    if url.get_backend_name() != "sqlite" or url.database in (None, "", ":memory:"):
+        return None
+    database = Path(url.database)
+    return database.with_name(database.name + ".workers.lock")
 
 
 def reap_stale_trials(
