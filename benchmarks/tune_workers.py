@@ -179,12 +179,11 @@ def fresh_database(label: str) -> Iterator[str]:
 
 
 def _study_storage(storage_url: str | None, paths: Any) -> Any:
-    from bigmodel_ops.pipeline import tune
     from bigmodel_ops.tuning.storage import open_storage
 
     return open_storage(
         storage_url,
-        journal=paths.tune_dir / tune.JOURNAL_FILE,
+        journal=paths.tune_journal,
         heartbeat_interval=5,
         grace_period=30,
         max_retry=2,
@@ -200,7 +199,7 @@ def tune_once(
     from bigmodel_ops.config import parse_params
     from bigmodel_ops.pipeline import tune
 
-    (paths.tune_dir / tune.JOURNAL_FILE).unlink(missing_ok=True)
+    paths.tune_journal.unlink(missing_ok=True)
     variant = parse_params(copy.deepcopy(raw))
     t0 = time.perf_counter()
     report = tune.run(variant, paths=paths, quiet=True, workers=workers, storage=storage_url)

@@ -136,12 +136,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             export_hf(ProjectPaths(), out=args.out)
             return 0
         if args.command == "dashboard":
-            from bigmodel_ops.pipeline.tune import JOURNAL_FILE
             from bigmodel_ops.tuning.dashboard import run_dashboard
 
             return run_dashboard(
                 url=args.storage if args.storage is not None else params.tune.storage,
-                journal=ProjectPaths().tune_dir / JOURNAL_FILE,
+                journal=ProjectPaths().tune_journal,
                 host=args.host,
                 port=args.port,
                 setting="--storage" if args.storage is not None else "tune.storage",

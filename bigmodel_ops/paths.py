@@ -73,6 +73,11 @@ class ProjectPaths:
         return self.tune_dir / "best_params.yaml"
 
     @property
+    def tune_journal(self) -> Path:
+        """The study's journal file when no ``tune.storage`` URL is given."""
+        return self.tune_dir / "study.journal"
+
+    @property
     def tune_report(self) -> Path:
         return self.outputs / "metrics" / "tune.json"
 

@@ -14,7 +14,6 @@ from mlflow.tracking import MlflowClient
 
 from bigmodel_ops.cli import main
 from bigmodel_ops.config import parse_params
-from bigmodel_ops.pipeline.tune import JOURNAL_FILE
 from bigmodel_ops.pipeline.tune import name_of_study as study_name
 from bigmodel_ops.pipeline.tune import run as run_tune
 from bigmodel_ops.tuning.study import study_summary
@@ -24,7 +23,7 @@ from tests.helpers_finetune import make_project, tiny_params
 def _journal_study(params, paths) -> optuna.Study:
     from optuna.storages.journal import JournalFileBackend, JournalStorage
 
-    storage = JournalStorage(JournalFileBackend(str(paths.tune_dir / JOURNAL_FILE)))
+    storage = JournalStorage(JournalFileBackend(str(paths.tune_journal)))
     return optuna.load_study(study_name=study_name(params, paths), storage=storage)
 
 
@@ -44,7 +43,7 @@ def test_tune_study_nested_runs_resume_and_pruning(tmp_path: Path, monkeypatch, 
     study = _journal_study(params, paths)
     states = [t.state for t in study.trials]
     assert states == [optuna.trial.TrialState.COMPLETE] * 2
-    assert (paths.tune_dir / JOURNAL_FILE).is_file()
+    assert paths.tune_journal.is_file()
     best = yaml.safe_load(paths.best_params.read_text())
     assert set(best) == {"lr", "dropout", "weight_decay", "batch_size", "value", "trial"}
     assert best["trial"] == study.best_trial.number and best["value"] == study.best_value
@@ -142,7 +141,7 @@ def test_tune_with_no_completed_trial_fails_and_writes_nothing(tmp_path: Path, m
     assert code == 2
     assert "no trial of study" in err and "1 pruned" in err and "best_params.yaml was not written" in err
     assert not paths.best_params.exists() and not paths.tune_report.exists()
-    assert (paths.tune_dir / JOURNAL_FILE).is_file()  # finished (pruned) trials are kept for the next run
+    assert paths.tune_journal.is_file()  # finished (pruned) trials are kept for the next run
     assert not [p for p in paths.tune_dir.iterdir() if p.name.startswith(".")]
 
 

@@ -15,7 +15,7 @@ import optuna
 import pytest
 import yaml
 
-from bigmodel_ops.pipeline.tune import JOURNAL_FILE
+from bigmodel_ops.paths import ProjectPaths
 from bigmodel_ops.tuning.storage import open_storage
 from tests.helpers_tracking import free_port, wait_http
 from tests.tiny import tiny_params
@@ -52,7 +52,7 @@ def test_dashboard_serves_the_study_and_its_trials(tmp_path: Path):
     root = tmp_path / "project"
     root.mkdir()
     (root / "params.yaml").write_text(yaml.safe_dump(tiny_params(), sort_keys=False))
-    _make_study(root / "outputs" / "tune" / JOURNAL_FILE)
+    _make_study(ProjectPaths(root=root).tune_journal)
     port = free_port()
     log_path = tmp_path / "dashboard.log"
     with log_path.open("wb") as log:

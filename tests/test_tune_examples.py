@@ -15,7 +15,6 @@ from mlflow.tracking import MlflowClient
 
 from bigmodel_ops.config import parse_params
 from bigmodel_ops.errors import ConfigError
-from bigmodel_ops.pipeline._tuning import JOURNAL_FILE
 from bigmodel_ops.pipeline.tune import name_of_study
 from bigmodel_ops.pipeline.tune import run as run_tune
 from bigmodel_ops.tuning.pruning import StepPruningCallback, examples_report_steps
@@ -258,7 +257,7 @@ def test_examples_resources_reach_the_pruners():
 def _journal(paths):
     from optuna.storages.journal import JournalFileBackend, JournalStorage
 
-    return JournalStorage(JournalFileBackend(str(paths.tune_dir / JOURNAL_FILE)))
+    return JournalStorage(JournalFileBackend(str(paths.tune_journal)))
 
 
 def test_tune_stage_records_intermediate_values_keyed_by_examples(

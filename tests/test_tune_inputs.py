@@ -15,13 +15,13 @@ import yaml
 
 from bigmodel_ops.cli import main
 from bigmodel_ops.config import parse_params
-from bigmodel_ops.pipeline._tuning import JOURNAL_FILE, storage_for
+from bigmodel_ops.pipeline._tuning import storage_for
 from bigmodel_ops.pipeline.tune import direction_of, name_of_study
 from tests.helpers_finetune import make_project, make_texts, write_split
 
 
 def _no_trials(paths) -> None:
-    journal = paths.tune_dir / JOURNAL_FILE
+    journal = paths.tune_journal
     if journal.exists():
         for summary in optuna.get_all_study_summaries(
             optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(journal)))

@@ -7,7 +7,6 @@ from pathlib import Path
 import optuna
 from mlflow.tracking import MlflowClient
 
-from bigmodel_ops.pipeline._tuning import JOURNAL_FILE
 from bigmodel_ops.pipeline.tune import name_of_study
 from bigmodel_ops.pipeline.tune import run as run_tune
 from tests.helpers_finetune import make_project
@@ -25,7 +24,7 @@ def _journal(paths):
     """The stage's journal storage of the study."""
     from optuna.storages.journal import JournalFileBackend, JournalStorage
 
-    return JournalStorage(JournalFileBackend(str(paths.tune_dir / JOURNAL_FILE)))
+    return JournalStorage(JournalFileBackend(str(paths.tune_journal)))
 
 
 def test_pruner_stops_a_diverging_trial_before_its_budget(tmp_path: Path, monkeypatch, mlflow_store: str):

@@ -19,7 +19,6 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from bigmodel_ops.cli import main
-from bigmodel_ops.pipeline._tuning import JOURNAL_FILE
 from bigmodel_ops.pipeline.tune import name_of_study
 from bigmodel_ops.tuning.storage import HEARTBEAT_ATTR, open_storage, reap_stale_trials
 from bigmodel_ops.tuning.workers import _pop_waiting, fill_queue, run_worker
@@ -174,7 +173,7 @@ def test_tune_with_two_workers_through_the_cli(tmp_path: Path, monkeypatch, mlfl
     )
     assert main(["tune", "--params", str(params_file), "--quiet", "--workers", "2"]) == 0
 
-    storage = _storage(paths.tune_dir / JOURNAL_FILE)
+    storage = _storage(paths.tune_journal)
     study = optuna.load_study(study_name=name_of_study(params, paths), storage=storage)
     trials = study.get_trials()
     assert [t.number for t in trials] == [0, 1, 2, 3]

@@ -40,8 +40,6 @@ from bigmodel_ops.tuning.workers import (
 
 _logger = logging.getLogger(__name__)
 
-JOURNAL_FILE = "study.journal"
-
 # A trial that runs out of memory or hits a numerical error fails alone; user errors
 # (BigModelOpsError) stop the stage.
 CATCH = (RuntimeError, FloatingPointError, NonFiniteObjective)
@@ -58,7 +56,7 @@ def storage_for(
     tune = params.tune
     return open_storage(
         url if url is not None else tune.storage,
-        journal=paths.tune_dir / JOURNAL_FILE,
+        journal=paths.tune_journal,
         heartbeat_interval=tune.heartbeat_interval_s,
         grace_period=tune.grace_period_s,
         max_retry=tune.max_retry,
