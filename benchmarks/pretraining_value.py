@@ -283,11 +283,12 @@ def probe(params: Any, paths: Any, splits: Any) -> dict[str, Any]:
 
 def run(args: argparse.Namespace, *, seed: int | None, keep: Path | None) -> dict[str, Any]:
     """The whole comparison on one seed's split (``seed`` None: the params' ``project.seed``)."""
-    from bigmodel_ops.classification.inputs import load_splits, read_labeled_split
+    from bigmodel_ops.classification.inputs import read_labeled_split
     from bigmodel_ops.contract import WEIGHTS_FILE
     from bigmodel_ops.fsutil import sha256_file
     from bigmodel_ops.paths import ProjectPaths
     from bigmodel_ops.pipeline import prepare, pretrain, tokenize
+    from bigmodel_ops.pipeline._finetuning import stage_splits
 
     t_start = time.perf_counter()
     data = Path(args.data).resolve()
@@ -349,15 +350,7 @@ def run(args: argparse.Namespace, *, seed: int | None, keep: Path | None) -> dic
             f"({seconds_pretrain:.0f}s)"
         )
 
-        splits = load_splits(
-            prepared=paths.prepared,
-            model_dir=paths.pretrained_model,
-            labels=params.prepare.labels,
-            max_length=params.finetune.max_length,
-            truncation=params.finetune.truncation,
-            head_tokens=params.finetune.head_tokens,
-            splits=("train", "val", "test"),
-        )
+        splits = stage_splits(params, paths, splits=("train", "val", "test"))
         test = read_labeled_split(paths.prepared / "test.parquet", params.prepare.labels)
         log("fine-tune (same recipe and budget):")
         results = {

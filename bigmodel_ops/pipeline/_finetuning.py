@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+from bigmodel_ops.classification.inputs import TokenizedSplit, load_splits
 from bigmodel_ops.classification.training import FitConfig, HyperParams
 from bigmodel_ops.config import Params
+from bigmodel_ops.paths import ProjectPaths
 from bigmodel_ops.trainer import resolve_precision
 
 
@@ -26,3 +30,21 @@ def hyperparams(params: Params) -> HyperParams:
     """Every fine-tuning setting of ``params.finetune`` (a trial or best_params.yaml overrides
     some of them with :meth:`HyperParams.override`)."""
     return HyperParams.from_dict(params.finetune.model_dump(mode="json"))
+
+
+def stage_splits(
+    params: Params, paths: ProjectPaths, *, splits: Sequence[str] = ("train", "val")
+) -> dict[str, TokenizedSplit]:
+    """The prepared ``splits`` tokenised with the pretrained model's tokenizer as fine-tuning reads
+    them (``finetune.max_length`` / ``truncation`` / ``head_tokens``); the errors of
+    :func:`~bigmodel_ops.classification.inputs.load_splits`."""
+    finetune = params.finetune
+    return load_splits(
+        prepared=paths.prepared,
+        model_dir=paths.pretrained_model,
+        labels=params.prepare.labels,
+        max_length=finetune.max_length,
+        truncation=finetune.truncation,
+        head_tokens=finetune.head_tokens,
+        splits=splits,
+    )

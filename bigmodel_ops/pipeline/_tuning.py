@@ -21,11 +21,10 @@ from typing import Any
 import optuna
 import torch
 
-from bigmodel_ops.classification.inputs import load_splits
 from bigmodel_ops.config import Params, parse_params
 from bigmodel_ops.paths import ProjectPaths
 from bigmodel_ops.pipeline._common import setup_logging
-from bigmodel_ops.pipeline._finetuning import fit_config, hyperparams
+from bigmodel_ops.pipeline._finetuning import fit_config, hyperparams, stage_splits
 from bigmodel_ops.tuning.checks import check_classes, check_searchable_models, check_vocabulary
 from bigmodel_ops.tuning.pruning import NonFiniteObjective
 from bigmodel_ops.tuning.storage import open_storage
@@ -73,14 +72,7 @@ def tracking_client(params: Params) -> Any:
 
 def check_inputs(params: Params, paths: ProjectPaths) -> tuple[dict, Any]:
     """(splits, base hyperparameters) after every check that needs no study."""
-    splits = load_splits(
-        prepared=paths.prepared,
-        model_dir=paths.pretrained_model,
-        labels=params.prepare.labels,
-        max_length=params.finetune.max_length,
-        truncation=params.finetune.truncation,
-        head_tokens=params.finetune.head_tokens,
-    )
+    splits = stage_splits(params, paths)
     check_vocabulary(paths.pretrained_model)
     check_classes(splits["train"], params.prepare.labels, source=paths.prepared / "train.parquet")
     base = hyperparams(params)

@@ -42,7 +42,7 @@ import yaml
 
 from bigmodel_ops.classification.class_weights import class_weight_tensor
 from bigmodel_ops.classification.export import save_classifier
-from bigmodel_ops.classification.inputs import effective_max_length, load_splits
+from bigmodel_ops.classification.inputs import effective_max_length
 from bigmodel_ops.classification.training import HyperParams, fit_classifier, trainable_parameters
 from bigmodel_ops.config import Params
 from bigmodel_ops.contract import CONTROL_FILE, TOKENIZER_FILE, check_model_dir
@@ -53,7 +53,7 @@ from bigmodel_ops.fsutil import publish, write_json_atomic
 from bigmodel_ops.model import read_exported_config
 from bigmodel_ops.paths import ProjectPaths
 from bigmodel_ops.pipeline._common import stage_run
-from bigmodel_ops.pipeline._finetuning import fit_config, hyperparams
+from bigmodel_ops.pipeline._finetuning import fit_config, hyperparams, stage_splits
 from bigmodel_ops.serving import MODEL_ARTIFACT_PATH, log_pyfunc_model
 from bigmodel_ops.trainer import MetricsCallback
 
@@ -116,14 +116,7 @@ def run(
     # here, before the run starts.
     n_trainable, n_total = _check_setup(fit, hparams, paths)
     max_length = effective_max_length(params.finetune.max_length, backbone_config)
-    splits = load_splits(
-        prepared=paths.prepared,
-        model_dir=paths.pretrained_model,
-        labels=params.prepare.labels,
-        max_length=params.finetune.max_length,
-        truncation=params.finetune.truncation,
-        head_tokens=params.finetune.head_tokens,
-    )
+    splits = stage_splits(params, paths)
     # balanced class weights need every class in the train split: DataError naming the setting
     class_weight_tensor(hparams.class_weights, splits["train"].labels, fit.num_labels)
     with stage_run(params, "finetune", system_metrics=True) as run:
