@@ -54,23 +54,17 @@ def find_project_root() -> Path | None:
     return next((p for p in candidates if (p / "dvc.yaml").is_file() and (p / "params.yaml").is_file()), None)
 
 
-def _file_key(path: Path) -> tuple[int, int]:
+def read_yaml(path: Path) -> Any:
+    """The parsed file (None when missing), cached until its (mtime, size) change."""
     try:
         st = path.stat()
     except OSError:
-        return (-1, -1)
-    return (st.st_mtime_ns, st.st_size)
-
-
-def read_yaml(path: Path) -> Any:
-    """The parsed file (None when missing), cached until its (mtime, size) change."""
-    return _read_yaml_cached(str(path), *_file_key(path))
+        return None
+    return _read_yaml_cached(str(path), st.st_mtime_ns, st.st_size)
 
 
 @functools.lru_cache(maxsize=64)
-def _read_yaml_cached(path: str, mtime: int, _size: int) -> Any:
-    if mtime < 0:
-        return None
+def _read_yaml_cached(path: str, _mtime: int, _size: int) -> Any:
     try:
         return yaml.safe_load(Path(path).read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as error:

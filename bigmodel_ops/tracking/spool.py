@@ -96,26 +96,19 @@ class Spool:
         paths = [self._file(r, suffix) for r in self.pending() for suffix in (".replaying", "")]
         return sum(max(0, len(_read_records(p)) - _done(p)) for p in paths if p.exists())
 
-    def _claim(self, run_id: str) -> Path | None:
-        """The run's ``.replaying`` file (the one a cut replay left, else its file renamed), if any."""
-        replaying = self._file(run_id, ".replaying")
-        with self._lock():
-            if not replaying.exists():
-                if not self._file(run_id).exists():
-                    return None
-                os.replace(self._file(run_id), replaying)
-        return replaying
-
     def replay(self, run_id: str, send: Callable[[str, dict[str, Any]], None]) -> int:
         """Send the records of one run with ``send(run_id, record)``; returns how many were sent.
 
         ``send`` raises on an outage: the replay stops there and resumes later from the same
         record. It runs twice when new records arrived while the first batch was being sent.
         """
-        sent = 0
+        sent, path = 0, self._file(run_id, ".replaying")
         for _ in range(2):
-            if (path := self._claim(run_id)) is None:
-                break
+            with self._lock():  # claim the file a cut replay left, else the run's file renamed
+                if not path.exists():
+                    if not self._file(run_id).exists():
+                        break
+                    os.replace(self._file(run_id), path)
             records = _read_records(path)
             for index in range(_done(path), len(records)):
                 if records[index].get("op") != "meta":
@@ -124,7 +117,7 @@ class Spool:
                 path.with_suffix(".done").write_text(str(index + 1))
             path.unlink()
             path.with_suffix(".done").unlink(missing_ok=True)
-        if not self._file(run_id).exists() and not self._file(run_id, ".replaying").exists():
+        if not self._file(run_id).exists() and not path.exists():
             shutil.rmtree(self.directory / f"{run_id}.files", ignore_errors=True)
         return sent
 

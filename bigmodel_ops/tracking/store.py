@@ -205,20 +205,23 @@ class StoreLink:
                     )
                 self.apply(real, record)
             elif run_id not in self.spool.ids:
-                tags = dict(record.get("tags") or {})
-                if tags.get("mlflow.parentRunId"):
-                    tags["mlflow.parentRunId"] = self.resolve(tags["mlflow.parentRunId"])
-                experiment_id = record.get("experiment_id") or ensure_experiment(
-                    self.client, record["experiment_name"], record.get("artifact_location")
-                )
-                start, name = record.get("start_time"), record.get("run_name")
-                created = self.client.create_run(experiment_id, start_time=start, tags=tags, run_name=name)
-                self.spool.record_id(run_id, created.info.run_id)
+                self.spool.record_id(run_id, self.create(record))
         except Exception as error:
             if is_outage(error):
                 raise
             # The server refused it as invalid: replaying again would fail the same way.
             self.warn(f"skipping spooled {record.get('op')} record of run {run_id}: {error}", RuntimeWarning)
+
+    def create(self, record: dict[str, Any]) -> str:
+        """Create the run a ``create`` record describes (its parent's placeholder resolved); its id."""
+        tags = dict(record.get("tags") or {})
+        if tags.get("mlflow.parentRunId"):
+            tags["mlflow.parentRunId"] = self.resolve(tags["mlflow.parentRunId"])
+        experiment_id = record.get("experiment_id") or ensure_experiment(
+            self.client, record["experiment_name"], record.get("artifact_location")
+        )
+        start, name = record.get("start_time"), record.get("run_name")
+        return self.client.create_run(experiment_id, start_time=start, tags=tags, run_name=name).info.run_id
 
     def apply(self, real_id: str, record: dict[str, Any]) -> None:
         """Send one spool record other than ``create`` to the existing run ``real_id``."""

@@ -185,9 +185,7 @@ class LogSender(StoreLink):
     def log_artifact(self, run_id: str, local: Path, artifact_path: str | None) -> None:
         """Upload a file or folder now; during an outage copy it into the spool."""
         if self.reachable(run_id):
-            upload = self.client.log_artifacts if local.is_dir() else self.client.log_artifact
-            with self.on_outage_go_offline():
-                return upload(self.resolve(run_id), str(local), artifact_path)
+            return self.call(run_id, {"op": "artifact", "file": str(local), "artifact_path": artifact_path})
         self.spool.add_artifact(run_id, local, artifact_path)
 
     def experiment_id(self, name: str, artifact_location: str | None) -> str | None:
@@ -200,15 +198,16 @@ class LogSender(StoreLink):
     def create_run(self, experiment: str, artifact_location: str | None, tags: dict[str, str]) -> str:
         """Create the run named by tag ``mlflow.runName`` now, or (server down, or a parent not
         created yet) spool its creation and return a placeholder id."""
-        start, run_name = int(time.time() * 1000), tags.get("mlflow.runName")
-        experiment_id = self.experiment_id(experiment, artifact_location)
+        start, experiment_id = int(time.time() * 1000), self.experiment_id(experiment, artifact_location)
+        record = {"op": "create", "experiment_id": experiment_id, "experiment_name": experiment, "tags": tags}
+        record.update(
+            artifact_location=artifact_location, run_name=tags.get("mlflow.runName"), start_time=start
+        )
         parent = tags.get("mlflow.parentRunId")  # a placeholder parent: replay resolves it
         if experiment_id is not None and self.reachable() and not is_offline_id(parent):
             with self.on_outage_go_offline():
-                return self.client.create_run(experiment_id, start, tags, run_name).info.run_id
+                return self.create(record)
         placeholder = new_offline_id()
-        record = {"op": "create", "experiment_id": experiment_id, "experiment_name": experiment, "tags": tags}
-        record.update(artifact_location=artifact_location, run_name=run_name, start_time=start)
         self.spool.append(placeholder, record)
         return placeholder
 
