@@ -76,12 +76,10 @@ def find_or_create_parent(
                 parent_tags[STAGE_FROM_TAG + stage] = str(entry.get("pipeline_id"))
         run = client.create_run(experiment_id, tags=parent_tags, run_name=f"pipeline-{pipeline_id}")
         ours = run.info.run_id
-        found = _search(client, experiment_id, pipeline_id)
-        winner = found[0].info.run_id if found else ours
+        winner = next((r.info.run_id for r in _search(client, experiment_id, pipeline_id)), ours)
         if winner != ours:
             client.delete_run(ours)  # another machine won the race
-            return winner, False
-        return ours, True
+        return winner, winner == ours
 
 
 def mark_stage_done(
