@@ -185,7 +185,9 @@ class LogSender(StoreLink):
     def log_artifact(self, run_id: str, local: Path, artifact_path: str | None) -> None:
         """Upload a file or folder now; during an outage copy it into the spool."""
         if self.reachable(run_id):
-            return self.call(run_id, {"op": "artifact", "file": str(local), "artifact_path": artifact_path})
+            upload = self.client.log_artifacts if local.is_dir() else self.client.log_artifact
+            with self.on_outage_go_offline():
+                return upload(self.resolve(run_id), str(local), artifact_path)
         self.spool.add_artifact(run_id, local, artifact_path)
 
     def experiment_id(self, name: str, artifact_location: str | None) -> str | None:
