@@ -138,25 +138,13 @@ def count_parameters(model: Any) -> int:
 
 def new_trainee(name: str, model: Any, *, loss: Any, pretrain: Any, total_steps: int, device: Any) -> Trainee:
     """``model`` on ``device`` with the pretrain stage's optimizer and LR schedule."""
-    import torch
 
-    from bigmodel_ops.model import parameter_groups
-    from bigmodel_ops.pretraining.lm_module import _LRLambda
+    from bigmodel_ops.pipeline.pretrain import optim_config
+    from bigmodel_ops.pretraining.lm_module import build_optimizer
 
     model = model.to(device).train()
-    optimizer = torch.optim.AdamW(
-        parameter_groups(model, weight_decay=pretrain.weight_decay),
-        lr=pretrain.lr,
-        betas=(pretrain.beta1, pretrain.beta2),
-        fused=device.type == "cuda",
-    )
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        _LRLambda(
-            warmup_steps=pretrain.warmup_steps,
-            total_steps=total_steps,
-            min_ratio=pretrain.min_lr / pretrain.lr,
-        ),
+    optimizer, schedule = build_optimizer(
+        model, optim_config(pretrain), total_steps=total_steps, device=device
     )
     return Trainee(name=name, model=model, optimizer=optimizer, schedule=schedule, loss=loss)
 

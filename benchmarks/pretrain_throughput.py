@@ -44,10 +44,10 @@ import lightning.pytorch as pl  # noqa: E402
 from lightning.pytorch.callbacks import Callback  # noqa: E402
 
 from benchmarks._project import make_shards  # noqa: E402
-from bigmodel_ops.model import PRESETS, TransformerLM, config_from_preset, parameter_groups  # noqa: E402
+from bigmodel_ops.model import PRESETS, TransformerLM, config_from_preset  # noqa: E402
 from bigmodel_ops.pretraining.data import DataSpec, ResumableBatchLoader, TokenStream, TrainBatches  # noqa: E402
 from bigmodel_ops.pretraining.flops import cuda_device_name, mfu, peak_flops, training_flops_per_token  # noqa: E402
-from bigmodel_ops.pretraining.lm_module import LMModule, OptimConfig, _LRLambda  # noqa: E402
+from bigmodel_ops.pretraining.lm_module import LMModule, OptimConfig, build_optimizer  # noqa: E402
 from bigmodel_ops.shards import ShardIndex  # noqa: E402
 from bigmodel_ops.trainer import MetricsCallback, build_trainer, configure_torch  # noqa: E402
 
@@ -144,16 +144,7 @@ def run_lightning(module, loader, args, *, sink, log_every, tokens_per_step, flo
 
 def run_plain(model, loader, args, *, tokens_per_step: int, optim: OptimConfig) -> dict:
     device = torch.device(args.device)
-    opt = torch.optim.AdamW(
-        parameter_groups(model, weight_decay=optim.weight_decay),
-        lr=optim.lr,
-        betas=(optim.beta1, optim.beta2),
-        fused=device.type == "cuda",
-    )
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt,
-        _LRLambda(warmup_steps=optim.warmup_steps, total_steps=args.steps, min_ratio=optim.min_lr / optim.lr),
-    )
+    opt, sched = build_optimizer(model, optim, total_steps=args.steps, device=device)
     autocast = (
         torch.autocast("cuda", dtype=torch.bfloat16)
         if args.precision.startswith("bf16")

@@ -37,6 +37,7 @@ import numpy as np
 from lightning.pytorch import seed_everything
 
 from bigmodel_ops.config import Params, flatten
+from bigmodel_ops.config.sections import PretrainParams
 from bigmodel_ops.fsutil import write_json_atomic
 from bigmodel_ops.model import ModelConfig, config_from_preset
 from bigmodel_ops.paths import ProjectPaths
@@ -110,6 +111,18 @@ def build_model_config(params: Params, *, vocab_size: int) -> ModelConfig:
         dropout=m.dropout,
         bias=m.bias,
         alibi=m.alibi if m.alibi is not None else m.objective == "masked",
+    )
+
+
+def optim_config(pre: PretrainParams) -> OptimConfig:
+    """The optimizer settings of the ``pretrain`` section (AdamW, warmup + cosine to ``min_lr``)."""
+    return OptimConfig(
+        lr=pre.lr,
+        min_lr=pre.min_lr,
+        warmup_steps=pre.warmup_steps,
+        weight_decay=pre.weight_decay,
+        beta1=pre.beta1,
+        beta2=pre.beta2,
     )
 
 
@@ -236,14 +249,7 @@ def fit(
     sizing, pre = params.sizing, params.pretrain
     module = LMModule(
         inputs.config,
-        OptimConfig(
-            lr=pre.lr,
-            min_lr=pre.min_lr,
-            warmup_steps=pre.warmup_steps,
-            weight_decay=pre.weight_decay,
-            beta1=pre.beta1,
-            beta2=pre.beta2,
-        ),
+        optim_config(pre),
         total_steps=inputs.max_steps,
         compile=sizing.compile,
         meta={

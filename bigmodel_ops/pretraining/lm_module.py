@@ -118,6 +118,29 @@ class _LRLambda:
         )
 
 
+def build_optimizer(
+    model: nn.Module, optim: OptimConfig, *, total_steps: int, device: torch.device
+) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
+    """The pretrain stage's optimizer for ``model``: AdamW over :func:`parameter_groups` (weight decay
+    on matrices only, never embeddings, norms or biases) and the warmup + cosine schedule of
+    :func:`lr_factor` over ``total_steps``, to be stepped once per optimizer step. ``optim.fused``
+    None means fused on CUDA and the for-each path elsewhere."""
+    fused = optim.fused if optim.fused is not None else device.type == "cuda"
+    optimizer = torch.optim.AdamW(
+        parameter_groups(model, weight_decay=optim.weight_decay),
+        lr=optim.lr,
+        betas=(optim.beta1, optim.beta2),
+        fused=fused,
+    )
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        _LRLambda(
+            warmup_steps=optim.warmup_steps, total_steps=total_steps, min_ratio=optim.min_lr / optim.lr
+        ),
+    )
+    return optimizer, schedule
+
+
 def _rng_state() -> dict[str, Any]:
     np_state = np.random.get_state()
     state: dict[str, Any] = {
@@ -301,17 +324,9 @@ class LMModule(pl.LightningModule):
     # -- optimizer -------------------------------------------------------------------------
 
     def configure_optimizers(self) -> dict[str, Any]:
-        o = self.optim
-        fused = o.fused if o.fused is not None else self.device.type == "cuda"
-        optimizer = torch.optim.AdamW(
-            parameter_groups(self, weight_decay=o.weight_decay),  # generator and RTD head too
-            lr=o.lr,
-            betas=(o.beta1, o.beta2),
-            fused=fused,
-        )
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer,
-            _LRLambda(warmup_steps=o.warmup_steps, total_steps=self.total_steps, min_ratio=o.min_lr / o.lr),
+        # Over the whole module: the generator and the RTD head too.
+        optimizer, schedule = build_optimizer(
+            self, self.optim, total_steps=self.total_steps, device=self.device
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
