@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import copy
 import importlib.util
-import subprocess
-import sys
 from pathlib import Path
+
+from tests.helpers_benchmarks import run_benchmark
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "hpo_pruning.py"
@@ -43,12 +43,7 @@ def test_unpruned_key_ignores_pruner_settings_and_follows_everything_else() -> N
 
 
 def test_reuse_unpruned_needs_keep() -> None:
-    result = subprocess.run(
-        [sys.executable, str(SCRIPT), "--quick", "--reuse-unpruned"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = run_benchmark(SCRIPT, "--quick", "--reuse-unpruned", cwd=Path.cwd(), timeout=120)
     assert result.returncode == 2
     assert "--reuse-unpruned needs --keep" in result.stderr
 

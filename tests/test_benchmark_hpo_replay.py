@@ -8,10 +8,8 @@ callback does: at the steps of examples_report_steps, keyed by examples seen.
 
 from __future__ import annotations
 
-import json
 import math
 import subprocess
-import sys
 from pathlib import Path
 
 import optuna
@@ -21,6 +19,7 @@ import yaml
 from bigmodel_ops.config import parse_params
 from bigmodel_ops.tuning.pruning import examples_report_steps
 from bigmodel_ops.tuning.study import make_pruner
+from tests.helpers_benchmarks import json_summary, run_benchmark
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "hpo_replay.py"
@@ -97,9 +96,7 @@ def _tune(setting: str):
 
 
 def _replay(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=120, cwd=REPO
-    )
+    return run_benchmark(SCRIPT, *args, cwd=REPO, timeout=120)
 
 
 @pytest.fixture(autouse=True)
@@ -126,8 +123,7 @@ def test_replay_equals_the_real_pruned_search(tmp_path: Path) -> None:
     unpruned = _search(f"sqlite:///{tmp_path / 'unpruned.db'}", optuna.pruners.NopPruner())
     total = sum(t.user_attrs["optimizer_steps"] for t in unpruned.trials)
     result = _replay("--study", f"sqlite:///{tmp_path / 'unpruned.db'}", *[f"--try={s}" for s in SETTINGS])
-    assert result.returncode == 0, result.stderr
-    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    summary, _ = json_summary(result)
     assert summary["unpruned_steps"] == total
     assert summary["unpruned_best"] == pytest.approx(unpruned.best_value)
 
@@ -151,8 +147,7 @@ def test_replay_on_the_examples_axis_equals_the_real_search_that_reported_exampl
     assert f"--try {EXAMPLE_SETTINGS[1]}: Hyperband on the examples axis" in unnamed.stderr
     assert "--examples-study-name" in unnamed.stderr
     result = _replay("--study", unpruned_storage, *tries, "--examples-study-name", examples_name)
-    assert result.returncode == 0, result.stderr
-    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    summary, _ = json_summary(result)
 
     pruned_something = False
     for index, (setting, replayed) in enumerate(zip(EXAMPLE_SETTINGS, summary["settings"], strict=True)):

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import importlib.util
-import json
 import math
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from tests.helpers_benchmarks import json_summary, run_benchmark
 from tests.test_benchmark_pretraining_value import write_tiny_csv
 
 pytest.importorskip(
@@ -46,16 +45,9 @@ def test_bert_reads_the_same_targets_at_the_same_positions() -> None:
 
 def test_quick_run_trains_both_models_on_the_same_budget(tmp_path: Path) -> None:
     data = write_tiny_csv(tmp_path / "tiny.csv")
-    result = subprocess.run(
-        [sys.executable, str(SCRIPT), "--data", str(data), "--quick"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=600,  # a loaded shared machine: about 20 s when idle
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    lines = result.stdout.strip().splitlines()
-    s = json.loads(lines[-1])
+    # timeout: a loaded shared machine; about 20 s when idle
+    result = run_benchmark(SCRIPT, "--data", str(data), "--quick", cwd=tmp_path, timeout=600)
+    s, lines = json_summary(result)
     assert s["steps"] == 6 and s["eval_steps"] == [0, 3, 6] and s["quick"] is True
     assert s["tokens"] == 6 * s["tokens_per_step"] == 6 * s["batch_size"] * s["block_size"]
     for name in ("ours", "hf"):
@@ -78,12 +70,6 @@ def test_quick_run_trains_both_models_on_the_same_budget(tmp_path: Path) -> None
 
 def test_a_missing_data_file_is_refused_by_name(tmp_path: Path) -> None:
     missing = tmp_path / "no-such.csv"
-    result = subprocess.run(
-        [sys.executable, str(SCRIPT), "--data", str(missing), "--quick"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = run_benchmark(SCRIPT, "--data", str(missing), "--quick", cwd=tmp_path, timeout=120)
     assert result.returncode != 0 and str(missing) in result.stderr, result.stderr
     assert not result.stdout.strip()

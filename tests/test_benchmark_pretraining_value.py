@@ -5,11 +5,8 @@ from __future__ import annotations
 import csv
 import hashlib
 import importlib.util
-import json
 import logging
 import random
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +14,7 @@ import pytest
 
 from bigmodel_ops.errors import ConfigError
 from bigmodel_ops.paths import ProjectPaths
+from tests.helpers_benchmarks import json_summary, run_benchmark
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "pretraining_value.py"
@@ -122,17 +120,9 @@ def test_set_overrides_a_setting_of_every_variant_and_refuses_a_bad_key(tmp_path
 @pytest.mark.slow
 def test_quick_run_prints_the_json_summary_last(tmp_path: Path) -> None:
     data = write_tiny_csv(tmp_path / "tiny.csv")
-    result = subprocess.run(
-        [sys.executable, str(SCRIPT), "--data", str(data), "--quick", "--objective", "masked"]
-        + ["--set", "profiles.max_steps=6"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=600,  # a loaded shared machine: about 40 s when idle
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    lines = result.stdout.strip().splitlines()
-    summary = json.loads(lines[-1])
+    args = ["--data", str(data), "--quick", "--objective", "masked", "--set", "profiles.max_steps=6"]
+    # timeout: a loaded shared machine; about 40 s when idle
+    summary, lines = json_summary(run_benchmark(SCRIPT, *args, cwd=tmp_path, timeout=600))
     assert KEYS <= set(summary), sorted(KEYS - set(summary))
     for key in (
         "acc_pretrained",
@@ -222,17 +212,9 @@ def test_a_seed_named_twice_is_refused(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_quick_run_over_two_seeds_without_lora_reports_each_seed_and_the_means(tmp_path: Path) -> None:
     data = write_tiny_csv(tmp_path / "tiny.csv")
-    result = subprocess.run(
-        [sys.executable, str(SCRIPT), "--data", str(data), "--quick", "--skip-lora"]
-        + ["--seed", "5", "--seed", "6", "--keep", str(tmp_path / "kept")],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    lines = result.stdout.strip().splitlines()
-    summary = json.loads(lines[-1])
+    args = ["--data", str(data), "--quick", "--skip-lora", "--seed", "5", "--seed", "6"]
+    args += ["--keep", str(tmp_path / "kept")]
+    summary, lines = json_summary(run_benchmark(SCRIPT, *args, cwd=tmp_path, timeout=900))
     assert summary["seeds"] == [5, 6] and [run["seed"] for run in summary["per_seed"]] == [5, 6]
     assert not any("lora" in key for key in summary) and not any(
         "lora" in key for key in summary["per_seed"][0]
