@@ -8,8 +8,8 @@ LoRA and TF-IDF + logistic regression, on one split of a labelled CSV, in one pr
     python benchmarks/pretraining_value.py --data reviews.csv --seed 1337 --seed 2 --seed 3 --skip-lora
 
 In a temporary project folder (MLflow: a sqlite store in that folder, no system metrics), with the
-repo's params.yaml where only the source (the given CSV, no extra unlabeled text), the objective
-and the seed change, the pipeline's own stages run as library calls: prepare (one seeded,
+repo's params.yaml where only the source (the given CSV, plus ``--unlabeled`` text if given), the
+objective and the seed change, the pipeline's own stages run as library calls: prepare (one seeded,
 stratified train / val / test split), tokenize (WordPiece trained on the pretraining pool) and
 pretrain (the active profile's recipe; its val loss against the unigram entropy of the val shard).
 
@@ -132,6 +132,7 @@ def build_params(
     seed: int | None,
     tracking_uri: str,
     quick: bool,
+    unlabeled: Path | None = None,
     overrides: list[str] | None = None,
 ) -> Any:
     """The repo's params.yaml with the benchmark's source, objective and tracking, validated."""
@@ -141,7 +142,7 @@ def build_params(
     raw["prepare"]["source"].update(
         {"kind": "csv", "path": str(data), "text_column": text_column, "label_column": label_column}
     )
-    raw["prepare"]["source"]["unlabeled_path"] = None
+    raw["prepare"]["source"]["unlabeled_path"] = str(unlabeled) if unlabeled else None
     raw["model"]["objective"] = objective
     if seed is not None:
         raw["project"]["seed"] = seed
@@ -294,6 +295,9 @@ def run(args: argparse.Namespace, *, seed: int | None, keep: Path | None) -> dic
     data = Path(args.data).resolve()
     if not data.is_file():
         raise SystemExit(f"--data {args.data}: not a file")
+    unlabeled = Path(args.unlabeled).resolve() if args.unlabeled else None
+    if unlabeled is not None and not unlabeled.is_file():
+        raise SystemExit(f"--unlabeled {args.unlabeled}: not a file")
     with project_dir(keep, prefix="pretraining-value-") as root:
         corpus = "short" if args.short else "full"
         if args.short:
@@ -311,6 +315,7 @@ def run(args: argparse.Namespace, *, seed: int | None, keep: Path | None) -> dic
             seed=seed,
             tracking_uri=uri,
             quick=args.quick,
+            unlabeled=unlabeled,
             overrides=args.set,
         )
         paths = ProjectPaths(root)
@@ -401,6 +406,8 @@ def run(args: argparse.Namespace, *, seed: int | None, keep: Path | None) -> dic
         "seconds_probe": round(probes["seconds"], 1),
         "objective": args.objective,
         "corpus": corpus,
+        "unlabeled": unlabeled.name if unlabeled else None,
+        "n_pretrain_texts": int(rows["pretrain"]),
         "n_train": int(rows["train"]),
         "n_val": int(rows["val"]),
         "n_test": int(n_test),
@@ -533,6 +540,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--skip-lora", action="store_true", help="leave out (d): one fine-tuning less per seed"
+    )
+    parser.add_argument(
+        "--unlabeled",
+        metavar="PATH",
+        help="extra unlabeled text for pretraining, one document per line (prepare.source.unlabeled_path; "
+        "texts that are also in --data are dropped from it, so no test text enters pretraining twice)",
     )
     parser.add_argument("--text-column", default="review")
     parser.add_argument("--label-column", default="sentiment")

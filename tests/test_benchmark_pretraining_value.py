@@ -117,10 +117,46 @@ def test_set_overrides_a_setting_of_every_variant_and_refuses_a_bad_key(tmp_path
         bench.build_params(**common, overrides=["finetune.lrr=0.001"])
 
 
+def test_unlabeled_text_feeds_the_pretraining_pool_and_a_missing_file_is_refused(tmp_path: Path) -> None:
+    bench = _load_script()
+    data = write_tiny_csv(tmp_path / "tiny.csv", n=4)
+    pool = tmp_path / "pool.txt"
+    pool.write_text("One more review.\n", encoding="utf-8")
+    params = bench.build_params(
+        data=data,
+        text_column="review",
+        label_column="sentiment",
+        objective="masked",
+        seed=None,
+        tracking_uri="sqlite:///unused.db",
+        quick=False,
+        unlabeled=pool,
+    )
+    assert params.prepare.source.unlabeled_path == str(pool)
+    missing = tmp_path / "missing.txt"
+    with pytest.raises(SystemExit, match=rf"--unlabeled {missing}: not a file"):
+        bench.run(
+            bench.build_parser().parse_args(["--data", str(data), "--unlabeled", str(missing)]),
+            seed=None,
+            keep=None,
+        )
+
+
 @pytest.mark.slow
 def test_quick_run_prints_the_json_summary_last(tmp_path: Path) -> None:
     data = write_tiny_csv(tmp_path / "tiny.csv")
+    # Extra unlabeled text: three new documents, plus one review of the CSV that dedup must drop.
+    with data.open(newline="", encoding="utf-8") as f:
+        a_review = next(csv.DictReader(f))["review"]
+    extra = [
+        "An old print of a silent film.",
+        "The sequel came out in spring.",
+        "A long night at the cinema.",
+    ]
+    unlabeled = tmp_path / "pool.txt"
+    unlabeled.write_text("\n".join([*extra, a_review]) + "\n", encoding="utf-8")
     args = ["--data", str(data), "--quick", "--objective", "masked", "--set", "profiles.max_steps=6"]
+    args += ["--unlabeled", str(unlabeled)]
     # timeout: a loaded shared machine; about 40 s when idle
     summary, lines = json_summary(run_benchmark(SCRIPT, *args, cwd=tmp_path, timeout=600))
     assert KEYS <= set(summary), sorted(KEYS - set(summary))
@@ -137,6 +173,8 @@ def test_quick_run_prints_the_json_summary_last(tmp_path: Path) -> None:
     assert summary["unigram_entropy"] > 0 and summary["n_test"] > 0 and summary["test_se_points"] > 0
     assert summary["trainable_params_lora"] < summary["trainable_params_pretrained"]
     assert summary["pretrain_steps"] == 6 and summary["set"] == ["profiles.max_steps=6"]
+    assert summary["unlabeled"] == "pool.txt"
+    assert summary["n_pretrain_texts"] == summary["n_train"] + summary["n_val"] + len(extra)
     assert summary["seconds"] >= summary["seconds_pretrain"] > 0
     # The table is printed before the JSON; the project lived in a temporary folder, not here.
     assert any(line.startswith("(a) pretrained") for line in lines)
