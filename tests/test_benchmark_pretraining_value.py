@@ -97,10 +97,9 @@ def test_first_sentence_strips_markup_and_keeps_one_sentence(tmp_path: Path) -> 
     assert [r["sentiment"] for r in short] == ["positive", "negative", "positive", "negative"]
 
 
-def test_set_overrides_a_setting_of_every_variant_and_refuses_a_bad_key(tmp_path: Path) -> None:
-    bench = _load_script()
-    data = write_tiny_csv(tmp_path / "tiny.csv", n=4)
-    common = dict(
+def _params_args(data: Path) -> dict:
+    """build_params' arguments for the tiny CSV, without overrides or unlabeled text."""
+    return dict(
         data=data,
         text_column="review",
         label_column="sentiment",
@@ -109,6 +108,11 @@ def test_set_overrides_a_setting_of_every_variant_and_refuses_a_bad_key(tmp_path
         tracking_uri="sqlite:///unused.db",
         quick=False,
     )
+
+
+def test_set_overrides_a_setting_of_every_variant_and_refuses_a_bad_key(tmp_path: Path) -> None:
+    bench = _load_script()
+    common = _params_args(write_tiny_csv(tmp_path / "tiny.csv", n=4))
     params = bench.build_params(**common, overrides=["profiles.max_steps=2000", "finetune.lr=0.001"])
     assert params.sizing.max_steps == 2000 and params.finetune.lr == 0.001
     with pytest.raises(SystemExit, match=r"--set lr=0.001: expected SECTION.KEY=VALUE"):
@@ -122,16 +126,7 @@ def test_unlabeled_text_feeds_the_pretraining_pool_and_a_missing_file_is_refused
     data = write_tiny_csv(tmp_path / "tiny.csv", n=4)
     pool = tmp_path / "pool.txt"
     pool.write_text("One more review.\n", encoding="utf-8")
-    params = bench.build_params(
-        data=data,
-        text_column="review",
-        label_column="sentiment",
-        objective="masked",
-        seed=None,
-        tracking_uri="sqlite:///unused.db",
-        quick=False,
-        unlabeled=pool,
-    )
+    params = bench.build_params(**_params_args(data), unlabeled=pool)
     assert params.prepare.source.unlabeled_path == str(pool)
     missing = tmp_path / "missing.txt"
     with pytest.raises(SystemExit, match=rf"--unlabeled {missing}: not a file"):
