@@ -545,7 +545,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--unlabeled",
         metavar="PATH",
         help="extra unlabeled text for pretraining, one document per line (prepare.source.unlabeled_path; "
-        "texts that are also in --data are dropped from it, so no test text enters pretraining twice)",
+        "lines that are also texts of --data are dropped, so no test text enters pretraining; used as "
+        "given, also with --short)",
     )
     parser.add_argument("--text-column", default="review")
     parser.add_argument("--label-column", default="sentiment")
