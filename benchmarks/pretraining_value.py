@@ -59,6 +59,7 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
+import inspect
 import json
 import logging
 import math
@@ -265,6 +266,11 @@ def probe(params: Any, paths: Any, splits: Any) -> dict[str, Any]:
 
     from bigmodel_ops.model import TransformerLM, load_pretrained, read_exported_config
 
+    # scikit-learn >= 1.8 warns that the defaults of these will change; pinned to what the probe has
+    # always used (an L2 penalty, C chosen by accuracy). Older versions take none of them.
+    accepted = inspect.signature(LogisticRegressionCV).parameters
+    pinned = {"l1_ratios": (0.0,), "scoring": "accuracy", "use_legacy_attributes": False}
+    options = pinned if "use_legacy_attributes" in accepted else {}
     started = time.perf_counter()
     config, _ = read_exported_config(paths.pretrained_model)
     torch.manual_seed(params.project.seed)
@@ -274,7 +280,7 @@ def probe(params: Any, paths: Any, splits: Any) -> dict[str, Any]:
         train, test = (mean_hidden_states(model, splits[s].ids) for s in ("train", "test"))
         classifier = make_pipeline(
             StandardScaler(),
-            LogisticRegressionCV(Cs=8, cv=5, max_iter=5000, random_state=params.project.seed),
+            LogisticRegressionCV(Cs=8, cv=5, max_iter=5000, random_state=params.project.seed, **options),
         )
         classifier.fit(train, splits["train"].labels)
         result[name] = float(classifier.score(test, splits["test"].labels))

@@ -153,8 +153,11 @@ def test_quick_run_prints_the_json_summary_last(tmp_path: Path) -> None:
     args = ["--data", str(data), "--quick", "--objective", "masked", "--set", "profiles.max_steps=6"]
     args += ["--unlabeled", str(unlabeled)]
     # timeout: a loaded shared machine; about 40 s when idle
-    summary, lines = json_summary(run_benchmark(SCRIPT, *args, cwd=tmp_path, timeout=600))
+    result = run_benchmark(SCRIPT, *args, cwd=tmp_path, timeout=600)
+    summary, lines = json_summary(result)
     assert KEYS <= set(summary), sorted(KEYS - set(summary))
+    # A clean console: no dependency warns about its changing defaults (scikit-learn's probe did).
+    assert "FutureWarning" not in result.stderr and "DeprecationWarning" not in result.stderr, result.stderr
     for key in (
         "acc_pretrained",
         "acc_scratch",
