@@ -162,29 +162,84 @@ def build_params(
     return parse_params(raw, source="params.yaml (benchmark overrides)")
 
 
+_RESTART_KEYS = ("kept_restart", "restart_acc", "restart_val_acc")
+
+
 def finetune_variant(
     name: str, params: Any, paths: Any, splits: Any, test: tuple[list[str], Any], **changes: Any
 ):
-    """Fine-tune one variant with the params' recipe; export its best epoch, reload it, score TEST."""
-    from bigmodel_ops.classification.export import load_classifier, save_classifier
-    from bigmodel_ops.classification.inputs import effective_max_length
+    """Fine-tune one variant with the params' recipe (``finetune.restarts`` runs, the best by val
+    kept, as the finetune stage does); export each run's best epoch, reload it and score TEST."""
+    import dataclasses
+
+    from bigmodel_ops.classification.restarts import Restart, pick_best, restart_seed
     from bigmodel_ops.classification.training import fit_classifier, trainable_parameters
-    from bigmodel_ops.contract import TOKENIZER_FILE
-    from bigmodel_ops.model import read_exported_config
     from bigmodel_ops.pipeline._finetuning import fit_config, hyperparams
 
     started = time.perf_counter()
     hparams = hyperparams(params).replace(**changes) if changes else hyperparams(params)
     fit = fit_config(params)
-    module, trainer = fit_classifier(
-        fit, model_dir=paths.pretrained_model, splits=splits, hparams=hparams, quiet=True
+    tries, accs = [], []
+    for k in range(params.finetune.restarts):
+        seed = restart_seed(fit.seed, k)
+        module, trainer = fit_classifier(
+            dataclasses.replace(fit, seed=seed),
+            model_dir=paths.pretrained_model,
+            splits=splits,
+            hparams=hparams,
+            quiet=True,
+        )
+        n_trainable = trainable_parameters(module.model)
+        tries.append(
+            Restart(
+                index=k,
+                seed=seed,
+                val=dict(module.best_val),
+                best_epoch=int(module.best_epoch or 0),
+                epochs=int(trainer.current_epoch),
+                global_step=int(trainer.global_step),
+                stopped_early=bool(module.stopped_early),
+            )
+        )
+        # best epoch, adapters merged (as the finetune stage does)
+        accs.append(_test_accuracy(module.export_model().cpu(), f"{name}-{k}", params, paths, test))
+        del module, trainer
+        if params.finetune.restarts > 1:
+            log(
+                f"  {name:<10} restart {k} (seed {seed}): test acc {accs[-1]:.4f}  val acc {tries[-1].val_acc:.4f}"
+            )
+    kept = pick_best(tries)
+    best = tries[kept]
+    result = {
+        "acc": accs[kept],
+        "val_acc": best.val.get("val_acc", float("nan")),
+        "val_loss": best.val.get("val_loss", float("nan")),
+        "best_epoch": best.best_epoch,
+        "epochs": best.epochs,
+        "trainable_params": int(n_trainable),
+        "seconds": time.perf_counter() - started,
+    }
+    if len(tries) > 1:
+        result |= {
+            "kept_restart": kept,
+            "restart_acc": [round(a, 4) for a in accs],
+            "restart_val_acc": [round(t.val_acc, 4) for t in tries],
+        }
+    log(
+        f"  {name:<10} test acc {result['acc']:.4f}  val acc {result['val_acc']:.4f}  "
+        f"({n_trainable:,} trainable, best epoch {best.best_epoch}"
+        f"{f', restart {kept} of {len(tries)}' if len(tries) > 1 else ''}, {result['seconds']:.0f}s)"
     )
-    n_trainable = trainable_parameters(module.model)
-    best = dict(module.best_val)
-    best_epoch = int(module.best_epoch or 0)
-    epochs = int(trainer.current_epoch)
-    classifier = module.export_model().cpu()  # best epoch, adapters merged (as the finetune stage does)
-    del module, trainer
+    return result
+
+
+def _test_accuracy(classifier: Any, name: str, params: Any, paths: Any, test: tuple[list[str], Any]) -> float:
+    """Save the classifier as the finetune stage does, reload it and score TEST."""
+    from bigmodel_ops.classification.export import load_classifier, save_classifier
+    from bigmodel_ops.classification.inputs import effective_max_length
+    from bigmodel_ops.contract import TOKENIZER_FILE
+    from bigmodel_ops.model import read_exported_config
+
     config, _ = read_exported_config(paths.pretrained_model)
     out_dir = paths.outputs / "benchmark" / name
     save_classifier(
@@ -200,20 +255,7 @@ def finetune_variant(
     predicted, _ = load_classifier(out_dir).predict(texts, batch_size=params.evaluate.batch_size)
     labels = params.prepare.labels
     correct = sum(labels[int(y)] == p for y, p in zip(label_ids, predicted, strict=True))
-    result = {
-        "acc": correct / len(texts),
-        "val_acc": best.get("val_acc", float("nan")),
-        "val_loss": best.get("val_loss", float("nan")),
-        "best_epoch": best_epoch,
-        "epochs": epochs,
-        "trainable_params": int(n_trainable),
-        "seconds": time.perf_counter() - started,
-    }
-    log(
-        f"  {name:<10} test acc {result['acc']:.4f}  val acc {result['val_acc']:.4f}  "
-        f"({n_trainable:,} trainable, best epoch {best_epoch}, {result['seconds']:.0f}s)"
-    )
-    return result
+    return correct / len(texts)
 
 
 def tfidf(params: Any, paths: Any) -> dict[str, Any]:
@@ -390,6 +432,8 @@ def run(args: argparse.Namespace, *, seed: int | None, keep: Path | None) -> dic
             if "trainable_params" in r
         },
         **{f"best_epoch_{k}": r["best_epoch"] for k, r in results.items() if "best_epoch" in r},
+        "restarts": int(params.finetune.restarts),
+        **{f"{key}_{k}": r[key] for k, r in results.items() for key in _RESTART_KEYS if key in r},
         "acc_probe_pretrained": round(probes["pretrained"], 4),
         "acc_probe_random": round(probes["random"], 4),
         "pretrained_minus_scratch_points": round(
@@ -484,7 +528,7 @@ def aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
     n = len(runs)
     summary: dict[str, Any] = {}
     for key, value in runs[0].items():
-        if key in PER_SEED_ONLY:
+        if key in PER_SEED_ONLY or key.startswith(_RESTART_KEYS):
             continue
         if isinstance(value, int | float) and not isinstance(value, bool):
             if all(isinstance(run.get(key), int | float) for run in runs):

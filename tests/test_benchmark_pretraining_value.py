@@ -249,6 +249,7 @@ def test_a_seed_named_twice_is_refused(tmp_path: Path) -> None:
 def test_quick_run_over_two_seeds_without_lora_reports_each_seed_and_the_means(tmp_path: Path) -> None:
     data = write_tiny_csv(tmp_path / "tiny.csv")
     args = ["--data", str(data), "--quick", "--skip-lora", "--seed", "5", "--seed", "6"]
+    args += ["--set", "finetune.restarts=2"]
     args += ["--keep", str(tmp_path / "kept")]
     summary, lines = json_summary(run_benchmark(SCRIPT, *args, cwd=tmp_path, timeout=900))
     assert summary["seeds"] == [5, 6] and [run["seed"] for run in summary["per_seed"]] == [5, 6]
@@ -271,3 +272,12 @@ def test_quick_run_over_two_seeds_without_lora_reports_each_seed_and_the_means(t
     assert "backbone_sha256" not in summary and "tokenizer_sha256" not in summary
     assert not any(line.startswith("(d)") for line in lines)
     assert sorted(p.name for p in (tmp_path / "kept").iterdir()) == ["seed-5", "seed-6"]
+    # finetune.restarts: each variant fine-tuned twice per seed, the run with the best val kept
+    assert summary["restarts"] == 2
+    assert not [key for key in summary if key.startswith(("restart_", "kept_restart"))]
+    for run in summary["per_seed"]:
+        for variant in ("pretrained", "scratch"):
+            val, test = run[f"restart_val_acc_{variant}"], run[f"restart_acc_{variant}"]
+            kept = run[f"kept_restart_{variant}"]
+            assert len(val) == len(test) == 2 and kept == (1 if val[1] > val[0] else 0)
+            assert run[f"acc_{variant}"] == test[kept] and run[f"val_acc_{variant}"] == val[kept]

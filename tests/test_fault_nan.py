@@ -63,6 +63,44 @@ def test_nan_in_pretraining_stops_the_stage_process_and_keeps_the_last_good_chec
     assert MlflowClient(mlflow_store).search_registered_models() == []
 
 
+class _PoisonSecondFit(PoisonAtStep):
+    """PoisonAtStep in the second fit of the stage only (restart 1 of finetune.restarts)."""
+
+    def __init__(self, step: int) -> None:
+        super().__init__(step)
+        self.fits = 0
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.fits += 1
+
+    def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
+        if self.fits == 2:
+            super().on_train_batch_start(trainer, *args)
+
+
+def test_nan_in_a_finetuning_restart_fails_the_stage_and_publishes_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mlflow_store: str
+):
+    params, paths, _ = helpers_finetune.make_project(
+        tmp_path, finetune={"max_epochs": 2, "restarts": 2, "control": "scratch"}
+    )
+    monkeypatch.chdir(tmp_path)
+    poison = _PoisonSecondFit(2)
+    with pytest.raises(
+        TrainingDiverged,
+        match=r"finetune \(restart 1, seed 1007\): the train loss became NaN/inf at step 3; training",
+    ):
+        run_finetune(params, paths=paths, quiet=True, callbacks=[poison])
+    assert poison.fired
+    assert not paths.classifier.exists() and not paths.finetune_report.exists()
+    assert not paths.control_classifier.exists()
+    runs = {run.info.run_name: run for run in _runs(mlflow_store, "finetune")}
+    assert runs["finetune"].info.status == "FAILED"
+    assert runs["finetune/restart-0"].info.status == "FINISHED"
+    assert runs["finetune/restart-1"].info.status == "FAILED"
+    assert MlflowClient(mlflow_store).search_registered_models() == []
+
+
 def test_nan_in_finetuning_stops_at_that_step_and_registers_nothing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mlflow_store: str
 ):

@@ -106,6 +106,7 @@ def test_params_defaults_keep_todays_behaviour_and_reach_hyperparams():
         ({"lora": {"target_modules": []}}, "finetune.lora.target_modules"),
         ({"layer_lr_decay": 1.5}, "finetune.layer_lr_decay"),
         ({"early_stopping_patience": -1}, "finetune.early_stopping_patience"),
+        ({"restarts": 0}, "finetune.restarts"),
         ({"truncation": "middle"}, "finetune.truncation"),
         (
             {"truncation": "head_tail", "max_length": 64, "head_tokens": 64},

@@ -8,6 +8,12 @@ with the val split evaluated after each epoch (``finetune.early_stopping_patienc
 the active sizing profile decides devices and precision. The BEST epoch (by val_acc) is exported,
 with LoRA adapters merged into the weights (``finetune.method: lora``).
 
+``finetune.restarts: N`` fine-tunes N times from different seeds
+(:mod:`~bigmodel_ops.classification.restarts`) and keeps the run with the best val_acc; each run
+logs its curves into a child run ``finetune/restart-<k>``, and the stage's run gets
+``restart_val_acc`` (one value per restart, at step k), ``kept_restart`` / ``kept_seed`` and the
+kept run's metrics. The control gets as many tries, selected the same way.
+
 ``finetune.control: scratch`` also trains the from-scratch control (the same recipe with
 ``from_scratch: true``) and adds its best val metrics to the report and the run as
 ``control_val_acc`` / ``control_val_loss`` / ``control_val_f1`` / ``control_best_epoch``, plus
@@ -32,10 +38,13 @@ both raise TrainingDiverged and write nothing.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import yaml
@@ -43,7 +52,13 @@ import yaml
 from bigmodel_ops.classification.class_weights import class_weight_tensor
 from bigmodel_ops.classification.export import save_classifier
 from bigmodel_ops.classification.inputs import effective_max_length
-from bigmodel_ops.classification.training import HyperParams, fit_classifier, trainable_parameters
+from bigmodel_ops.classification.restarts import Restart, pick_best, restart_seed
+from bigmodel_ops.classification.training import (
+    FitConfig,
+    HyperParams,
+    fit_classifier,
+    trainable_parameters,
+)
 from bigmodel_ops.config import Params
 from bigmodel_ops.contract import CONTROL_FILE, TOKENIZER_FILE, check_model_dir
 from bigmodel_ops.cost import Cost
@@ -123,63 +138,73 @@ def run(
         run.log_params(
             {"hparams": hparams.as_dict(), "hparams_source": source, "max_length_effective": max_length}
         )
-        metrics = MetricsCallback(
-            run,
-            log_every_n_steps=params.tracking.log_every_n_steps,
-            loss_key="train_loss",
-            lr_key="lr",
-            epoch_key="epoch",
-        )
-        module, trainer = fit_classifier(
+        restarts = params.finetune.restarts
+        ours = _fit_best(
             fit,
-            model_dir=paths.pretrained_model,
+            hparams,
+            params=params,
+            paths=paths,
             splits=splits,
-            hparams=hparams,
-            callbacks=[metrics, *callbacks],
+            run=run,
+            source=source,
+            callbacks=callbacks,
             quiet=quiet,
         )
-        if module.diverged_at_step is not None:
-            raise TrainingDiverged(
-                f"finetune: the train loss became NaN/inf at step {module.diverged_at_step}; training "
-                "stopped there and nothing was exported, logged as a model or registered. Lower the "
-                f"learning rate (lr={hparams.lr:g}, from {source}) or raise finetune.warmup_ratio"
-            )
-        final = dict(module.best_val)
-        if not final or not all(math.isfinite(v) for v in {**final, **module.last_val}.values()):
-            raise TrainingDiverged(
-                f"finetune: validation metrics are not finite after training ({module.last_val}); lower "
-                f"the learning rate (lr={hparams.lr:g}, from {source}) or raise finetune.warmup_ratio"
-            )
-        report = {
+        final, kept = ours.restart.val, ours.restart
+        report: dict[str, Any] = {
             **final,
-            "best_epoch": int(module.best_epoch or 0),
-            "epochs": int(trainer.current_epoch),
-            "global_step": int(trainer.global_step),
-            "stopped_early": bool(module.stopped_early),
+            "best_epoch": kept.best_epoch,
+            "epochs": kept.epochs,
+            "global_step": kept.global_step,
+            "stopped_early": kept.stopped_early,
             "trainable_params": n_trainable,
             "total_params": n_total,
         }
-        classifier = module.export_model().cpu()  # best epoch, adapters merged
-        del module
-        control, both_fits = None, None
+        if restarts > 1:
+            report |= {
+                "restarts": restarts,
+                "kept_restart": kept.index,
+                "kept_seed": kept.seed,
+                "restart_val_acc": [r.val_acc for r in ours.tries],
+            }
+        control, cost = None, ours.cost
         if params.finetune.control == "scratch":
             # Every rank trains the control (DDP needs all of them); rank 0 reports it.
-            control, control_report, both_fits = _train_control(
-                fit, hparams, paths=paths, splits=splits, ours=final, quiet=quiet, offset=cost_of(trainer)
+            scratch = _fit_best(
+                fit,
+                hparams.replace(from_scratch=True),
+                params=params,
+                paths=paths,
+                splits=splits,
+                run=None,
+                source=source,
+                callbacks=(),
+                quiet=quiet,
             )
-            report.update(control_report)
-        if not trainer.is_global_zero:
+            control, cost = scratch.classifier, _sum_costs(cost, scratch.cost)
+            report.update(_control_report(scratch, ours=final, restarts=restarts))
+        if not ours.is_global_zero:
             return {}
         run.log_metrics(
             {f"best_{k}": v for k, v in final.items()}
             | {"best_epoch": report["best_epoch"]}
-            | {k: v for k, v in report.items() if k.startswith(("control_", "pretrained_gain"))}
-            # The stage's cost covers the control's fit too (same step, later: the latest value).
-            | (both_fits.metrics() if both_fits is not None else {}),
+            | {
+                k: v
+                for k, v in report.items()
+                if k.startswith(("control_", "pretrained_gain", "kept_")) and not isinstance(v, list)
+            }
+            # The stage's cost covers every fit (the same step, later: the latest value).
+            | (cost.metrics() if cost is not None and (restarts > 1 or control is not None) else {}),
             step=report["global_step"],
         )
         _export(
-            params, paths, run=run, classifier=classifier, control=control, hparams=hparams, report=report
+            params,
+            paths,
+            run=run,
+            classifier=ours.classifier,
+            control=control,
+            hparams=hparams,
+            report=report,
         )
         write_json_atomic(paths.finetune_report, report)
         _logger.info(
@@ -189,6 +214,100 @@ def run(
             paths.classifier,
         )
     return report
+
+
+@dataclass
+class _Best:
+    """The kept run of :func:`_fit_best` and what the others reached."""
+
+    classifier: Any  # the kept run's best epoch, on the CPU, adapters merged
+    restart: Restart  # the kept run
+    tries: list[Restart]  # every run, in order
+    cost: Cost | None  # of every run together
+    is_global_zero: bool
+
+
+def _fit_best(
+    fit: FitConfig,
+    hparams: HyperParams,
+    *,
+    params: Params,
+    paths: ProjectPaths,
+    splits: Any,
+    run: Any,
+    source: str,
+    callbacks: Sequence[Any],
+    quiet: bool,
+) -> _Best:
+    """Fine-tune ``finetune.restarts`` times (:mod:`~bigmodel_ops.classification.restarts`) and keep
+    the run with the best val_acc.
+
+    With a ``run`` (the pretrained classifier) each fit logs its curves there, or with several
+    restarts into a child run ``finetune/restart-<k>`` each, and a NaN/inf loss or val metric
+    raises TrainingDiverged. Without one (the from-scratch control) the fits log nothing and
+    non-finite val metrics are dropped, as before.
+    """
+    n = params.finetune.restarts
+    tries: list[Restart] = []
+    kept_model, cost, is_zero = None, None, True
+    for k in range(n):
+        seed = restart_seed(fit.seed, k)
+        with _restart_run(run, k, n, seed) as sink:
+            fit_callbacks: list[Any] = [CostCallback()]  # the control: metered, logged by the stage
+            if sink is not None:
+                metric_callback = MetricsCallback(
+                    sink,
+                    log_every_n_steps=params.tracking.log_every_n_steps,
+                    loss_key="train_loss",
+                    lr_key="lr",
+                    epoch_key="epoch",
+                )
+                fit_callbacks = [metric_callback, *callbacks]
+            module, trainer = fit_classifier(
+                dataclasses.replace(fit, seed=seed),
+                model_dir=paths.pretrained_model,
+                splits=splits,
+                hparams=hparams,
+                callbacks=fit_callbacks,
+                quiet=quiet,
+            )
+            if sink is not None:
+                _check_finite(
+                    module, hparams, source=source, restart=f" (restart {k}, seed {seed})" if n > 1 else ""
+                )
+            tries.append(
+                Restart(
+                    index=k,
+                    seed=seed,
+                    val={key: v for key, v in module.best_val.items() if math.isfinite(v)},
+                    best_epoch=int(module.best_epoch or 0),
+                    epochs=int(trainer.current_epoch),
+                    global_step=int(trainer.global_step),
+                    stopped_early=bool(module.stopped_early),
+                )
+            )
+            if sink is not None and sink is not run:
+                sink.log_metrics(
+                    {f"best_{key}": v for key, v in tries[-1].val.items()}
+                    | {"best_epoch": tries[-1].best_epoch},
+                    step=tries[-1].global_step,
+                )
+        if n > 1:
+            _logger.info(
+                "finetune: %s restart %d/%d (seed %d): val_acc %.4f",
+                "pretrained" if run is not None else "control",
+                k + 1,
+                n,
+                seed,
+                tries[-1].val_acc,
+            )
+            if run is not None:
+                run.log_metrics({"restart_val_acc": tries[-1].val_acc}, step=k)
+        cost, is_zero = _sum_costs(cost, cost_of(trainer)), trainer.is_global_zero
+        if pick_best(tries) == k:  # best epoch, adapters merged; the others are dropped
+            kept_model = module.export_model().cpu()
+        del module, trainer
+    return _Best(kept_model, tries[pick_best(tries)], tries, cost, is_zero)
 
 
 def _export(
@@ -215,6 +334,8 @@ def _export(
         # MLflow names the artifact after the folder's own name: keep it clean.
         model_dir = pub.staged(paths.classifier, name=MODEL_ARTIFACT_PATH)
         extra = {"hparams": hparams.as_dict(), "best_epoch": report["best_epoch"]}
+        if "kept_restart" in report:  # which of finetune.restarts runs this is
+            extra |= {"restart": report["kept_restart"], "seed": report["kept_seed"]}
         save_classifier(
             classifier,
             model_dir,
@@ -259,38 +380,57 @@ def _check_setup(fit: Any, hparams: HyperParams, paths: ProjectPaths) -> tuple[i
     return counts
 
 
-def _train_control(
-    fit: Any,
-    hparams: HyperParams,
-    *,
-    paths: ProjectPaths,
-    splits: Any,
-    ours: dict,
-    quiet: bool,
-    offset: Cost | None,
-) -> tuple[Any, dict[str, Any], Cost | None]:
-    """The from-scratch control with the same recipe: (its best model, its best val metrics as
-    ``control_*``, its cost plus ``offset``: the cost of both fits)."""
-    control, trainer = fit_classifier(
-        fit,
-        model_dir=paths.pretrained_model,
-        splits=splits,
-        hparams=hparams.replace(from_scratch=True),
-        callbacks=[CostCallback(offset=offset)],
-        quiet=quiet,
-    )
-    best = {k: v for k, v in control.best_val.items() if math.isfinite(v)}
-    out: dict[str, Any] = {f"control_{k}": v for k, v in best.items()}
-    out["control_best_epoch"] = int(control.best_epoch or 0)
-    out["control_epochs"] = int(trainer.current_epoch)
-    if "val_acc" in best:
-        out["pretrained_gain_val_acc"] = ours["val_acc"] - best["val_acc"]
+@contextlib.contextmanager
+def _restart_run(run: Any, k: int, n: int, seed: int) -> Iterator[Any]:
+    """Where restart ``k`` of ``n`` logs: nowhere without a run, the run itself for a single fit,
+    else a child run ``restart-<k>`` tagged with its seed."""
+    if run is None or n == 1:
+        yield run
+        return
+    with run.child_run(f"restart-{k}", tags={"bigmodel_ops.restart": k, "bigmodel_ops.seed": seed}) as child:
+        yield child
+
+
+def _check_finite(module: Any, hparams: HyperParams, *, source: str, restart: str) -> None:
+    """TrainingDiverged when the train loss became NaN/inf, or the val metrics are not finite."""
+    if module.diverged_at_step is not None:
+        raise TrainingDiverged(
+            f"finetune{restart}: the train loss became NaN/inf at step {module.diverged_at_step}; "
+            "training stopped there and nothing was exported, logged as a model or registered. Lower "
+            f"the learning rate (lr={hparams.lr:g}, from {source}) or raise finetune.warmup_ratio"
+        )
+    values = {**module.best_val, **module.last_val}
+    if not module.best_val or not all(math.isfinite(v) for v in values.values()):
+        raise TrainingDiverged(
+            f"finetune{restart}: validation metrics are not finite after training ({module.last_val}); "
+            f"lower the learning rate (lr={hparams.lr:g}, from {source}) or raise finetune.warmup_ratio"
+        )
+
+
+def _sum_costs(a: Cost | None, b: Cost | None) -> Cost | None:
+    if a is None or b is None:
+        return a if b is None else b
+    return a + b
+
+
+def _control_report(control: _Best, *, ours: dict[str, float], restarts: int) -> dict[str, Any]:
+    """The from-scratch control's best val metrics as ``control_*`` (and, with restarts, which
+    run was kept), plus ``pretrained_gain_val_acc`` (ours minus the control's)."""
+    best = control.restart
+    out: dict[str, Any] = {f"control_{k}": v for k, v in best.val.items()}
+    out["control_best_epoch"] = best.best_epoch
+    out["control_epochs"] = best.epochs
+    if restarts > 1:
+        out["control_kept_restart"] = best.index
+        out["control_restart_val_acc"] = [r.val_acc for r in control.tries]
+    if "val_acc" in best.val:
+        out["pretrained_gain_val_acc"] = ours["val_acc"] - best.val["val_acc"]
     _logger.info(
         "finetune: control (from scratch) val_acc %.4f; pretrained val_acc %.4f",
-        best.get("val_acc", float("nan")),
+        best.val_acc,
         ours["val_acc"],
     )
-    return control.export_model().cpu(), out, cost_of(trainer)
+    return out
 
 
 def _example_texts(paths: ProjectPaths) -> list[str]:
