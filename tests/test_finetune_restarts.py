@@ -17,6 +17,7 @@ from mlflow.tracking import MlflowClient
 from bigmodel_ops.classification.export import load_classifier
 from bigmodel_ops.classification.restarts import Restart, pick_best, restart_seed
 from bigmodel_ops.pipeline.finetune import run as run_finetune
+from bigmodel_ops.tracking.frontpage import run_cost
 from tests.helpers_finetune import make_project
 
 
@@ -101,11 +102,10 @@ def test_finetune_stage_keeps_the_best_of_its_restarts_and_gives_the_control_as_
     runs = _finetune_runs(client)
     parent = max((r for r in runs if r.info.run_name == "finetune"), key=lambda r: r.info.start_time)
     children = {
-        r.info.run_name: r
-        for r in runs
-        if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id
+        r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id
     }
-    assert set(children) == {"finetune/restart-0", "finetune/restart-1"}
+    names = [f"finetune/{who}restart-{k}" for who in ("", "control-") for k in range(2)]
+    assert sorted(children) == sorted(names)
     best_losses = []
     for k in range(2):
         child = children[f"finetune/restart-{k}"]
@@ -113,15 +113,21 @@ def test_finetune_stage_keeps_the_best_of_its_restarts_and_gives_the_control_as_
         assert child.data.tags["bigmodel_ops.seed"] == str(7 + 1000 * k)
         assert child.data.metrics["best_val_acc"] == tries[k]
         assert client.get_metric_history(child.info.run_id, "train_loss")
-        assert client.get_metric_history(child.info.run_id, "cost/cpu_hours")
         best_losses.append(child.data.metrics["best_val_loss"])
+        control = children[f"finetune/control-restart-{k}"]
+        assert control.data.metrics["best_val_acc"] == report["control_restart_val_acc"][k]
+        assert control.data.tags["bigmodel_ops.seed"] == str(7 + 1000 * k)
     assert best_losses[0] != best_losses[1]  # two seeds, two runs
     history = client.get_metric_history(parent.info.run_id, "restart_val_acc")
     assert [(m.step, m.value) for m in history] == [(0, tries[0]), (1, tries[1])]
+    history = client.get_metric_history(parent.info.run_id, "control_restart_val_acc")
+    assert [m.value for m in history] == report["control_restart_val_acc"]
     assert parent.data.metrics["kept_restart"] == kept
     assert parent.data.metrics["best_val_acc"] == report["val_acc"]
     assert parent.data.metrics["control_val_acc"] == report["control_val_acc"]
     assert not client.get_metric_history(parent.info.run_id, "train_loss")  # curves are the children's
-    # the stage's cost covers all four fits: more than either restart's own
-    total = parent.data.metrics["cost/cpu_hours"]
-    assert total > max(children[n].data.metrics["cost/cpu_hours"] for n in children)
+    # each fit's cost is in its child run; the stage's cost (as the front page sums it) is theirs
+    assert "cost/cpu_hours" not in parent.data.metrics
+    costs = [children[name].data.metrics["cost/cpu_hours"] for name in names]
+    assert min(costs) > 0
+    assert run_cost(client, parent.info.run_id).cpu_hours == pytest.approx(sum(costs))

@@ -12,7 +12,9 @@ with LoRA adapters merged into the weights (``finetune.method: lora``).
 (:mod:`~bigmodel_ops.classification.restarts`) and keeps the run with the best val_acc; each run
 logs its curves into a child run ``finetune/restart-<k>``, and the stage's run gets
 ``restart_val_acc`` (one value per restart, at step k), ``kept_restart`` / ``kept_seed`` and the
-kept run's metrics. The control gets as many tries, selected the same way.
+kept run's metrics. The control gets as many tries (child runs ``finetune/control-restart-<k>``),
+selected the same way. Each child run carries its fit's cost (the MLflow front page sums a run
+and its children, as for the tune stage's trials).
 
 ``finetune.control: scratch`` also trains the from-scratch control (the same recipe with
 ``from_scratch: true``) and adds its best val metrics to the report and the run as
@@ -43,7 +45,7 @@ import dataclasses
 import json
 import logging
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -146,6 +148,7 @@ def run(
             paths=paths,
             splits=splits,
             run=run,
+            control=False,
             source=source,
             callbacks=callbacks,
             quiet=quiet,
@@ -176,7 +179,8 @@ def run(
                 params=params,
                 paths=paths,
                 splits=splits,
-                run=None,
+                run=run,
+                control=True,
                 source=source,
                 callbacks=(),
                 quiet=quiet,
@@ -193,8 +197,9 @@ def run(
                 for k, v in report.items()
                 if k.startswith(("control_", "pretrained_gain", "kept_")) and not isinstance(v, list)
             }
-            # The stage's cost covers every fit (the same step, later: the latest value).
-            | (cost.metrics() if cost is not None and (restarts > 1 or control is not None) else {}),
+            # One run each: the stage's cost covers both fits (the same step, later: the latest
+            # value). With restarts every fit logged its cost into its child run.
+            | (cost.metrics() if cost is not None and restarts == 1 and control is not None else {}),
             step=report["global_step"],
         )
         _export(
@@ -235,6 +240,7 @@ def _fit_best(
     paths: ProjectPaths,
     splits: Any,
     run: Any,
+    control: bool,
     source: str,
     callbacks: Sequence[Any],
     quiet: bool,
@@ -242,18 +248,26 @@ def _fit_best(
     """Fine-tune ``finetune.restarts`` times (:mod:`~bigmodel_ops.classification.restarts`) and keep
     the run with the best val_acc.
 
-    With a ``run`` (the pretrained classifier) each fit logs its curves there, or with several
-    restarts into a child run ``finetune/restart-<k>`` each, and a NaN/inf loss or val metric
-    raises TrainingDiverged. Without one (the from-scratch control) the fits log nothing and
-    non-finite val metrics are dropped, as before.
+    One run: the classifier logs its curves and cost into the stage's ``run``; the control logs
+    nothing (the stage logs the cost of both fits). Several: each fit is a child run
+    ``restart-<k>`` (``control-restart-<k>``) with its curves, cost, best val metrics and seed, and
+    the stage's run gets ``restart_val_acc`` (``control_restart_val_acc``) at step k. A NaN/inf
+    loss or val metric of the classifier raises TrainingDiverged; the control's non-finite val
+    metrics are only left out.
     """
     n = params.finetune.restarts
+    prefix = "control_" if control else ""
     tries: list[Restart] = []
     kept_model, cost, is_zero = None, None, True
     for k in range(n):
         seed = restart_seed(fit.seed, k)
-        with _restart_run(run, k, n, seed) as sink:
-            fit_callbacks: list[Any] = [CostCallback()]  # the control: metered, logged by the stage
+        sink = run if not control else None
+        with (
+            run.child_run(f"{prefix.replace('_', '-')}restart-{k}", tags={"bigmodel_ops.seed": seed})
+            if n > 1
+            else contextlib.nullcontext(sink)
+        ) as sink:
+            fit_callbacks: list[Any] = [CostCallback()]  # metered, logged by the stage
             if sink is not None:
                 metric_callback = MetricsCallback(
                     sink,
@@ -262,19 +276,18 @@ def _fit_best(
                     lr_key="lr",
                     epoch_key="epoch",
                 )
-                fit_callbacks = [metric_callback, *callbacks]
+                fit_callbacks = [metric_callback]
             module, trainer = fit_classifier(
                 dataclasses.replace(fit, seed=seed),
                 model_dir=paths.pretrained_model,
                 splits=splits,
                 hparams=hparams,
-                callbacks=fit_callbacks,
+                callbacks=[*fit_callbacks, *(() if control else callbacks)],
                 quiet=quiet,
             )
-            if sink is not None:
-                _check_finite(
-                    module, hparams, source=source, restart=f" (restart {k}, seed {seed})" if n > 1 else ""
-                )
+            if not control:
+                where = f" (restart {k}, seed {seed})" if n > 1 else ""
+                _check_finite(module, hparams, source=source, restart=where)
             tries.append(
                 Restart(
                     index=k,
@@ -286,7 +299,7 @@ def _fit_best(
                     stopped_early=bool(module.stopped_early),
                 )
             )
-            if sink is not None and sink is not run:
+            if n > 1:
                 sink.log_metrics(
                     {f"best_{key}": v for key, v in tries[-1].val.items()}
                     | {"best_epoch": tries[-1].best_epoch},
@@ -295,14 +308,13 @@ def _fit_best(
         if n > 1:
             _logger.info(
                 "finetune: %s restart %d/%d (seed %d): val_acc %.4f",
-                "pretrained" if run is not None else "control",
+                "control" if control else "classifier",
                 k + 1,
                 n,
                 seed,
                 tries[-1].val_acc,
             )
-            if run is not None:
-                run.log_metrics({"restart_val_acc": tries[-1].val_acc}, step=k)
+            run.log_metrics({f"{prefix}restart_val_acc": tries[-1].val_acc}, step=k)
         cost, is_zero = _sum_costs(cost, cost_of(trainer)), trainer.is_global_zero
         if pick_best(tries) == k:  # best epoch, adapters merged; the others are dropped
             kept_model = module.export_model().cpu()
@@ -378,17 +390,6 @@ def _check_setup(fit: Any, hparams: HyperParams, paths: ProjectPaths) -> tuple[i
     counts = trainable_parameters(model), total
     del model
     return counts
-
-
-@contextlib.contextmanager
-def _restart_run(run: Any, k: int, n: int, seed: int) -> Iterator[Any]:
-    """Where restart ``k`` of ``n`` logs: nowhere without a run, the run itself for a single fit,
-    else a child run ``restart-<k>`` tagged with its seed."""
-    if run is None or n == 1:
-        yield run
-        return
-    with run.child_run(f"restart-{k}", tags={"bigmodel_ops.restart": k, "bigmodel_ops.seed": seed}) as child:
-        yield child
 
 
 def _check_finite(module: Any, hparams: HyperParams, *, source: str, restart: str) -> None:
