@@ -190,17 +190,7 @@ def finetune_variant(
             quiet=True,
         )
         n_trainable = trainable_parameters(module.model)
-        tries.append(
-            Restart(
-                index=k,
-                seed=seed,
-                val=dict(module.best_val),
-                best_epoch=int(module.best_epoch or 0),
-                epochs=int(trainer.current_epoch),
-                global_step=int(trainer.global_step),
-                stopped_early=bool(module.stopped_early),
-            )
-        )
+        tries.append(Restart.of_fit(module, trainer, index=k, seed=seed))
         # best epoch, adapters merged (as the finetune stage does)
         accs.append(_test_accuracy(module.export_model().cpu(), f"{name}-{k}", params, paths, test))
         del module, trainer

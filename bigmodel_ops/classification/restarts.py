@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 SEED_STRIDE = 1000
 
@@ -41,6 +42,20 @@ class Restart:
     @property
     def val_acc(self) -> float:
         return float(self.val.get("val_acc", math.nan))
+
+    @classmethod
+    def of_fit(cls, module: Any, trainer: Any, *, index: int, seed: int) -> Restart:
+        """From a finished :func:`~bigmodel_ops.classification.training.fit_classifier`: the
+        module's best epoch (non-finite val metrics left out) and the trainer's counters."""
+        return cls(
+            index=index,
+            seed=seed,
+            val={key: float(v) for key, v in module.best_val.items() if math.isfinite(v)},
+            best_epoch=int(module.best_epoch or 0),
+            epochs=int(trainer.current_epoch),
+            global_step=int(trainer.global_step),
+            stopped_early=bool(module.stopped_early),
+        )
 
 
 def pick_best(restarts: Sequence[Restart]) -> int:

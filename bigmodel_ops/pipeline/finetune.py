@@ -153,23 +153,8 @@ def run(
             callbacks=callbacks,
             quiet=quiet,
         )
-        final, kept = ours.restart.val, ours.restart
-        report: dict[str, Any] = {
-            **final,
-            "best_epoch": kept.best_epoch,
-            "epochs": kept.epochs,
-            "global_step": kept.global_step,
-            "stopped_early": kept.stopped_early,
-            "trainable_params": n_trainable,
-            "total_params": n_total,
-        }
-        if restarts > 1:
-            report |= {
-                "restarts": restarts,
-                "kept_restart": kept.index,
-                "kept_seed": kept.seed,
-                "restart_val_acc": [r.val_acc for r in ours.tries],
-            }
+        final = ours.restart.val
+        report = _report(ours, restarts=restarts, n_trainable=n_trainable, n_total=n_total)
         control, cost = None, ours.cost
         if params.finetune.control == "scratch":
             # Every rank trains the control (DDP needs all of them); rank 0 reports it.
@@ -288,17 +273,7 @@ def _fit_best(
             if not control:
                 where = f" (restart {k}, seed {seed})" if n > 1 else ""
                 _check_finite(module, hparams, source=source, restart=where)
-            tries.append(
-                Restart(
-                    index=k,
-                    seed=seed,
-                    val={key: v for key, v in module.best_val.items() if math.isfinite(v)},
-                    best_epoch=int(module.best_epoch or 0),
-                    epochs=int(trainer.current_epoch),
-                    global_step=int(trainer.global_step),
-                    stopped_early=bool(module.stopped_early),
-                )
-            )
+            tries.append(Restart.of_fit(module, trainer, index=k, seed=seed))
             if n > 1:
                 sink.log_metrics(
                     {f"best_{key}": v for key, v in tries[-1].val.items()}
@@ -390,6 +365,28 @@ def _check_setup(fit: Any, hparams: HyperParams, paths: ProjectPaths) -> tuple[i
     counts = trainable_parameters(model), total
     del model
     return counts
+
+
+def _report(ours: _Best, *, restarts: int, n_trainable: int, n_total: int) -> dict[str, Any]:
+    """The kept run's best val metrics and counters (and, with restarts, which run it is)."""
+    kept = ours.restart
+    report: dict[str, Any] = {
+        **kept.val,
+        "best_epoch": kept.best_epoch,
+        "epochs": kept.epochs,
+        "global_step": kept.global_step,
+        "stopped_early": kept.stopped_early,
+        "trainable_params": n_trainable,
+        "total_params": n_total,
+    }
+    if restarts > 1:
+        report |= {
+            "restarts": restarts,
+            "kept_restart": kept.index,
+            "kept_seed": kept.seed,
+            "restart_val_acc": [r.val_acc for r in ours.tries],
+        }
+    return report
 
 
 def _check_finite(module: Any, hparams: HyperParams, *, source: str, restart: str) -> None:
