@@ -81,7 +81,7 @@ class FinetuneParams(_Strict):
     # Fine-tune this many times from different seeds (project.seed, then + 1000 per restart) and
     # keep the run with the best val_acc (the first of equals); the control gets as many tries.
     # Small labelled sets make single runs noisy: BERT's authors kept the best of several restarts
-    # (README, "Restarts"). Each restart costs one more fine-tuning. Tune trials train once.
+    # (README, "Fine-tuning options"). Each restart costs one more fine-tuning. Tune trials train once.
     restarts: PositiveInt = 1
     # Stop after this many epochs without a better val_acc; 0 or null = off. Either way the
     # best epoch's weights (by val_acc) are exported, not the last epoch's.
