@@ -240,3 +240,36 @@ def test_client_run_buffers_trial_logging_and_writes_it_at_the_end(tmp_path):
     with live.child_run("trial-2") as child:
         child.log_metrics({"tune/val_acc_subset": 0.7}, step=10)
         assert [m.value for m in client.get_metric_history(child.run_id, "tune/val_acc_subset")] == [0.7]
+
+
+def test_a_journal_lock_left_by_a_killed_process_is_a_plain_file_taken_over_after_the_grace_period(
+    tmp_path: Path,
+):
+    import subprocess
+    import sys
+
+    journal = tmp_path / "outputs" / "study.journal"
+    # A process killed while it holds the journal's lock (as SIGKILL during a heartbeat write does).
+    code = (
+        "import os, sys\n"
+        "from pathlib import Path\n"
+        "from bigmodel_ops.tuning.storage import open_storage\n"
+        "storage = open_storage(None, journal=Path(sys.argv[1]), heartbeat_interval=1, grace_period=2, "
+        "max_retry=0)\n"
+        "storage._backend._lock.acquire()\n"
+        "os.kill(os.getpid(), 9)\n"
+    )
+    killed = subprocess.run([sys.executable, "-c", code, "outputs/study.journal"], cwd=tmp_path)
+    assert killed.returncode == -9
+    lock = journal.with_name("study.journal.lock")
+    # What `dvc repro` hashes next: a plain file, not a symlink dangling at a relative target.
+    assert lock.is_file() and not lock.is_symlink()
+    assert {p.name for p in journal.parent.iterdir() if p.is_file()} >= {
+        "study.journal",
+        "study.journal.lock",
+    }
+    storage = open_storage(None, journal=journal, heartbeat_interval=1, grace_period=2, max_retry=0)
+    started = time.monotonic()
+    optuna.create_study(storage=storage, study_name="after-the-kill").optimize(lambda t: 1.0, n_trials=1)
+    assert time.monotonic() - started >= 2  # waited out the dead holder, then took the lock over
+    assert not lock.exists()

@@ -32,7 +32,7 @@ from typing import Any
 import optuna
 from optuna.storages import BaseStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.storages._heartbeat import BaseHeartbeat
-from optuna.storages.journal import JournalFileBackend, JournalStorage
+from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock, JournalStorage
 from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy.engine import make_url
 
@@ -65,7 +65,13 @@ class HeartbeatJournalStorage(JournalStorage, BaseHeartbeat):
         if heartbeat_interval <= 0 or grace_period <= 0:
             raise ValueError("heartbeat_interval and grace_period must be positive")
         self.path = Path(path)
-        super().__init__(JournalFileBackend(str(self.path)))
+        # A plain lock file, not Optuna's default symlink: the symlink's target is the journal's path
+        # as given (relative under DVC), so one left by a killed process dangles, and `dvc repro`
+        # then fails hashing the tune outputs with "No such file or directory: ...journal.lock".
+        # A plain file left behind hashes like any file, and is taken over once it has not changed
+        # for grace_period seconds (a write holds the lock for milliseconds).
+        lock = JournalFileOpenLock(str(self.path), grace_period=grace_period)
+        super().__init__(JournalFileBackend(str(self.path), lock_obj=lock))
         self._heartbeat_interval = heartbeat_interval
         self._grace_period = grace_period
         self._stale_callback = stale_trial_callback
