@@ -254,7 +254,7 @@ def test_a_journal_lock_left_by_a_killed_process_is_a_plain_file_taken_over_afte
         "import os, sys\n"
         "from pathlib import Path\n"
         "from bigmodel_ops.tuning.storage import open_storage\n"
-        "storage = open_storage(None, journal=Path(sys.argv[1]), heartbeat_interval=1, grace_period=2, "
+        "storage = open_storage(None, journal=Path(sys.argv[1]), heartbeat_interval=1, grace_period=3, "
         "max_retry=0)\n"
         "storage._backend._lock.acquire()\n"
         "os.kill(os.getpid(), 9)\n"
@@ -268,8 +268,8 @@ def test_a_journal_lock_left_by_a_killed_process_is_a_plain_file_taken_over_afte
         "study.journal",
         "study.journal.lock",
     }
-    storage = open_storage(None, journal=journal, heartbeat_interval=1, grace_period=2, max_retry=0)
+    storage = open_storage(None, journal=journal, heartbeat_interval=1, grace_period=3, max_retry=0)
     started = time.monotonic()
     optuna.create_study(storage=storage, study_name="after-the-kill").optimize(lambda t: 1.0, n_trials=1)
-    assert time.monotonic() - started >= 2  # waited out the dead holder, then took the lock over
+    assert time.monotonic() - started >= 3  # waited out the dead holder, then took the lock over
     assert not lock.exists()

@@ -69,8 +69,8 @@ class HeartbeatJournalStorage(JournalStorage, BaseHeartbeat):
         # as given (relative under DVC), so one left by a killed process dangles, and `dvc repro`
         # then fails hashing the tune outputs with "No such file or directory: ...journal.lock".
         # A plain file left behind hashes like any file, and is taken over once it has not changed
-        # for grace_period seconds (a write holds the lock for milliseconds).
-        lock = JournalFileOpenLock(str(self.path), grace_period=grace_period)
+        # for grace_period seconds (a write holds the lock for milliseconds; Optuna warns below 3).
+        lock = JournalFileOpenLock(str(self.path), grace_period=max(grace_period, 3))
         super().__init__(JournalFileBackend(str(self.path), lock_obj=lock))
         self._heartbeat_interval = heartbeat_interval
         self._grace_period = grace_period
