@@ -246,11 +246,11 @@ def _fit_best(
     kept_model, cost, is_zero = None, None, True
     for k in range(n):
         seed = restart_seed(fit.seed, k)
-        sink = run if not control else None
+        name = f"{'control-' if control else ''}restart-{k}"
         with (
-            run.child_run(f"{prefix.replace('_', '-')}restart-{k}", tags={"bigmodel_ops.seed": seed})
+            run.child_run(name, tags={"bigmodel_ops.seed": seed})
             if n > 1
-            else contextlib.nullcontext(sink)
+            else contextlib.nullcontext(None if control else run)
         ) as sink:
             fit_callbacks: list[Any] = [CostCallback()]  # metered, logged by the stage
             if sink is not None:
