@@ -11,7 +11,7 @@ bigmodel_ops) and computes exactly what :mod:`bigmodel_ops.model` and
   returns the final hidden states;
 - :class:`BigModelForMaskedLM` / :class:`BigModelForCausalLM`: plus the (tied) LM head;
 - :class:`BigModelForSequenceClassification`: plus the classification head (Linear with bias)
-  over the ``cls``, ``last`` or ``mean`` pooled state (``config.pooling``).
+  over the ``cls``, ``last``, ``mean`` or ``mean_max`` pooled state (``config.pooling``).
 
 Inputs are right-padded ``input_ids`` with ``attention_mask`` (1 = real token). As in
 bigmodel_ops, a masked model hides padding from attention, a causal model needs no mask (it never
@@ -251,14 +251,16 @@ class BigModelForCausalLM(_WithLMHead):
 
 
 class BigModelForSequenceClassification(BigModelPreTrainedModel):
-    """Backbone + Linear head over the pooled state (``config.pooling``: cls, last or mean)."""
+    """Backbone + Linear head over the pooled state (``config.pooling``: cls, last, mean, or
+    mean_max: the mean and the elementwise max of the real tokens, concatenated, so 2 x n_embd)."""
 
     def __init__(self, config: BigModelConfig) -> None:
         super().__init__(config)
         self.num_labels = config.num_labels
         self.transformer = BigModelModel(config)
         self.dropout = nn.Dropout(config.classifier_dropout if hasattr(config, "classifier_dropout") else 0.0)
-        self.head = nn.Linear(config.n_embd, config.num_labels)
+        width = 2 * config.n_embd if config.pooling == "mean_max" else config.n_embd
+        self.head = nn.Linear(width, config.num_labels)
         self.post_init()
 
     def forward(
@@ -273,9 +275,12 @@ class BigModelForSequenceClassification(BigModelPreTrainedModel):
         mask = _padding_mask(input_ids, attention_mask)
         if self.config.pooling == "cls":
             pooled = h[:, 0]
-        elif self.config.pooling == "mean":
+        elif self.config.pooling in ("mean", "mean_max"):
             weights = mask.to(h.dtype).unsqueeze(-1)
             pooled = (h * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+            if self.config.pooling == "mean_max":
+                peak = h.masked_fill(~mask.unsqueeze(-1), torch.finfo(h.dtype).min).amax(1)
+                pooled = torch.cat([pooled, peak], dim=-1)
         else:  # last real token (right padding)
             last = (mask.sum(-1) - 1).clamp(min=0)
             pooled = h[torch.arange(h.size(0), device=h.device), last]

@@ -246,3 +246,25 @@ def test_huggingface_flag_without_transformers_fails_before_any_compute(tmp_path
     ):
         run_compress(params, paths=paths, quiet=True)
     assert not paths.compress_dir.exists() and not paths.compress_report.exists()
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+def test_onnx_export_of_mean_max_pooling_matches_torch(tmp_path: Path, exporter: str):
+    """The max over real tokens exports (padding masked out, dynamic batch and length)."""
+    from bigmodel_ops.classification.model import SequenceClassifier
+    from bigmodel_ops.model import ModelConfig, TransformerLM
+
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=64, block_size=16, n_layer=1, n_head=2, n_embd=16, objective="masked")
+    model = SequenceClassifier(TransformerLM(config), num_labels=2, dropout=0.0, pooling="mean_max").eval()
+    idx = torch.randint(5, 64, (3, 12))
+    lengths = torch.tensor([12, 7, 3])
+    path = onnx_export.export_onnx(
+        model, tmp_path / "model.onnx", example=(idx, lengths), opset=18, exporter=exporter
+    )
+    run = onnx_export.onnx_runner(path)
+    longer, more = torch.randint(5, 64, (5, 16)), torch.tensor([16, 9, 4, 1, 13])  # other shapes
+    for batch in ((idx, lengths), (longer, more)):
+        with torch.no_grad():
+            want = model(*batch).numpy()
+        np.testing.assert_allclose(run(*batch), want, atol=1e-4)

@@ -84,6 +84,7 @@ CASES = {
     ),
     "causal-mean": ("causal", "mean", {}, "BigModelForSequenceClassification", "GPT2LMHeadModel"),
     "masked-cls": ("masked", "cls", {}, "BigModelForSequenceClassification", "BigModelForMaskedLM"),
+    "masked-mean-max": ("masked", "mean_max", {}, "BigModelForSequenceClassification", "BigModelForMaskedLM"),
     "masked-mean-bias": (
         "masked",
         "mean",

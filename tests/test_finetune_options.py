@@ -146,6 +146,30 @@ def test_mean_pooling_is_the_masked_mean_of_real_tokens(objective: str):
         )
 
 
+@pytest.mark.parametrize("objective", ["masked", "causal"])
+def test_mean_max_pooling_concatenates_the_mean_and_the_max_of_real_tokens(objective: str):
+    torch.manual_seed(0)
+    model = _classifier(objective, "mean_max")
+    assert model.head.in_features == 2 * model.backbone.config.n_embd
+    batch = _batch()
+    idx, lengths = batch["idx"], batch["lengths"]
+    assert int(lengths.min()) < idx.size(1)  # some padding, which the max must not see
+    real = torch.arange(idx.size(1))[None, :] < lengths[:, None]
+    with torch.no_grad():
+        hidden = model.backbone.hidden(idx, key_padding_mask=real if objective == "masked" else None)
+        expected = torch.stack(
+            [
+                torch.cat([hidden[i, : lengths[i]].mean(0), hidden[i, : lengths[i]].amax(0)])
+                for i in range(len(idx))
+            ]
+        )
+        torch.testing.assert_close(model.pool(idx, lengths), expected)
+        alone = collate([(idx[1, : lengths[1]].tolist(), 0)])
+        torch.testing.assert_close(
+            model(alone["idx"], alone["lengths"])[0], model(idx, lengths)[1], atol=1e-5, rtol=1e-5
+        )
+
+
 def test_pooling_that_does_not_fit_the_backbone_names_the_setting(tmp_path: Path):
     make_pretrained(tmp_path / "causal", [t for t, _ in make_texts(16, seed=0)], objective="causal")
     with pytest.raises(ConfigError, match="finetune.pooling: pooling 'cls' does not fit a causal backbone"):
@@ -159,9 +183,10 @@ def test_pooling_that_does_not_fit_the_backbone_names_the_setting(tmp_path: Path
     )
 
 
-def test_export_keeps_the_pooling(tmp_path: Path):
+@pytest.mark.parametrize("pooling", ["mean", "mean_max"])
+def test_export_keeps_the_pooling(tmp_path: Path, pooling: str):
     make_pretrained(tmp_path / "model", [t for t, _ in make_texts(16, seed=0)], objective="masked")
-    model = build_classifier(tmp_path / "model", num_labels=2, dropout=0.0, pooling="mean").eval()
+    model = build_classifier(tmp_path / "model", num_labels=2, dropout=0.0, pooling=pooling).eval()
     save_classifier(
         model,
         tmp_path / "clf",
@@ -169,9 +194,9 @@ def test_export_keeps_the_pooling(tmp_path: Path):
         max_length=24,
         tokenizer_file=tmp_path / "model/tokenizer.json",
     )
-    assert json.loads((tmp_path / "clf/config.json").read_text())["pooling"] == "mean"
+    assert json.loads((tmp_path / "clf/config.json").read_text())["pooling"] == pooling
     loaded = load_classifier(tmp_path / "clf")
-    assert loaded.model.pooling == "mean"
+    assert loaded.model.pooling == pooling
     batch = _batch()
     batch["idx"] = batch["idx"].clamp(max=model.backbone.config.vocab_size - 1)
     with torch.no_grad():

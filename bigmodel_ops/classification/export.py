@@ -139,7 +139,7 @@ def load_classifier(directory: Path | str) -> TextClassifier:
         raise CheckpointError(f"{directory / CONFIG_FILE}: invalid model config: {error}") from None
     labels = [str(label) for label in payload["labels"]]
     try:
-        # The pooling the classifier was trained with (cls / last / mean), never re-derived.
+        # The pooling the classifier was trained with (cls / last / mean / mean_max), never re-derived.
         model = SequenceClassifier(
             TransformerLM(config), num_labels=len(labels), dropout=0.0, pooling=str(payload["pooling"])
         )

@@ -7,6 +7,9 @@ a dropout + Linear head over one pooled vector per text. Pooling (:data:`POOLING
 - ``last``: the last real token, the only position of a causal backbone that has seen the whole
   text; causal backbones only;
 - ``mean``: the mean of the real tokens' states (padding excluded); either objective;
+- ``mean_max``: the mean and the elementwise max of the real tokens' states, concatenated (2C: the
+  head also sees the strongest evidence anywhere in the text, as ULMFiT's concat pooling does);
+  either objective;
 - ``auto`` (:func:`pooling_for`): ``cls`` for a masked backbone, ``last`` for a causal one.
 
 The served model imports this module: no Lightning, pydantic or peft here.
@@ -20,7 +23,15 @@ import torch.nn as nn
 from bigmodel_ops.model import TransformerLM
 
 # The poolings that fit each backbone objective.
-POOLINGS: dict[str, tuple[str, ...]] = {"masked": ("cls", "mean"), "causal": ("last", "mean")}
+POOLINGS: dict[str, tuple[str, ...]] = {
+    "masked": ("cls", "mean", "mean_max"),
+    "causal": ("last", "mean", "mean_max"),
+}
+
+
+def pooled_size(n_embd: int, pooling: str) -> int:
+    """The width of the pooled vector the head reads (C, or 2C for ``mean_max``)."""
+    return 2 * n_embd if pooling == "mean_max" else n_embd
 
 
 def pooling_for(objective: str) -> str:
@@ -61,7 +72,7 @@ class SequenceClassifier(nn.Module):
         self.num_labels = num_labels
         self.pooling = resolve_pooling(pooling, backbone.config.objective)
         self.dropout = nn.Dropout(dropout)
-        self.head = nn.Linear(backbone.config.n_embd, num_labels)
+        self.head = nn.Linear(pooled_size(backbone.config.n_embd, self.pooling), num_labels)
         nn.init.normal_(self.head.weight, mean=0.0, std=0.02)
         nn.init.zeros_(self.head.bias)
         if self.backbone.lm_head.weight is not self.backbone.wte.weight:
@@ -70,16 +81,20 @@ class SequenceClassifier(nn.Module):
             self.backbone.lm_head.weight.requires_grad_(False)
 
     def pool(self, idx: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """The pooled representation (B, C)."""
+        """The pooled representation (B, C), or (B, 2C) with ``mean_max``."""
         T = idx.size(1)
         mask = torch.arange(T, device=idx.device)[None, :] < lengths[:, None]  # (B, T) True = real
         masked = self.backbone.config.objective == "masked"
         h = self.backbone.hidden(idx, key_padding_mask=mask if masked else None)  # (B, T, C)
         if self.pooling == "cls":
             return h[:, 0]
-        if self.pooling == "mean":
+        if self.pooling in ("mean", "mean_max"):
             weights = mask.to(h.dtype).unsqueeze(-1)  # (B, T, 1)
-            return (h * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+            mean = (h * weights).sum(1) / weights.sum(1).clamp(min=1.0)  # (B, C)
+            if self.pooling == "mean":
+                return mean
+            peak = h.masked_fill(~mask.unsqueeze(-1), torch.finfo(h.dtype).min).amax(1)  # (B, C)
+            return torch.cat([mean, peak], dim=-1)  # (B, 2C)
         last = (lengths - 1).clamp(min=0)
         return h[torch.arange(idx.size(0), device=idx.device), last]
 

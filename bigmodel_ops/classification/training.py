@@ -76,7 +76,7 @@ class HyperParams:
     head_lr_mult: float = 1.0  # the head's LR = lr * head_lr_mult
     layer_lr_decay: float = 1.0  # block i's LR = lr * decay ** (n_layer - i); embeddings one more
     grad_clip: float = 1.0
-    pooling: str = "auto"  # auto | cls | mean | last
+    pooling: str = "auto"  # auto | cls | mean | last | mean_max
     freeze_backbone: bool = False
     freeze_layers: int = 0  # >0: freeze the embeddings and the first k blocks
     label_smoothing: float = 0.0

@@ -53,9 +53,10 @@ class FinetuneParams(_Strict):
     # Tokens kept from the start of a long text with truncation: head_tail ([CLS] included).
     head_tokens: PositiveInt = 64
     # One vector per text for the head: cls (masked backbone), last (causal backbone), mean
-    # (either: the mean of the real tokens), auto = cls for masked, last for causal. Checked
-    # against the backbone's objective once the backbone is known.
-    pooling: Literal["auto", "cls", "mean", "last"] = "auto"
+    # (either: the mean of the real tokens), mean_max (either: the mean and the elementwise max
+    # of the real tokens, concatenated), auto = cls for masked, last for causal. Checked against
+    # the backbone's objective once the backbone is known.
+    pooling: Literal["auto", "cls", "mean", "last", "mean_max"] = "auto"
     # Use the tune stage's best hyperparameters instead of the values above.
     use_tuned: bool = True
     # Freeze the pretrained backbone and train only the classification head.
