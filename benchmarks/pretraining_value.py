@@ -6,6 +6,7 @@ LoRA and TF-IDF + logistic regression, on one split of a labelled CSV, in one pr
     python benchmarks/pretraining_value.py --data reviews.csv --quick        # smoke test (< 2 minutes)
     python benchmarks/pretraining_value.py --data reviews.csv --set profiles.max_steps=2000 --set finetune.lr=0.001
     python benchmarks/pretraining_value.py --data reviews.csv --seed 1337 --seed 2 --seed 3 --skip-lora
+    python benchmarks/pretraining_value.py --data reviews.csv --variant maxpool:pooling=mean_max
 
 In a temporary project folder (MLflow: a sqlite store in that folder, no system metrics), with the
 repo's params.yaml where only the source (the given CSV, plus ``--unlabeled`` text if given), the
@@ -38,6 +39,11 @@ loaded back as the evaluate stage loads it, and scored on the TEST split; and
 ``--seed S`` repeated runs the whole comparison once per seed (each its own split, tokenizer,
 backbone and inits), prints a table across seeds, and reports the means: on a test split of a
 few hundred texts one seed's (a) - (b) is within noise. ``--skip-lora`` leaves out (d).
+``--variant NAME:KEY=VALUE[,KEY=VALUE]`` (repeatable) fine-tunes (a) once more from the same backbone
+with those ``finetune`` settings (e.g. ``maxpool:pooling=mean_max``, or ``scratchmax:pooling=mean_max,
+from_scratch=true`` for a control with them); the settings are checked before any work, and each
+variant adds ``acc_NAME``, ``val_acc_NAME`` and ``NAME_minus_pretrained_points`` (with several seeds
+also its ``..._se``, the standard error of the mean paired difference from (a)).
 
 Prints a table, then as the LAST line one JSON object: acc_pretrained / acc_scratch / acc_lora /
 acc_tfidf / acc_probe_pretrained / acc_probe_random (test accuracies, fractions), val_acc_*,
@@ -163,6 +169,27 @@ def build_params(
 
 
 _RESTART_KEYS = ("kept_restart", "restart_acc", "restart_val_acc")
+_RESERVED = ("pretrained", "scratch", "lora", "tfidf", "probe")
+_VARIANT_NAME = re.compile(r"[a-z][a-z0-9_]*")
+
+
+def parse_variant(text: str) -> tuple[str, list[str]]:
+    """``NAME:KEY=VALUE[,KEY=VALUE...]`` -> (name, ``finetune.KEY=VALUE`` overrides). SystemExit
+    naming the argument when it is malformed; the values are checked by the params schema."""
+    name, sep, settings = text.partition(":")
+    pairs = [item.strip() for item in settings.split(",") if item.strip()]
+    problem = None
+    if not sep or not pairs:
+        problem = "expected NAME:KEY=VALUE[,KEY=VALUE...] with finetune settings"
+    elif not _VARIANT_NAME.fullmatch(name) or name in _RESERVED:
+        problem = (
+            f"name {name!r} must be lower-case letters, digits and _, and not one of {', '.join(_RESERVED)}"
+        )
+    elif bad := [item for item in pairs if "=" not in item or "." in item.partition("=")[0]]:
+        problem = f"{bad[0]!r} is not KEY=VALUE with a key of the finetune section"
+    if problem:
+        raise SystemExit(f"--variant {text}: {problem}")
+    return name, [f"finetune.{item.strip()}" for item in pairs]
 
 
 def finetune_variant(
@@ -356,6 +383,22 @@ def run(args: argparse.Namespace, *, seed: int | None, keep: Path | None) -> dic
             unlabeled=unlabeled,
             overrides=args.set,
         )
+        variants = {}  # name -> the same params with that variant's finetune settings (checked now)
+        for text in args.variant or ():
+            name, settings = parse_variant(text)
+            if name in variants:
+                raise SystemExit(f"--variant {text}: the name {name!r} is used twice")
+            variants[name] = build_params(
+                data=data,
+                text_column=args.text_column,
+                label_column=args.label_column,
+                objective=args.objective,
+                seed=seed,
+                tracking_uri=uri,
+                quick=args.quick,
+                unlabeled=unlabeled,
+                overrides=[*(args.set or []), *settings],
+            )
         paths = ProjectPaths(root)
         sizing = params.sizing
         log(
@@ -402,6 +445,8 @@ def run(args: argparse.Namespace, *, seed: int | None, keep: Path | None) -> dic
         }
         if not args.skip_lora:
             results["lora"] = finetune_variant("lora", params, paths, splits, test, method="lora")
+        for name, variant_params in variants.items():
+            results[name] = finetune_variant(name, variant_params, paths, splits, test)
         results["tfidf"] = tfidf(params, paths)
         log(f"  {'tfidf':<10} test acc {results['tfidf']['acc']:.4f}  ({results['tfidf']['seconds']:.1f}s)")
         probes = probe(params, paths, splits)
@@ -429,6 +474,13 @@ def run(args: argparse.Namespace, *, seed: int | None, keep: Path | None) -> dic
         "pretrained_minus_scratch_points": round(
             100 * (results["pretrained"]["acc"] - results["scratch"]["acc"]), 2
         ),
+        **{
+            f"{name}_minus_pretrained_points": round(
+                100 * (results[name]["acc"] - results["pretrained"]["acc"]), 2
+            )
+            for name in variants
+        },
+        "variants": {name: settings for name, settings in map(parse_variant, args.variant or ())},
         "pretrain_val_loss": round(val_loss, 4),
         "unigram_entropy": round(entropy, 4),
         "gap_to_unigram": round(gap, 4),
@@ -501,7 +553,17 @@ def print_table(s: dict[str, Any]) -> None:
         f"pretrained - scratch: {s['pretrained_minus_scratch_points']:+.1f} points; "
         f"pretrained - tfidf: {100 * (s['acc_pretrained'] - s['acc_tfidf']):+.1f}{lora}"
     )
-    finetunes = " / ".join(f"{s[f'seconds_finetune_{k}']:.0f}" for k in names if f"seconds_finetune_{k}" in s)
+    for key in s.get("variants", {}):
+        log(
+            f"{'variant ' + key:<26}{100 * s[f'acc_{key}']:>9.1f}%{100 * s[f'val_acc_{key}']:>9.1f}%"
+            f"{s[f'trainable_params_{key}']:>12,}{s[f'seconds_finetune_{key}']:>10.1f}"
+            f"   {s[f'{key}_minus_pretrained_points']:+.1f} points on test against (a)"
+        )
+    finetunes = " / ".join(
+        f"{s[f'seconds_finetune_{k}']:.0f}"
+        for k in [*names, *s.get("variants", {})]
+        if f"seconds_finetune_{k}" in s
+    )
     log(
         f"wall: total {s['seconds']:.0f}s (prepare {s['seconds_prepare']:.0f}, tokenize {s['seconds_tokenize']:.0f}, "
         f"pretrain {s['seconds_pretrain']:.0f}, fine-tune {finetunes}, tfidf {s['seconds_tfidf']:.0f}, "
@@ -526,14 +588,14 @@ def aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
         else:
             summary[key] = value
     summary["seconds"] = round(sum(run["seconds"] for run in runs), 1)
-    for name, a, b in (
-        ("", "acc_pretrained", "acc_scratch"),
-        ("val_", "val_acc_pretrained", "val_acc_scratch"),
-    ):
-        diffs = [100 * (run[a] - run[b]) for run in runs]
-        se = statistics.stdev(diffs) / math.sqrt(n) if n > 1 else 0.0
-        summary[f"{name}pretrained_minus_scratch_points"] = round(statistics.fmean(diffs), 2)
-        summary[f"{name}pretrained_minus_scratch_se"] = round(se, 2)
+    pairs = [("pretrained_minus_scratch", "pretrained", "scratch")]
+    pairs += [(f"{name}_minus_pretrained", name, "pretrained") for name in runs[0].get("variants", {})]
+    for key, a, b in pairs:
+        for prefix in ("", "val_"):
+            diffs = [100 * (run[f"{prefix}acc_{a}"] - run[f"{prefix}acc_{b}"]) for run in runs]
+            se = statistics.stdev(diffs) / math.sqrt(n) if n > 1 else 0.0
+            summary[f"{prefix}{key}_points"] = round(statistics.fmean(diffs), 2)
+            summary[f"{prefix}{key}_se"] = round(se, 2)
     summary.update(seeds=[run["seed"] for run in runs], n_seeds=n, per_seed=runs)
     return summary
 
@@ -561,6 +623,14 @@ def print_seeds_table(s: dict[str, Any]) -> None:
         f"{s['val_pretrained_minus_scratch_se']:.2f} on val (mean +- its standard error over seeds); "
         f"wall {s['seconds']:.0f}s in all"
     )
+    for key in s.get("variants", {}):
+        per_seed = ", ".join(f"{r[f'{key}_minus_pretrained_points']:+.1f}" for r in s["per_seed"])
+        log(
+            f"variant {key}: {100 * s[f'acc_{key}']:.1f}% / {100 * s[f'val_acc_{key}']:.1f}%; minus (a): "
+            f"{s[f'{key}_minus_pretrained_points']:+.2f} +- {s[f'{key}_minus_pretrained_se']:.2f} points on test "
+            f"({per_seed}), {s[f'val_{key}_minus_pretrained_points']:+.2f} +- "
+            f"{s[f'val_{key}_minus_pretrained_se']:.2f} on val"
+        )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -587,6 +657,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="extra unlabeled text for pretraining, one document per line (prepare.source.unlabeled_path; "
         "lines that are also texts of --data are dropped, so no test text enters pretraining; used as "
         "given, also with --short)",
+    )
+    parser.add_argument(
+        "--variant",
+        action="append",
+        metavar="NAME:KEY=VALUE[,KEY=VALUE]",
+        help="one more fine-tuning of (a) from the same backbone with these finetune settings, e.g. "
+        "maxpool:pooling=mean_max; reported as acc_NAME and NAME_minus_pretrained_points; repeatable",
     )
     parser.add_argument("--text-column", default="review")
     parser.add_argument("--label-column", default="sentiment")

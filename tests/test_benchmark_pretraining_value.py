@@ -7,6 +7,7 @@ import hashlib
 import importlib.util
 import logging
 import random
+import re
 from pathlib import Path
 
 import numpy as np
@@ -121,6 +122,45 @@ def test_set_overrides_a_setting_of_every_variant_and_refuses_a_bad_key(tmp_path
         bench.build_params(**common, overrides=["finetune.lrr=0.001"])
 
 
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        ("maxpool", "expected NAME:KEY=VALUE"),
+        ("maxpool:", "expected NAME:KEY=VALUE"),
+        ("Max-Pool:pooling=mean_max", "name 'Max-Pool' must be lower-case"),
+        (
+            "scratch:pooling=mean_max",
+            "name 'scratch' must be lower-case letters, digits and _, and not one of",
+        ),
+        ("maxpool:pooling", "'pooling' is not KEY=VALUE"),
+        ("maxpool:finetune.pooling=mean_max", "'finetune.pooling=mean_max' is not KEY=VALUE"),
+    ],
+)
+def test_a_malformed_variant_is_refused_by_name(text: str, message: str) -> None:
+    bench = _load_script()
+    with pytest.raises(SystemExit, match=re.escape(f"--variant {text}: {message}")):
+        bench.parse_variant(text)
+
+
+def test_variants_are_checked_by_the_schema_before_any_work(tmp_path: Path, monkeypatch) -> None:
+    bench = _load_script()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///unused.db")  # run() sets it: restored after
+    assert bench.parse_variant("maxpool:pooling=mean_max, lr=0.001") == (
+        "maxpool",
+        ["finetune.pooling=mean_max", "finetune.lr=0.001"],
+    )
+    data = write_tiny_csv(tmp_path / "tiny.csv", n=4)
+    keep = tmp_path / "kept"
+    for variant, error, message in (
+        (["bad:pooling=max"], ConfigError, "finetune.pooling"),
+        (["a:lr=0.001", "a:lr=0.002"], SystemExit, "--variant a:lr=0.002: the name 'a' is used twice"),
+    ):
+        argv = ["--data", str(data), "--keep", str(keep)] + [f"--variant={v}" for v in variant]
+        with pytest.raises(error, match=re.escape(message)):
+            bench.run(bench.build_parser().parse_args(argv), seed=None, keep=keep)
+        assert not (keep / "outputs").exists() and not (keep / "mlflow.db").exists()
+
+
 def test_unlabeled_text_feeds_the_pretraining_pool_and_a_missing_file_is_refused(tmp_path: Path) -> None:
     bench = _load_script()
     data = write_tiny_csv(tmp_path / "tiny.csv", n=4)
@@ -233,6 +273,16 @@ def test_several_seeds_average_each_figure_and_give_the_spread_of_the_paired_dif
     assert summary["val_pretrained_minus_scratch_points"] == pytest.approx(2.0)
     assert summary["val_pretrained_minus_scratch_se"] == 0.0  # the same val difference on every seed
     assert bench.aggregate(runs[:1])["pretrained_minus_scratch_se"] == 0.0
+    # A --variant: its paired difference from (a), on test and on val, the same way.
+    for run, acc, val in zip(runs, (0.82, 0.83, 0.82), (0.81, 0.80, 0.79), strict=True):
+        run.update(acc_maxpool=acc, val_acc_maxpool=val, variants={"maxpool": ["finetune.pooling=mean_max"]})
+    summary = bench.aggregate(runs)
+    assert summary["acc_maxpool"] == pytest.approx(0.8233) and summary["variants"] == runs[0]["variants"]
+    # +2, -1, +3 points on test: mean 1.33, sd 2.08, se 1.20; val +1, 0, -1: mean 0, se 0.58
+    assert summary["maxpool_minus_pretrained_points"] == pytest.approx(1.33)
+    assert summary["maxpool_minus_pretrained_se"] == pytest.approx(1.2)
+    assert summary["val_maxpool_minus_pretrained_points"] == pytest.approx(0.0)
+    assert summary["val_maxpool_minus_pretrained_se"] == pytest.approx(0.58)
 
 
 def test_a_seed_named_twice_is_refused(tmp_path: Path) -> None:
@@ -249,7 +299,7 @@ def test_a_seed_named_twice_is_refused(tmp_path: Path) -> None:
 def test_quick_run_over_two_seeds_without_lora_reports_each_seed_and_the_means(tmp_path: Path) -> None:
     data = write_tiny_csv(tmp_path / "tiny.csv")
     args = ["--data", str(data), "--quick", "--skip-lora", "--seed", "5", "--seed", "6"]
-    args += ["--set", "finetune.restarts=2"]
+    args += ["--set", "finetune.restarts=2", "--variant", "maxpool:pooling=mean_max,restarts=1"]
     args += ["--keep", str(tmp_path / "kept")]
     summary, lines = json_summary(run_benchmark(SCRIPT, *args, cwd=tmp_path, timeout=900))
     assert summary["seeds"] == [5, 6] and [run["seed"] for run in summary["per_seed"]] == [5, 6]
@@ -274,6 +324,13 @@ def test_quick_run_over_two_seeds_without_lora_reports_each_seed_and_the_means(t
     assert sorted(p.name for p in (tmp_path / "kept").iterdir()) == ["seed-5", "seed-6"]
     # finetune.restarts: each variant fine-tuned twice per seed, the run with the best val kept
     assert summary["restarts"] == 2
+    # --variant: one more fine-tuning of (a) per seed, from the same backbone, with its own settings
+    assert summary["variants"] == {"maxpool": ["finetune.pooling=mean_max", "finetune.restarts=1"]}
+    for run in summary["per_seed"]:
+        assert "restart_acc_maxpool" not in run and 0.0 <= run["acc_maxpool"] <= 1.0
+        diff = 100 * (run["acc_maxpool"] - run["acc_pretrained"])
+        assert run["maxpool_minus_pretrained_points"] == pytest.approx(diff, abs=0.01)
+    assert any(line.startswith("variant maxpool:") for line in lines)
     assert not [key for key in summary if key.startswith(("restart_", "kept_restart"))]
     for run in summary["per_seed"]:
         for variant in ("pretrained", "scratch"):
