@@ -372,33 +372,17 @@ def run(args: argparse.Namespace, *, seed: int | None, keep: Path | None) -> dic
             data = short
         uri = f"sqlite:///{root / 'mlflow.db'}"
         os.environ["MLFLOW_TRACKING_URI"] = uri
-        params = build_params(
-            data=data,
-            text_column=args.text_column,
-            label_column=args.label_column,
-            objective=args.objective,
-            seed=seed,
-            tracking_uri=uri,
-            quick=args.quick,
-            unlabeled=unlabeled,
-            overrides=args.set,
+        common = dict(data=data, text_column=args.text_column, label_column=args.label_column)
+        common.update(
+            objective=args.objective, seed=seed, tracking_uri=uri, quick=args.quick, unlabeled=unlabeled
         )
+        params = build_params(**common, overrides=args.set)
         variants = {}  # name -> the same params with that variant's finetune settings (checked now)
         for text in args.variant or ():
             name, settings = parse_variant(text)
             if name in variants:
                 raise SystemExit(f"--variant {text}: the name {name!r} is used twice")
-            variants[name] = build_params(
-                data=data,
-                text_column=args.text_column,
-                label_column=args.label_column,
-                objective=args.objective,
-                seed=seed,
-                tracking_uri=uri,
-                quick=args.quick,
-                unlabeled=unlabeled,
-                overrides=[*(args.set or []), *settings],
-            )
+            variants[name] = build_params(**common, overrides=[*(args.set or []), *settings])
         paths = ProjectPaths(root)
         sizing = params.sizing
         log(
