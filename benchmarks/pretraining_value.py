@@ -189,7 +189,7 @@ def parse_variant(text: str) -> tuple[str, list[str]]:
         problem = f"{bad[0]!r} is not KEY=VALUE with a key of the finetune section"
     if problem:
         raise SystemExit(f"--variant {text}: {problem}")
-    return name, [f"finetune.{item.strip()}" for item in pairs]
+    return name, [f"finetune.{item}" for item in pairs]
 
 
 def finetune_variant(
@@ -377,12 +377,16 @@ def run(args: argparse.Namespace, *, seed: int | None, keep: Path | None) -> dic
             objective=args.objective, seed=seed, tracking_uri=uri, quick=args.quick, unlabeled=unlabeled
         )
         params = build_params(**common, overrides=args.set)
-        variants = {}  # name -> the same params with that variant's finetune settings (checked now)
+        variants, variant_settings = (
+            {},
+            {},
+        )  # name -> the same params with its finetune settings (checked now)
         for text in args.variant or ():
             name, settings = parse_variant(text)
             if name in variants:
                 raise SystemExit(f"--variant {text}: the name {name!r} is used twice")
             variants[name] = build_params(**common, overrides=[*(args.set or []), *settings])
+            variant_settings[name] = settings
         paths = ProjectPaths(root)
         sizing = params.sizing
         log(
@@ -464,7 +468,7 @@ def run(args: argparse.Namespace, *, seed: int | None, keep: Path | None) -> dic
             )
             for name in variants
         },
-        "variants": {name: settings for name, settings in map(parse_variant, args.variant or ())},
+        "variants": variant_settings,
         "pretrain_val_loss": round(val_loss, 4),
         "unigram_entropy": round(entropy, 4),
         "gap_to_unigram": round(gap, 4),
