@@ -168,7 +168,8 @@ def build_params(
     return parse_params(raw, source="params.yaml (benchmark overrides)")
 
 
-_RESTART_KEYS = ("kept_restart", "restart_acc", "restart_val_acc")
+_RESTART_KEYS = ("kept_restart", "restart_acc", "restart_val_acc", "soup_members")
+_SOUP_KEYS = ("acc_best_restart", "val_acc_best_restart")  # averaged over seeds
 _RESERVED = ("pretrained", "scratch", "lora", "tfidf", "probe")
 _VARIANT_NAME = re.compile(r"[a-z][a-z0-9_]*")
 
@@ -196,17 +197,19 @@ def finetune_variant(
     name: str, params: Any, paths: Any, splits: Any, test: tuple[list[str], Any], **changes: Any
 ):
     """Fine-tune one variant with the params' recipe (``finetune.restarts`` runs, the best by val
-    kept, as the finetune stage does); export each run's best epoch, reload it and score TEST."""
+    kept, or their soup with ``finetune.combine_restarts``, as the finetune stage does); export each
+    run's best epoch (and the soup), reload it and score TEST."""
     import dataclasses
 
     from bigmodel_ops.classification.restarts import Restart, pick_best, restart_seed
+    from bigmodel_ops.classification.soup import soup_of
     from bigmodel_ops.classification.training import fit_classifier, trainable_parameters
     from bigmodel_ops.pipeline._finetuning import fit_config, hyperparams
 
     started = time.perf_counter()
     hparams = hyperparams(params).replace(**changes) if changes else hyperparams(params)
     fit = fit_config(params)
-    tries, accs = [], []
+    tries, accs, exported = [], [], []
     for k in range(params.finetune.restarts):
         seed = restart_seed(fit.seed, k)
         module, trainer = fit_classifier(
@@ -219,7 +222,10 @@ def finetune_variant(
         n_trainable = trainable_parameters(module.model)
         tries.append(Restart.of_fit(module, trainer, index=k, seed=seed))
         # best epoch, adapters merged (as the finetune stage does)
-        accs.append(_test_accuracy(module.export_model().cpu(), f"{name}-{k}", params, paths, test))
+        model = module.export_model().cpu()
+        accs.append(_test_accuracy(model, f"{name}-{k}", params, paths, test))
+        if params.finetune.combine_restarts != "best":
+            exported.append(model)
         del module, trainer
         if params.finetune.restarts > 1:
             log(
@@ -242,6 +248,27 @@ def finetune_variant(
             "restart_acc": [round(a, 4) for a in accs],
             "restart_val_acc": [round(t.val_acc, 4) for t in tries],
         }
+    if exported:  # the soup replaces the best run; the best run is reported beside it
+        soup = soup_of(
+            exported,
+            kind=params.finetune.combine_restarts,
+            val=splits["val"],
+            num_labels=fit.num_labels,
+            batch_size=hparams.batch_size,
+        )
+        result |= {
+            "acc_best_restart": result["acc"],
+            "val_acc_best_restart": result["val_acc"],
+            "acc": _test_accuracy(soup.model, f"{name}-soup", params, paths, test),
+            "val_acc": soup.val["val_acc"],
+            "val_loss": soup.val["val_loss"],
+            "soup_members": soup.members,
+        }
+        log(
+            f"  {name:<10} {soup.kind} of restarts {soup.members}: test acc {result['acc']:.4f}  val acc "
+            f"{result['val_acc']:.4f} (the best restart: {result['acc_best_restart']:.4f} / "
+            f"{result['val_acc_best_restart']:.4f})"
+        )
     log(
         f"  {name:<10} test acc {result['acc']:.4f}  val acc {result['val_acc']:.4f}  "
         f"({n_trainable:,} trainable, best epoch {best.best_epoch}"
@@ -457,6 +484,7 @@ def run(args: argparse.Namespace, *, seed: int | None, keep: Path | None) -> dic
         **{f"best_epoch_{k}": r["best_epoch"] for k, r in results.items() if "best_epoch" in r},
         "restarts": int(params.finetune.restarts),
         **{f"{key}_{k}": r[key] for k, r in results.items() for key in _RESTART_KEYS if key in r},
+        **{f"{key}_{k}": round(r[key], 4) for k, r in results.items() for key in _SOUP_KEYS if key in r},
         "acc_probe_pretrained": round(probes["pretrained"], 4),
         "acc_probe_random": round(probes["random"], 4),
         "pretrained_minus_scratch_points": round(

@@ -300,6 +300,7 @@ def test_quick_run_over_two_seeds_without_lora_reports_each_seed_and_the_means(t
     data = write_tiny_csv(tmp_path / "tiny.csv")
     args = ["--data", str(data), "--quick", "--skip-lora", "--seed", "5", "--seed", "6"]
     args += ["--set", "finetune.restarts=2", "--variant", "maxpool:pooling=mean_max,restarts=1"]
+    args += ["--variant", "soup:combine_restarts=soup"]
     args += ["--keep", str(tmp_path / "kept")]
     summary, lines = json_summary(run_benchmark(SCRIPT, *args, cwd=tmp_path, timeout=900))
     assert summary["seeds"] == [5, 6] and [run["seed"] for run in summary["per_seed"]] == [5, 6]
@@ -325,7 +326,10 @@ def test_quick_run_over_two_seeds_without_lora_reports_each_seed_and_the_means(t
     # finetune.restarts: each variant fine-tuned twice per seed, the run with the best val kept
     assert summary["restarts"] == 2
     # --variant: one more fine-tuning of (a) per seed, from the same backbone, with its own settings
-    assert summary["variants"] == {"maxpool": ["finetune.pooling=mean_max", "finetune.restarts=1"]}
+    assert summary["variants"] == {
+        "maxpool": ["finetune.pooling=mean_max", "finetune.restarts=1"],
+        "soup": ["finetune.combine_restarts=soup"],
+    }
     for run in summary["per_seed"]:
         assert "restart_acc_maxpool" not in run and 0.0 <= run["acc_maxpool"] <= 1.0
         diff = 100 * (run["acc_maxpool"] - run["acc_pretrained"])
@@ -338,3 +342,13 @@ def test_quick_run_over_two_seeds_without_lora_reports_each_seed_and_the_means(t
             kept = run[f"kept_restart_{variant}"]
             assert len(val) == len(test) == 2 and kept == (1 if val[1] > val[0] else 0)
             assert run[f"acc_{variant}"] == test[kept] and run[f"val_acc_{variant}"] == val[kept]
+        # the soup variant: (a)'s two runs again (the same seeds), their mean scored beside the best
+        assert run["restart_acc_soup"] == run["restart_acc_pretrained"] and run["soup_members_soup"] == [0, 1]
+        assert run["acc_best_restart_soup"] == run["acc_pretrained"]
+        assert run["val_acc_best_restart_soup"] == run["val_acc_pretrained"]
+        assert 0.0 <= run["acc_soup"] <= 1.0
+    means = [
+        sum(run[f"{key}_soup"] for run in summary["per_seed"]) / 2 for key in ("acc", "acc_best_restart")
+    ]
+    assert [summary["acc_soup"], summary["acc_best_restart_soup"]] == pytest.approx(means, abs=1e-4)
+    assert any(line.split()[:5] == ["soup", "soup", "of", "restarts", "[0,"] for line in lines)

@@ -107,6 +107,11 @@ def test_params_defaults_keep_todays_behaviour_and_reach_hyperparams():
         ({"layer_lr_decay": 1.5}, "finetune.layer_lr_decay"),
         ({"early_stopping_patience": -1}, "finetune.early_stopping_patience"),
         ({"restarts": 0}, "finetune.restarts"),
+        ({"combine_restarts": "mean"}, "finetune.combine_restarts"),
+        (
+            {"combine_restarts": "soup"},
+            "combine_restarts: soup averages the weights of several runs, but restarts is 1; set restarts >= 2",
+        ),
         ({"truncation": "middle"}, "finetune.truncation"),
         (
             {"truncation": "head_tail", "max_length": 64, "head_tokens": 64},

@@ -84,6 +84,11 @@ class FinetuneParams(_Strict):
     # Small labelled sets make single runs noisy: BERT's authors kept the best of several restarts
     # (README, "Fine-tuning options"). Each restart costs one more fine-tuning. Tune trials train once.
     restarts: PositiveInt = 1
+    # What the restarts export: best (the run with the best val_acc), soup (the mean of every
+    # run's weights, each at its best epoch: a "model soup", one model's inference cost) or
+    # greedy_soup (runs join the mean best first, each only if the mean's val_acc does not drop).
+    # soup and greedy_soup need restarts >= 2 (README, "Fine-tuning options").
+    combine_restarts: Literal["best", "soup", "greedy_soup"] = "best"
     # Stop after this many epochs without a better val_acc; 0 or null = off. Either way the
     # best epoch's weights (by val_acc) are exported, not the last epoch's.
     early_stopping_patience: int | None = Field(default=0, ge=0)
@@ -99,6 +104,11 @@ class FinetuneParams(_Strict):
             raise ValueError(
                 f"head_tokens ({self.head_tokens}) must be below max_length ({self.max_length}) with "
                 "truncation: head_tail, to leave room for the end of the text"
+            )
+        if self.combine_restarts != "best" and self.restarts < 2:
+            raise ValueError(
+                f"combine_restarts: {self.combine_restarts} averages the weights of several runs, but "
+                f"restarts is {self.restarts}; set restarts >= 2 or combine_restarts: best"
             )
         if self.from_scratch and self.control == "scratch":
             raise ValueError(

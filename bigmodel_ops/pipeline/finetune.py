@@ -12,7 +12,10 @@ with LoRA adapters merged into the weights (``finetune.method: lora``).
 (:mod:`~bigmodel_ops.classification.restarts`) and keeps the run with the best val_acc; each run
 logs its curves into a child run ``finetune/restart-<k>``, and the stage's run gets
 ``restart_val_acc`` (one value per restart, at step k), ``kept_restart`` / ``kept_seed`` and the
-kept run's metrics. The control gets as many tries (child runs ``finetune/control-restart-<k>``),
+kept run's metrics. With ``finetune.combine_restarts: soup`` (or ``greedy_soup``) the stage exports
+the mean of the runs' weights instead (:mod:`~bigmodel_ops.classification.soup`): the report's and
+the run's val metrics are the soup's, scored on val, with ``soup_members`` / ``soup_seeds`` (the
+runs in it) and ``soup_size``; ``best_epoch`` and the step counters stay the best run's. The control gets as many tries (child runs ``finetune/control-restart-<k>``),
 selected the same way. Each child run carries its fit's cost (the MLflow front page sums a run
 and its children, as for the tune stage's trials).
 
@@ -55,6 +58,7 @@ from bigmodel_ops.classification.class_weights import class_weight_tensor
 from bigmodel_ops.classification.export import save_classifier
 from bigmodel_ops.classification.inputs import effective_max_length
 from bigmodel_ops.classification.restarts import Restart, pick_best, restart_seed
+from bigmodel_ops.classification.soup import Soup, soup_of
 from bigmodel_ops.classification.training import (
     FitConfig,
     HyperParams,
@@ -153,7 +157,7 @@ def run(
             callbacks=callbacks,
             quiet=quiet,
         )
-        final = ours.restart.val
+        final = ours.val
         report = _report(ours, restarts=restarts, n_trainable=n_trainable, n_total=n_total)
         control, cost = None, ours.cost
         if params.finetune.control == "scratch":
@@ -180,7 +184,8 @@ def run(
             | {
                 k: v
                 for k, v in report.items()
-                if k.startswith(("control_", "pretrained_gain", "kept_")) and not isinstance(v, list)
+                if k.startswith(("control_", "pretrained_gain", "kept_", "soup_"))
+                and isinstance(v, int | float)
             }
             # One run each: the stage's cost covers both fits (the same step, later: the latest
             # value). With restarts every fit logged its cost into its child run.
@@ -210,11 +215,17 @@ def run(
 class _Best:
     """The kept run of :func:`_fit_best` and what the others reached."""
 
-    classifier: Any  # the kept run's best epoch, on the CPU, adapters merged
-    restart: Restart  # the kept run
+    classifier: Any  # the kept run's best epoch (or the soup), on the CPU, adapters merged
+    restart: Restart  # the kept run (with a soup: the run with the best val_acc)
     tries: list[Restart]  # every run, in order
     cost: Cost | None  # of every run together
     is_global_zero: bool
+    soup: Soup | None = None  # finetune.combine_restarts: soup / greedy_soup
+
+    @property
+    def val(self) -> dict[str, float]:
+        """The exported model's val metrics: the soup's, else the kept run's best epoch's."""
+        return self.soup.val if self.soup is not None else self.restart.val
 
 
 def _fit_best(
@@ -231,7 +242,8 @@ def _fit_best(
     quiet: bool,
 ) -> _Best:
     """Fine-tune ``finetune.restarts`` times (:mod:`~bigmodel_ops.classification.restarts`) and keep
-    the run with the best val_acc.
+    the run with the best val_acc, or (``finetune.combine_restarts``) a soup of every run's best
+    epoch, scored on the val split.
 
     One run: the classifier logs its curves and cost into the stage's ``run``; the control logs
     nothing (the stage logs the cost of both fits). Several: each fit is a child run
@@ -240,9 +252,10 @@ def _fit_best(
     loss or val metric of the classifier raises TrainingDiverged; the control's non-finite val
     metrics are only left out.
     """
-    n = params.finetune.restarts
+    n, combine = params.finetune.restarts, params.finetune.combine_restarts
     prefix = "control_" if control else ""
     tries: list[Restart] = []
+    exported: list[Any] = []  # every run's best epoch, when they make a soup
     kept_model, cost, is_zero = None, None, True
     for k in range(n):
         seed = restart_seed(fit.seed, k)
@@ -291,10 +304,30 @@ def _fit_best(
             )
             run.log_metrics({f"{prefix}restart_val_acc": tries[-1].val_acc}, step=k)
         cost, is_zero = _sum_costs(cost, cost_of(trainer)), trainer.is_global_zero
-        if pick_best(tries) == k:  # best epoch, adapters merged; the others are dropped
+        if combine != "best":  # best epoch, adapters merged
+            exported.append(module.export_model().cpu())
+        elif pick_best(tries) == k:  # the others are dropped
             kept_model = module.export_model().cpu()
         del module, trainer
-    return _Best(kept_model, tries[pick_best(tries)], tries, cost, is_zero)
+    soup = None
+    if combine != "best":
+        soup = soup_of(
+            exported,
+            kind=combine,
+            val=splits["val"],
+            num_labels=fit.num_labels,
+            batch_size=hparams.batch_size,
+            accelerator=fit.accelerator,
+        )
+        kept_model = soup.model
+        _logger.info(
+            "finetune: %s %s of restarts %s: val_acc %.4f",
+            "control" if control else "classifier",
+            combine,
+            soup.members,
+            soup.val["val_acc"],
+        )
+    return _Best(kept_model, tries[pick_best(tries)], tries, cost, is_zero, soup)
 
 
 def _export(
@@ -323,6 +356,8 @@ def _export(
         extra = {"hparams": hparams.as_dict(), "best_epoch": report["best_epoch"]}
         if "kept_restart" in report:  # which of finetune.restarts runs this is
             extra |= {"restart": report["kept_restart"], "seed": report["kept_seed"]}
+        if "soup_members" in report:  # or which runs' mean
+            extra |= {key: report[key] for key in ("combine_restarts", "soup_members", "soup_seeds")}
         save_classifier(
             classifier,
             model_dir,
@@ -371,7 +406,7 @@ def _report(ours: _Best, *, restarts: int, n_trainable: int, n_total: int) -> di
     """The kept run's best val metrics and counters (and, with restarts, which run it is)."""
     kept = ours.restart
     report: dict[str, Any] = {
-        **kept.val,
+        **ours.val,
         "best_epoch": kept.best_epoch,
         "epochs": kept.epochs,
         "global_step": kept.global_step,
@@ -380,13 +415,26 @@ def _report(ours: _Best, *, restarts: int, n_trainable: int, n_total: int) -> di
         "total_params": n_total,
     }
     if restarts > 1:
-        report |= {
-            "restarts": restarts,
-            "kept_restart": kept.index,
-            "kept_seed": kept.seed,
-            "restart_val_acc": [r.val_acc for r in ours.tries],
-        }
+        report |= {"restarts": restarts, "restart_val_acc": [r.val_acc for r in ours.tries]}
+        if ours.soup is None:
+            report |= {"kept_restart": kept.index, "kept_seed": kept.seed}
+        else:
+            report |= _soup_report(ours)
     return report
+
+
+def _soup_report(best: _Best, *, prefix: str = "") -> dict[str, Any]:
+    """How the soup was made (``combine_restarts``) and which runs it holds: ``soup_members``
+    (restart indices, in the order they joined), ``soup_seeds``, ``soup_size``; ``prefix``
+    ``control_`` for the control's."""
+    assert best.soup is not None
+    members = [best.tries[i] for i in best.soup.members]
+    return {
+        f"{prefix}combine_restarts": best.soup.kind,
+        f"{prefix}soup_members": [r.index for r in members],
+        f"{prefix}soup_seeds": [r.seed for r in members],
+        f"{prefix}soup_size": len(members),
+    }
 
 
 def _check_finite(module: Any, hparams: HyperParams, *, source: str, restart: str) -> None:
@@ -414,18 +462,21 @@ def _sum_costs(a: Cost | None, b: Cost | None) -> Cost | None:
 def _control_report(control: _Best, *, ours: dict[str, float], restarts: int) -> dict[str, Any]:
     """The from-scratch control's best val metrics as ``control_*`` (and, with restarts, which
     run was kept), plus ``pretrained_gain_val_acc`` (ours minus the control's)."""
-    best = control.restart
-    out: dict[str, Any] = {f"control_{k}": v for k, v in best.val.items()}
+    best, val = control.restart, control.val
+    out: dict[str, Any] = {f"control_{k}": v for k, v in val.items()}
     out["control_best_epoch"] = best.best_epoch
     out["control_epochs"] = best.epochs
     if restarts > 1:
-        out["control_kept_restart"] = best.index
         out["control_restart_val_acc"] = [r.val_acc for r in control.tries]
-    if "val_acc" in best.val:
-        out["pretrained_gain_val_acc"] = ours["val_acc"] - best.val["val_acc"]
+        if control.soup is None:
+            out["control_kept_restart"] = best.index
+        else:
+            out |= _soup_report(control, prefix="control_")
+    if "val_acc" in val:
+        out["pretrained_gain_val_acc"] = ours["val_acc"] - val["val_acc"]
     _logger.info(
         "finetune: control (from scratch) val_acc %.4f; pretrained val_acc %.4f",
-        best.val_acc,
+        val.get("val_acc", math.nan),
         ours["val_acc"],
     )
     return out
