@@ -228,11 +228,17 @@ def model_card(
     else:
         lines.append("- Tuning: no best params (outputs/tune/best_params.yaml); params.finetune used.")
     hparams = classifier_config.get("hparams") or {}
+    weights = f"best epoch {classifier_config.get('best_epoch', '?')}"
+    if "soup_members" in classifier_config:  # finetune.combine_restarts
+        weights = (
+            f"{classifier_config.get('combine_restarts', 'soup')}: the mean of restarts "
+            f"{classifier_config['soup_members']} (seeds {classifier_config.get('soup_seeds', '?')}), each at its "
+            "best epoch"
+        )
     lines.append(
         f"- Fine-tuning: {classifier_config.get('pooling', '?')} pooling, max length "
         f"{classifier_config.get('max_length', '?')} tokens ({classifier_config.get('truncation', 'head')} "
-        "kept), best epoch "
-        f"{classifier_config.get('best_epoch', '?')}; hparams {_kv(hparams)}."
+        f"kept), {weights}; hparams {_kv(hparams)}."
     )
     lines += ["", *_cost_section(cost)]
     lines += [
