@@ -271,10 +271,16 @@ def finetune_variant(
         )
     log(
         f"  {name:<10} test acc {result['acc']:.4f}  val acc {result['val_acc']:.4f}  "
-        f"({n_trainable:,} trainable, best epoch {best.best_epoch}"
-        f"{f', restart {kept} of {len(tries)}' if len(tries) > 1 else ''}, {result['seconds']:.0f}s)"
+        f"({n_trainable:,} trainable, {_which(result, best.best_epoch, kept, len(tries))}, {result['seconds']:.0f}s)"
     )
     return result
+
+
+def _which(result: dict[str, Any], best_epoch: int, kept: int, n: int) -> str:
+    """What a variant's figures are: the soup of some of its n runs, or the best epoch of one run."""
+    if "soup_members" in result:
+        return f"soup of {len(result['soup_members'])} of {n} runs"
+    return f"best epoch {best_epoch}" + (f", restart {kept} of {n}" if n > 1 else "")
 
 
 def _test_accuracy(classifier: Any, name: str, params: Any, paths: Any, test: tuple[list[str], Any]) -> float:
