@@ -15,8 +15,9 @@ logs its curves into a child run ``finetune/restart-<k>``, and the stage's run g
 kept run's metrics. With ``finetune.combine_restarts: soup`` (or ``greedy_soup``) the stage exports
 the mean of the runs' weights instead (:mod:`~bigmodel_ops.classification.soup`): the report's and
 the run's val metrics are the soup's, scored on val, with ``soup_members`` / ``soup_seeds`` (the
-runs in it) and ``soup_size``; ``best_epoch`` and the step counters stay the best run's. The control gets as many tries (child runs ``finetune/control-restart-<k>``),
-selected the same way. Each child run carries its fit's cost (the MLflow front page sums a run
+runs in it) and ``soup_size``; ``best_epoch`` and the step counters stay the best run's. The
+control gets as many tries (child runs ``finetune/control-restart-<k>``), selected or combined the
+same way. Each child run carries its fit's cost (the MLflow front page sums a run
 and its children, as for the tune stage's trials).
 
 ``finetune.control: scratch`` also trains the from-scratch control (the same recipe with
@@ -225,7 +226,9 @@ class _Best:
     @property
     def val(self) -> dict[str, float]:
         """The exported model's val metrics: the soup's, else the kept run's best epoch's."""
-        return self.soup.val if self.soup is not None else self.restart.val
+        if self.soup is None:
+            return self.restart.val
+        return {key: v for key, v in self.soup.val.items() if math.isfinite(v)}  # as Restart.of_fit
 
 
 def _fit_best(
