@@ -31,6 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from bigmodel_ops.classification.averaging import WeightAverage
 from bigmodel_ops.classification.class_weights import class_weight_tensor
 from bigmodel_ops.classification.datamodule import ClassificationDataModule
 from bigmodel_ops.classification.early_stopping import BestEpoch
@@ -88,6 +89,9 @@ class HyperParams:
     lora_dropout: float = 0.05
     lora_target_modules: tuple[str, ...] = DEFAULT_LORA_TARGETS
     early_stopping_patience: int = 0  # epochs without a better val_acc; 0 = off
+    weight_averaging: str = "none"  # none | ema | swa: validate and export the run's averaged weights
+    ema_decay: float = 0.9  # ema: avg = decay * avg + (1 - decay) * weights, after each optimizer step
+    swa_start: float = 0.5  # swa: the uniform mean of the weights from this fraction of the steps on
 
     def __post_init__(self) -> None:
         # Lists (from YAML / JSON) become tuples: the dataclass stays hashable and comparable.
@@ -148,6 +152,10 @@ class ClassifierModule(L.LightningModule):
     weights; :meth:`restore_best` puts them back and :meth:`export_model` returns the plain
     classifier (best weights, adapters merged). With ``early_stopping_patience`` > 0, training
     stops after that many epochs without a better ``val_acc`` (``stopped_early``).
+
+    Weight averaging (``weight_averaging``: ema | swa, :class:`~.averaging.WeightAverage`): the
+    average is updated after every optimizer step; validation scores it, and the best epoch keeps
+    its weights, so the export is the averaged classifier.
     """
 
     def __init__(
@@ -173,6 +181,10 @@ class ClassifierModule(L.LightningModule):
         self._train_loss_sum: torch.Tensor | None = None
         self._train_loss_count = 0
         self.diverged_at_step: int | None = None  # the optimizer step whose train loss was NaN/inf
+        # Not an nn.Module attribute: the average's copy stays out of the optimizer, DDP and state_dict.
+        self.averaging = WeightAverage(
+            hparams.weight_averaging, decay=hparams.ema_decay, start=hparams.swa_start
+        )
 
     def forward(self, idx: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         return self.model(idx, lengths)
@@ -211,13 +223,20 @@ class ClassifierModule(L.LightningModule):
         self._train_loss_sum, self._train_loss_count = None, 0
         return value
 
+    def on_fit_start(self) -> None:
+        self.averaging.begin(self.model, total_steps=int(self.trainer.estimated_stepping_batches))
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.averaging.update(self.model, step=int(self.global_step))
+
     def on_validation_epoch_start(self) -> None:
         self._val_logits.clear()
         self._val_labels.clear()
         self._val_rows.clear()
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self._val_logits.append(self(batch["idx"], batch["lengths"]).float())
+        scored = self.averaging.model(self.model)
+        self._val_logits.append(scored(batch["idx"], batch["lengths"]).float())
         self._val_labels.append(batch["labels"])
         if "rows" in batch:
             self._val_rows.append(batch["rows"])
@@ -247,7 +266,7 @@ class ClassifierModule(L.LightningModule):
         # Already global: no sync_dist. Shown on the progress bar and seen by Optuna's pruner.
         self.log_dict(self.last_val, prog_bar=True)
         if not self.trainer.sanity_checking and self.best.update(
-            self.last_val, epoch=self.current_epoch, model=self.model
+            self.last_val, epoch=self.current_epoch, model=self.averaging.model(self.model)
         ):
             self.trainer.should_stop = True
 

@@ -235,6 +235,14 @@ def model_card(
             f"{classifier_config['soup_members']} (seeds {classifier_config.get('soup_seeds', '?')}), each at its "
             "best epoch"
         )
+    averaging = hparams.get("weight_averaging", "none")  # finetune.weight_averaging
+    if averaging == "ema":
+        weights += f" of an exponential moving average of the weights (decay {hparams.get('ema_decay', '?')})"
+    elif averaging == "swa":
+        weights += (
+            " of the mean of the weights after each step past the first "
+            f"{hparams.get('swa_start', '?')} of the steps (swa)"
+        )
     lines.append(
         f"- Fine-tuning: {classifier_config.get('pooling', '?')} pooling, max length "
         f"{classifier_config.get('max_length', '?')} tokens ({classifier_config.get('truncation', 'head')} "
