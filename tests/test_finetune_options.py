@@ -384,10 +384,8 @@ def test_early_stopping_and_the_best_epoch_is_exported(tmp_path: Path, monkeypat
     params, paths, _ = make_project(tmp_path, n_train=32, n_eval=8)
     # a scripted val_acc per epoch: best at epoch 1, then two epochs without improvement
     scripted = iter([0.5, 0.75, 0.6, 0.75, 0.9, 0.9])
-    real = training.metrics_from_confusion
-    monkeypatch.setattr(
-        training, "metrics_from_confusion", lambda cm: {**real(cm), "accuracy": next(scripted)}
-    )
+    real = training.val_metrics
+    monkeypatch.setattr(training, "val_metrics", lambda *args: {**real(*args), "val_acc": next(scripted)})
     snapshots = _Snapshots()
     module, trainer = fit_classifier(
         FIT,
@@ -417,10 +415,8 @@ def test_early_stopping_and_the_best_epoch_is_exported(tmp_path: Path, monkeypat
 def test_no_early_stopping_runs_every_epoch(tmp_path: Path, monkeypatch):
     params, paths, _ = make_project(tmp_path, n_train=16, n_eval=8)
     scripted = iter([0.9, 0.5, 0.5])
-    real = training.metrics_from_confusion
-    monkeypatch.setattr(
-        training, "metrics_from_confusion", lambda cm: {**real(cm), "accuracy": next(scripted)}
-    )
+    real = training.val_metrics
+    monkeypatch.setattr(training, "val_metrics", lambda *args: {**real(*args), "val_acc": next(scripted)})
     module, trainer = fit_classifier(
         FIT,
         model_dir=paths.pretrained_model,

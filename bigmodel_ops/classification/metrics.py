@@ -1,10 +1,11 @@
-"""Classification metrics from a confusion matrix (training validation and the evaluate stage)."""
+"""Classification metrics from a confusion matrix (training validation, soups and the evaluate stage)."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 
 def confusion_matrix(preds: torch.Tensor, targets: torch.Tensor, num_labels: int) -> torch.Tensor:
@@ -33,4 +34,16 @@ def metrics_from_confusion(cm: torch.Tensor) -> dict[str, Any]:
         "macro_f1": float(f1.mean()),
         "precision": [float(v) for v in precision],
         "recall": [float(v) for v in recall],
+    }
+
+
+def val_metrics(logits: torch.Tensor, labels: torch.Tensor, num_labels: int) -> dict[str, float]:
+    """``val_loss`` (plain cross-entropy: no smoothing, no class weights, comparable across
+    settings), ``val_acc`` and ``val_f1`` (macro) of (n, num_labels) logits against n labels: what
+    fine-tuning's validation and a soup's scorer report."""
+    summary = metrics_from_confusion(confusion_matrix(logits.argmax(-1), labels, num_labels))
+    return {
+        "val_loss": float(F.cross_entropy(logits.float(), labels)),
+        "val_acc": summary["accuracy"],
+        "val_f1": summary["macro_f1"],
     }

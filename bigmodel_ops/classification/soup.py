@@ -23,10 +23,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from bigmodel_ops.classification.inputs import TokenizedSplit, collate
-from bigmodel_ops.classification.metrics import confusion_matrix, metrics_from_confusion
+from bigmodel_ops.classification.metrics import val_metrics
 
 
 def average_weights(models: Sequence[nn.Module]) -> nn.Module:
@@ -72,13 +71,7 @@ def evaluate(
         model.train(was_training).to(was_on)
     if not logits:
         raise ValueError("evaluate: the split is empty")
-    all_logits, all_labels = torch.cat(logits), torch.cat(labels)
-    summary = metrics_from_confusion(confusion_matrix(all_logits.argmax(-1), all_labels, num_labels))
-    return {
-        "val_loss": float(F.cross_entropy(all_logits, all_labels)),
-        "val_acc": summary["accuracy"],
-        "val_f1": summary["macro_f1"],
-    }
+    return val_metrics(torch.cat(logits), torch.cat(labels), num_labels)
 
 
 @dataclass(frozen=True)

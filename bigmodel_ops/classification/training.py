@@ -37,7 +37,7 @@ from bigmodel_ops.classification.datamodule import ClassificationDataModule
 from bigmodel_ops.classification.early_stopping import BestEpoch
 from bigmodel_ops.classification.inputs import TokenizedSplit
 from bigmodel_ops.classification.lora import DEFAULT_LORA_TARGETS, apply_lora, merge_lora
-from bigmodel_ops.classification.metrics import confusion_matrix, metrics_from_confusion
+from bigmodel_ops.classification.metrics import val_metrics
 from bigmodel_ops.classification.model import SequenceClassifier, resolve_pooling
 from bigmodel_ops.classification.optimization import freeze, linear_warmup_decay, optimizer_groups
 from bigmodel_ops.errors import ConfigError
@@ -256,13 +256,7 @@ class ClassifierModule(L.LightningModule):
                 keep = torch.ones_like(order, dtype=torch.bool)
                 keep[1:] = rows[order][1:] != rows[order][:-1]
                 logits, labels = logits[order[keep]], labels[order[keep]]
-        loss = F.cross_entropy(logits, labels)
-        summary = metrics_from_confusion(confusion_matrix(logits.argmax(-1), labels, self.num_labels))
-        self.last_val = {
-            "val_loss": float(loss),
-            "val_acc": summary["accuracy"],
-            "val_f1": summary["macro_f1"],
-        }
+        self.last_val = val_metrics(logits, labels, self.num_labels)
         # Already global: no sync_dist. Shown on the progress bar and seen by Optuna's pruner.
         self.log_dict(self.last_val, prog_bar=True)
         if not self.trainer.sanity_checking and self.best.update(
