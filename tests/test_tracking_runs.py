@@ -374,7 +374,7 @@ def test_full_queue_spills_to_the_spool_and_loses_nothing(
     sender = LogSender(client, spool, max_queue=5, flush_interval_s=10.0, mode=mode, handoff_items=1)  # type: ignore[arg-type]
     assert sender.mode == mode
     for step in range(100):
-        sender.enqueue_metrics(run_id, {"a": float(step), "b": 1.0}, step, 1000 + step)
+        sender.enqueue(("m", run_id, {"a": float(step), "b": 1.0}, step, 1000 + step))
     assert sender.stats().spilled > 0  # the queue overflowed: the caller wrote to the spool, did not block
     assert sender.close(timeout=None) is True
     assert len(client.get_metric_history(run_id, "a")) == 100
@@ -429,7 +429,7 @@ def test_a_sender_process_delivers_what_a_sigkilled_caller_had_queued(
         sender = LogSender(client, Spool({str(tmp_path / "spool")!r}, uri={mlflow_store!r}),
                            flush_interval_s=60.0, mode="process")
         for step in range(300):
-            sender.enqueue_metrics({run_id!r}, {{"loss": float(step)}}, step, 1000 + step)
+            sender.enqueue(("m", {run_id!r}, {{"loss": float(step)}}, step, 1000 + step))
         print(sender.stats().pid, flush=True)
         # Records reach the pipe in groups at least every 0.25 s; a group not yet handed over
         # when SIGKILL lands is lost, so give the hand-off that long.

@@ -148,7 +148,7 @@ class StageRun:
         floats = {key: value if type(value) is float else float(value) for key, value in values.items()}
         if epoch is not None:
             floats["epoch"] = float(epoch)
-        self._transport.enqueue_metrics(self._run_id, floats, int(step), int(time.time() * 1000))
+        self._transport.enqueue(("m", self._run_id, floats, int(step), int(time.time() * 1000)))
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         items = [(str(k), str(v)[:MAX_TAG_VAL_LENGTH]) for k, v in self._scrubber.mapping(tags).items()]

@@ -133,9 +133,6 @@ class LogSender(StoreLink):
 
     # ---- queued: the training thread's hot path ---------------------------------------------
 
-    def enqueue_metrics(self, run_id: str, values: dict[str, float], step: int, timestamp_ms: int) -> None:
-        self.enqueue(("m", run_id, values, step, timestamp_ms))
-
     def enqueue(self, item: tuple[Any, ...]) -> None:
         """Queue one request (``("m" | "p" | "t", run_id, ...)``, sender.py); never blocks."""
         now = time.monotonic()
