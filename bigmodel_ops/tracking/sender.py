@@ -5,7 +5,7 @@ Records become ``log_batch`` requests within a server's limits, sent every ``flu
 or when 1000 metrics wait; outages and refused data are handled as store.py says. Requests:
 ``("m", run_id, {key: value}, step, timestamp_ms)``, ``("p", run_id, [(k, v)])``, ``("t", ...)``,
 ``("group", [those])``, ``("flush", token)``, ``("close", token)``; replies: ``("ack", token,
-counters)`` when a flush/close is done, ``("warn", message, category)``.
+send_cpu_s)`` when a flush/close is done, ``("warn", message, category)``.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ class SenderLoop(StoreLink):
     ) -> None:
         super().__init__(client, spool, status, retry_interval_s)
         self.replies, self.flush_interval_s = replies, flush_interval_s
-        self.counters = {"send_cpu_s": 0.0, "sent_metrics": 0}  # CPU it can take from training
+        self.send_cpu_s = 0.0  # CPU spent sending: what it can take from training
 
     def warn(self, message: str, category: type[Warning]) -> None:
         _logger.warning(message)
@@ -90,7 +90,7 @@ class SenderLoop(StoreLink):
                     self.replay_all(force=True)
                 finally:
                     for _, token in controls:
-                        self.replies.put(("ack", token, dict(self.counters)))
+                        self.replies.put(("ack", token, self.send_cpu_s))
                 if any(kind == "close" for kind, _ in controls):
                     return
                 deadline = time.monotonic() + self.flush_interval_s
@@ -122,9 +122,8 @@ class SenderLoop(StoreLink):
         for run_id, batch in pending.items():
             if batch:
                 self._send_one(run_id, batch)
-                self.counters["sent_metrics"] += len(batch.metrics)
         pending.clear()
-        self.counters["send_cpu_s"] += time.thread_time() - start
+        self.send_cpu_s += time.thread_time() - start
 
     def _send_one(self, run_id: str, batch: Pending) -> None:
         real = self.resolve(run_id)

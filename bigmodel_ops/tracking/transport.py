@@ -43,12 +43,11 @@ _open_senders: weakref.WeakSet[LogSender] = weakref.WeakSet()  # closed at inter
 
 @dataclasses.dataclass(frozen=True)
 class SenderStats:
-    """Counters of a transport; ``send_cpu_s`` and ``sent_metrics`` as of the last flush."""
+    """Counters of a transport; ``send_cpu_s`` as of the last flush."""
 
     mode: str  # "process", "thread", or "none" (a rank that logs nothing)
     pid: int | None  # the sender process, if any
     send_cpu_s: float  # CPU the sending side spent sending: what it can take from training
-    sent_metrics: int
     spilled: int  # records the caller wrote to the spool because the queue was full
 
 
@@ -69,7 +68,7 @@ class NullTransport:
         return os.environ.get(RUN_ID_ENV, "")
 
     def stats(self) -> SenderStats:
-        return SenderStats("none", None, 0.0, 0, 0)
+        return SenderStats("none", None, 0.0, 0)
 
     def __getattr__(self, name: str) -> Callable[..., None]:
         if name.startswith("_"):  # no protocol (copy, pickle) may mistake it for a hook
@@ -100,7 +99,7 @@ class LogSender(StoreLink):
         self.mode = mode if mode == "process" and can_fork() else "thread"
         intervals = {"flush_interval_s": flush_interval_s, "retry_interval_s": retry_interval_s}
         self._experiments: dict[str, str] = {}
-        self._counters = {"send_cpu_s": 0.0, "sent_metrics": 0}
+        self._send_cpu_s = 0.0
         self._tokens, self._acked, self.spilled = itertools.count(1), 0, 0
         self._flush_lock, self._buffer_lock = threading.Lock(), threading.Lock()
         self._buffer: list[tuple[Any, ...]] = []
@@ -267,11 +266,11 @@ class LogSender(StoreLink):
             warnings.warn(reply[1], reply[2], stacklevel=5)
         elif reply[0] == "ack":
             self._acked = max(self._acked, reply[1])
-            self._counters = reply[2]
+            self._send_cpu_s = reply[2]
 
     def stats(self) -> SenderStats:
         pid = self._worker.pid if self.mode == "process" else None
-        return SenderStats(self.mode, pid, **self._counters, spilled=self.spilled)
+        return SenderStats(self.mode, pid, self._send_cpu_s, self.spilled)
 
 
 def _daemon(target: Callable[[Any], Any], arg: Any, *, name: str) -> threading.Thread:
