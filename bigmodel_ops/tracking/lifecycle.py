@@ -69,7 +69,6 @@ class StageLifecycle:
             sched_idle=tracking.sender_sched_idle,
             flush_interval_s=tracking.flush_interval_s,
             retry_interval_s=tracking.retry_interval_s,
-            replay_leftovers=True,
         )
         self.scrubber = Scrubber(params)
         self.lineage = lineage.safe_lineage_tags(stage=stage, root=self.root, params=params)

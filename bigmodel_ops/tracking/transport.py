@@ -94,7 +94,6 @@ class LogSender(StoreLink):
         max_queue: int = 50_000,
         handoff_items: int = 256,
         handoff_interval_s: float = 0.25,
-        replay_leftovers: bool = False,
     ) -> None:
         self.mode = mode if mode == "process" and can_fork() else "thread"
         intervals = {"flush_interval_s": flush_interval_s, "retry_interval_s": retry_interval_s}
@@ -120,7 +119,7 @@ class LogSender(StoreLink):
             loop = SenderLoop(client, spool, status, self._replies, **intervals)
             self._worker = _daemon(loop.run, self._requests, name="bigmodel_ops-log-sender")
         super().__init__(client, spool, status, retry_interval_s)
-        if replay_leftovers and spool.pending():  # an earlier process's leftovers: replay them
+        if spool.pending():  # an earlier process's leftovers: replay them
             self.status.offline, self.status.last_retry = True, 0.0
         _open_senders.add(self)
         self._handoff_stop = threading.Event()
