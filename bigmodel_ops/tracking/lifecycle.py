@@ -80,7 +80,6 @@ class StageLifecycle:
         self.tags = {str(k): str(v) for k, v in self.scrubber.mapping(self.tags).items()}
         self.parent_id: str | None = None
         self.monitor: Any = None
-        self.heartbeat: reaper.Heartbeat | None = None
         self._exported = os.environ.get(RUN_ID_ENV)
 
     # ---- open ---------------------------------------------------------------------------------
@@ -227,8 +226,7 @@ class StageLifecycle:
         """End the run FINISHED, FAILED or KILLED (``error``: what ended it; with FINISHED, an
         exception that counts as a normal end, recorded as the outcome)."""
         try:
-            if self.heartbeat is not None:
-                self.heartbeat.stop()
+            self.heartbeat.stop()
             if self.monitor is not None:
                 with contextlib.suppress(Exception):
                     self.monitor.finish()  # its last sample goes out with the run's last metrics
