@@ -126,6 +126,26 @@ def test_exception_marks_failed_and_logs_the_traceback(
     assert "bigmodel_ops.stage_run.finetune" not in parent.data.tags  # failed runs produced nothing
 
 
+def test_a_run_whose_system_metrics_fail_to_start_ends_failed_not_running(
+    tmp_path: Path, project: Path, mlflow_store: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from bigmodel_ops.tracking import runs
+
+    def broken(*args: object) -> None:
+        raise RuntimeError("no sampler here")
+
+    monkeypatch.setattr(runs, "start_system_metrics", broken)
+    params = make_params(tmp_path, system_metrics=True)
+    with pytest.raises(RuntimeError, match="no sampler here"):
+        with tracked_run(params, stage="pretrain", system_metrics=True):
+            pytest.fail("the stage body must not run")
+    client = MlflowClient(mlflow_store)
+    (stage,) = [r for name, r in _runs(client).items() if name == "pretrain"]
+    assert stage.info.status == "FAILED"  # not left RUNNING with its sender open
+    local = client.download_artifacts(stage.info.run_id, "error/traceback.txt", str(tmp_path))
+    assert "RuntimeError: no sampler here" in Path(local).read_text()
+
+
 class _EarlyStop(Exception):
     pass
 

@@ -70,13 +70,15 @@ def stage_run(
     with _stage_scope(tracking, stage):
         life = StageLifecycle(tracking, experiment=experiment, stage=stage, params=params, tags=tags)
         run = life.open(run_name, resume_run_id=resume_run_id, parent_run_id=parent_run_id)
-        if log_stage_params and resume_run_id is None:
-            run.log_params(lineage.stage_params(params, life.root, stage))
-        if system_metrics and tracking.system_metrics:
-            resumed = resume_run_id is not None and not is_offline_id(run.run_id)
-            life.monitor = start_system_metrics(run, tracking.system_metrics_interval_s, resumed, life.uri)
         signals: list[int] = []
-        try:
+        try:  # from here on the run always ends: a failure to start its extras fails it too
+            if log_stage_params and resume_run_id is None:
+                run.log_params(lineage.stage_params(params, life.root, stage))
+            if system_metrics and tracking.system_metrics:
+                resumed = resume_run_id is not None and not is_offline_id(run.run_id)
+                life.monitor = start_system_metrics(
+                    run, tracking.system_metrics_interval_s, resumed, life.uri
+                )
             with signal_guard(signals):
                 yield run
         except BaseException as error:
