@@ -104,6 +104,18 @@ def test_schema_refuses_bad_averaging_settings(finetune: dict, message: str):
         parse_params(tiny_params(finetune=finetune))
 
 
+def test_weight_averaging_is_refused_with_fsdp_which_shards_the_weights():
+    raw = tiny_params(finetune={"weight_averaging": "swa"})
+    profile = raw["profile"]
+    raw["profiles"][profile].update(accelerator="gpu", strategy="fsdp")
+    with pytest.raises(
+        ConfigError, match=r"finetune.weight_averaging: swa keeps a full copy .* strategy fsdp"
+    ):
+        parse_params(raw)
+    raw["finetune"]["weight_averaging"] = "none"
+    assert parse_params(raw).sizing.strategy == "fsdp"
+
+
 class _Watch(L.Callback):
     """After each validation: the average's and the live model's weights, and how many steps the average holds."""
 

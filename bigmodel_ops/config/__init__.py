@@ -149,6 +149,12 @@ class Params(_Strict):
                 "pretrain.task: electra needs model.objective: masked (replaced-token detection "
                 f"trains a bidirectional backbone); got model.objective: {self.model.objective}"
             )
+        if self.finetune.weight_averaging != "none" and self.sizing.strategy == "fsdp":
+            raise ValueError(
+                f"finetune.weight_averaging: {self.finetune.weight_averaging} keeps a full copy of the "
+                f"weights on each device, which strategy fsdp (profile {self.profile!r}) shards; use "
+                "strategy ddp or auto, or weight_averaging: none"
+            )
         self.evaluate.check_gate_metrics(labels=list(self.prepare.labels))
         return self
 
