@@ -128,3 +128,19 @@ def make_project(
     params_file = root / "params.yaml"
     params_file.write_text(yaml.safe_dump(raw, sort_keys=False))
     return parse_params(raw), paths, params_file
+
+
+def card_of(params: Params, classifier_config: dict[str, Any]) -> str:
+    """The model card of version 1 of a classifier with this config.json (no metrics, no promotion)."""
+    from bigmodel_ops.evaluation.card import model_card
+
+    return model_card(
+        name="m",
+        version=1,
+        labels=list(LABELS),
+        metrics={},
+        promotion={},
+        version_tags={},
+        params=params,
+        classifier_config=classifier_config,
+    )

@@ -22,10 +22,9 @@ from bigmodel_ops.classification.soup import evaluate
 from bigmodel_ops.classification.training import fit_classifier
 from bigmodel_ops.config import parse_params
 from bigmodel_ops.errors import ConfigError
-from bigmodel_ops.evaluation.card import model_card
 from bigmodel_ops.pipeline._finetuning import fit_config, hyperparams, stage_splits
 from bigmodel_ops.pipeline.finetune import run as run_finetune
-from tests.helpers_finetune import make_project, tiny_params
+from tests.helpers_finetune import card_of, make_project, tiny_params
 
 
 class _W(nn.Module):
@@ -184,16 +183,7 @@ def test_finetune_stage_exports_the_average_and_names_it_in_config_and_card(
     )
     config = json.loads((paths.classifier / "config.json").read_text())
     assert (config["hparams"]["weight_averaging"], config["hparams"]["ema_decay"]) == ("ema", 0.8)
-    card = model_card(
-        name="m",
-        version=1,
-        labels=["negative", "positive"],
-        metrics={},
-        promotion={},
-        version_tags={},
-        params=params,
-        classifier_config=config,
-    )
+    card = card_of(params, config)
     assert (
         f"best epoch {report['best_epoch']} of an exponential moving average of the weights (decay 0.8)"
         in card

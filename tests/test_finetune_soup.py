@@ -21,10 +21,9 @@ from bigmodel_ops.classification.export import load_classifier
 from bigmodel_ops.classification.restarts import restart_seed
 from bigmodel_ops.classification.soup import average_weights, evaluate, greedy_soup, soup_of, uniform_soup
 from bigmodel_ops.classification.training import fit_classifier
-from bigmodel_ops.evaluation.card import model_card
 from bigmodel_ops.pipeline._finetuning import fit_config, hyperparams, stage_splits
 from bigmodel_ops.pipeline.finetune import run as run_finetune
-from tests.helpers_finetune import make_project
+from tests.helpers_finetune import card_of, make_project
 
 
 class _Scaled(nn.Module):
@@ -170,16 +169,7 @@ def test_finetune_stage_exports_the_soup_of_its_restarts_and_reports_its_val_met
         [7, 1007],
     )
     assert "restart" not in config
-    card = model_card(
-        name="m",
-        version=1,
-        labels=["negative", "positive"],
-        metrics={},
-        promotion={},
-        version_tags={},
-        params=params,
-        classifier_config=config,
-    )
+    card = card_of(params, config)
     assert "soup: the mean of restarts [0, 1] (seeds [7, 1007]), each at its best epoch" in card
 
     client = MlflowClient(mlflow_store)
