@@ -137,7 +137,10 @@ class _Watch(L.Callback):
 
 @pytest.mark.parametrize(
     "averaging,updates",
-    [({"weight_averaging": "ema", "ema_decay": 0.8}, [4, 8]), ({"weight_averaging": "swa"}, [0, 4])],
+    [
+        ({"weight_averaging": "ema", "ema_decay": 0.8}, [4, 8]),
+        ({"weight_averaging": "swa", "swa_start": 0.5}, [0, 4]),
+    ],
 )
 def test_fine_tuning_validates_keeps_and_exports_the_average(tmp_path: Path, averaging: dict, updates: list):
     # 32 texts, batch 8: 4 steps per epoch, 2 epochs

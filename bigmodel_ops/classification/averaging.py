@@ -32,7 +32,7 @@ class WeightAverage:
     averages at least the last step's weights.
     """
 
-    def __init__(self, kind: str = "none", *, decay: float = 0.9, start: float = 0.5) -> None:
+    def __init__(self, kind: str = "none", *, decay: float = 0.9, start: float = 0.34) -> None:
         if kind not in KINDS:
             raise ValueError(f"weight averaging {kind!r} is not one of {', '.join(KINDS)}")
         if kind == "ema" and not 0.0 < decay < 1.0:

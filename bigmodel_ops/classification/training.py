@@ -91,7 +91,7 @@ class HyperParams:
     early_stopping_patience: int = 0  # epochs without a better val_acc; 0 = off
     weight_averaging: str = "none"  # none | ema | swa: validate and export the run's averaged weights
     ema_decay: float = 0.9  # ema: avg = decay * avg + (1 - decay) * weights, after each optimizer step
-    swa_start: float = 0.5  # swa: the uniform mean of the weights from this fraction of the steps on
+    swa_start: float = 0.34  # swa: the uniform mean of the weights from this fraction of the steps on
 
     def __post_init__(self) -> None:
         # Lists (from YAML / JSON) become tuples: the dataclass stays hashable and comparable.
