@@ -3,11 +3,13 @@
 The running averages (EMA and the uniform mean of the late steps, with their starts and edge
 cases), the settings' errors, a real fine-tuning run (validation scores the average, the best
 epoch keeps the average's weights, not the live ones, and the exported classifier's val metrics
-are the ones reported) and the finetune stage (config.json and the model card name the average).
+are the ones reported) and the finetune stage (config.json and the model card name the average; a soup
+of restarts averages each run's average).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -18,7 +20,8 @@ import torch.nn as nn
 
 from bigmodel_ops.classification.averaging import WeightAverage
 from bigmodel_ops.classification.export import load_classifier
-from bigmodel_ops.classification.soup import evaluate
+from bigmodel_ops.classification.restarts import restart_seed
+from bigmodel_ops.classification.soup import average_weights, evaluate
 from bigmodel_ops.classification.training import fit_classifier
 from bigmodel_ops.config import parse_params
 from bigmodel_ops.errors import ConfigError
@@ -191,3 +194,35 @@ def test_finetune_stage_exports_the_average_and_names_it_in_config_and_card(
         f"best epoch {report['best_epoch']} of an exponential moving average of the weights (decay 0.8)"
         in card
     )
+
+
+def test_a_soup_of_restarts_averages_each_runs_averaged_weights(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mlflow_store: str
+):
+    monkeypatch.chdir(tmp_path)
+    finetune = {
+        "max_epochs": 2,
+        "batch_size": 8,
+        "restarts": 2,
+        "combine_restarts": "soup",
+        "weight_averaging": "swa",
+        "swa_start": 0.5,
+    }
+    params, paths, _ = make_project(tmp_path, n_train=32, n_eval=16, finetune=finetune)
+    run_finetune(params, paths=paths, quiet=True)
+
+    fit, splits = fit_config(params), stage_splits(params, paths)
+    assert (hyperparams(params).weight_averaging, hyperparams(params).swa_start) == ("swa", 0.5)
+    runs = []
+    for k in range(2):
+        module, _ = fit_classifier(
+            dataclasses.replace(fit, seed=restart_seed(fit.seed, k)),
+            model_dir=paths.pretrained_model,
+            splits=splits,
+            hparams=hyperparams(params),
+            quiet=True,
+        )
+        runs.append(module.export_model().cpu())
+    expected = average_weights(runs).state_dict()
+    for key, value in load_classifier(paths.classifier).model.state_dict().items():
+        torch.testing.assert_close(value, expected[key], msg=key)
