@@ -44,6 +44,7 @@ class WeightAverage:
         self.start = start
         self.start_step = 1
         self._average: AveragedModel | None = None
+        self._updates = 0  # counted here: reading the average's n_averaged would sync a GPU per batch
 
     @property
     def active(self) -> bool:
@@ -59,17 +60,19 @@ class WeightAverage:
         )
         multi_avg_fn = get_ema_multi_avg_fn(self.decay) if self.kind == "ema" else None
         self._average = AveragedModel(model, multi_avg_fn=multi_avg_fn, use_buffers=False)
+        self._updates = 0
 
     @property
     def updates(self) -> int:
         """How many iterates the average holds (0 before the first update)."""
-        return 0 if self._average is None else int(self._average.n_averaged.item())
+        return self._updates
 
     def update(self, model: nn.Module, *, step: int) -> None:
         """Fold ``model``'s weights after optimizer step ``step`` (1-based) into the average."""
         if self._average is None or step < self.start_step:
             return
         self._average.update_parameters(model)
+        self._updates += 1
 
     def model(self, live: nn.Module) -> nn.Module:
         """The model to score: the average once it holds an iterate, else ``live``. The average
