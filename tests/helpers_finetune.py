@@ -144,3 +144,26 @@ def card_of(params: Params, classifier_config: dict[str, Any]) -> str:
         params=params,
         classifier_config=classifier_config,
     )
+
+
+def refit_restarts(params: Params, paths: ProjectPaths, n: int) -> list[Any]:
+    """The finetune stage's first ``n`` restarts fitted again (same seeds, same settings), each
+    exported at its best epoch, on CPU."""
+    import dataclasses
+
+    from bigmodel_ops.classification.restarts import restart_seed
+    from bigmodel_ops.classification.training import fit_classifier
+    from bigmodel_ops.pipeline._finetuning import fit_config, hyperparams, stage_splits
+
+    fit, hparams, splits = fit_config(params), hyperparams(params), stage_splits(params, paths)
+    runs = []
+    for k in range(n):
+        module, _ = fit_classifier(
+            dataclasses.replace(fit, seed=restart_seed(fit.seed, k)),
+            model_dir=paths.pretrained_model,
+            splits=splits,
+            hparams=hparams,
+            quiet=True,
+        )
+        runs.append(module.export_model().cpu())
+    return runs

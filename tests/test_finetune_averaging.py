@@ -9,7 +9,6 @@ of restarts averages each run's average).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
@@ -20,14 +19,13 @@ import torch.nn as nn
 
 from bigmodel_ops.classification.averaging import WeightAverage
 from bigmodel_ops.classification.export import load_classifier
-from bigmodel_ops.classification.restarts import restart_seed
 from bigmodel_ops.classification.soup import average_weights, evaluate
 from bigmodel_ops.classification.training import fit_classifier
 from bigmodel_ops.config import parse_params
 from bigmodel_ops.errors import ConfigError
 from bigmodel_ops.pipeline._finetuning import fit_config, hyperparams, stage_splits
 from bigmodel_ops.pipeline.finetune import run as run_finetune
-from tests.helpers_finetune import card_of, make_project, tiny_params
+from tests.helpers_finetune import card_of, make_project, refit_restarts, tiny_params
 
 
 class _W(nn.Module):
@@ -211,18 +209,8 @@ def test_a_soup_of_restarts_averages_each_runs_averaged_weights(
     params, paths, _ = make_project(tmp_path, n_train=32, n_eval=16, finetune=finetune)
     run_finetune(params, paths=paths, quiet=True)
 
-    fit, splits = fit_config(params), stage_splits(params, paths)
     assert (hyperparams(params).weight_averaging, hyperparams(params).swa_start) == ("swa", 0.5)
-    runs = []
-    for k in range(2):
-        module, _ = fit_classifier(
-            dataclasses.replace(fit, seed=restart_seed(fit.seed, k)),
-            model_dir=paths.pretrained_model,
-            splits=splits,
-            hparams=hyperparams(params),
-            quiet=True,
-        )
-        runs.append(module.export_model().cpu())
+    runs = refit_restarts(params, paths, 2)
     expected = average_weights(runs).state_dict()
     for key, value in load_classifier(paths.classifier).model.state_dict().items():
         torch.testing.assert_close(value, expected[key], msg=key)

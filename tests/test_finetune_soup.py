@@ -8,7 +8,6 @@ runs' best epochs, and the report's val metrics are that model's.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
@@ -18,12 +17,11 @@ import torch.nn as nn
 from mlflow.tracking import MlflowClient
 
 from bigmodel_ops.classification.export import load_classifier
-from bigmodel_ops.classification.restarts import restart_seed
 from bigmodel_ops.classification.soup import average_weights, evaluate, greedy_soup, soup_of, uniform_soup
 from bigmodel_ops.classification.training import fit_classifier
 from bigmodel_ops.pipeline._finetuning import fit_config, hyperparams, stage_splits
 from bigmodel_ops.pipeline.finetune import run as run_finetune
-from tests.helpers_finetune import card_of, make_project
+from tests.helpers_finetune import card_of, make_project, refit_restarts
 
 
 class _Scaled(nn.Module):
@@ -142,17 +140,8 @@ def test_finetune_stage_exports_the_soup_of_its_restarts_and_reports_its_val_met
     assert json.loads(paths.finetune_report.read_text()) == report
 
     # the exported classifier is the mean of the two runs' best epochs (the same seeds, refitted)
-    fit, hparams, splits = fit_config(params), hyperparams(params), stage_splits(params, paths)
-    runs = []
-    for k in range(2):
-        module, _ = fit_classifier(
-            dataclasses.replace(fit, seed=restart_seed(fit.seed, k)),
-            model_dir=paths.pretrained_model,
-            splits=splits,
-            hparams=hparams,
-            quiet=True,
-        )
-        runs.append(module.export_model().cpu())
+    runs = refit_restarts(params, paths, 2)
+    splits = stage_splits(params, paths)
     exported = load_classifier(paths.classifier)
     expected = average_weights(runs).state_dict()
     for key, value in exported.model.state_dict().items():
