@@ -1,4 +1,4 @@
-"""Inference on batches of similar length against batches in input order.
+"""Inference and training on batches of similar length against batches in input or shuffled order.
 
     python benchmarks/length_batching.py [--data CSV] [--rows N] [--max-length 256] [--quick]
 
@@ -11,6 +11,12 @@ profile's `mini` classifier at random init (speed does not depend on the weights
 is a WordPiece trained on the texts, as the tokenize stage trains one. The last line printed is
 one JSON object: ``speedup`` (input order / by length), both median seconds, the share of padding
 in each, and the largest logit difference.
+
+Training (``finetune.group_by_length``): one epoch of fine-tuning steps (forward, backward, AdamW)
+over the same texts, batched by the fine-tuning data module with plain shuffling and with length
+grouping (:class:`~bigmodel_ops.classification.datamodule.LengthGroupedSampler`), each round a new
+epoch's order, interleaved the same way. Keys: ``train_speedup`` (shuffled / grouped),
+``train_shuffled_s``, ``train_grouped_s`` (median seconds an epoch) and the padding share of each.
 """
 
 from __future__ import annotations
@@ -50,14 +56,18 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=1000)
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--train-batch-size", type=int, default=32, help="fine-tuning's batch size")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="200 rows, 2 rounds")
     args = parser.parse_args()
     if args.quick:
         args.rows, args.repeats = 200, 2
 
+    import numpy as np
+
+    from bigmodel_ops.classification.datamodule import ClassificationDataModule
     from bigmodel_ops.classification.export import TextClassifier
-    from bigmodel_ops.classification.inputs import collate, tokenize_texts
+    from bigmodel_ops.classification.inputs import TokenizedSplit, collate, tokenize_texts
     from bigmodel_ops.classification.model import SequenceClassifier
     from bigmodel_ops.contract import Truncation
     from bigmodel_ops.model import PRESETS, ModelConfig, TransformerLM
@@ -105,6 +115,32 @@ def main() -> None:
     ids = tokenize_texts(tokenizer, texts, objective="masked", truncation=truncation)
     real = sum(map(len, ids))
 
+    # Training: the same steps over one epoch, shuffled against grouped by length.
+    split = TokenizedSplit(ids=ids, labels=np.arange(len(ids)) % 2)
+    trainee = SequenceClassifier(TransformerLM(config), num_labels=2, dropout=0.1, pooling="mean").train()
+    optimizer = torch.optim.AdamW(trainee.parameters(), lr=1e-4)
+    loaders = {
+        grouped: ClassificationDataModule(
+            {"train": split}, batch_size=args.train_batch_size, seed=0, group_by_length=grouped
+        ).train_dataloader()
+        for grouped in (False, True)
+    }
+    train_times: dict[bool, list[float]] = {False: [], True: []}
+    train_tokens: dict[bool, int] = {False: 0, True: 0}
+    for epoch in range(args.repeats):
+        for grouped, loader in loaders.items():
+            loader.sampler.set_epoch(epoch)
+            started = time.perf_counter()
+            for batch in loader:
+                loss = torch.nn.functional.cross_entropy(
+                    trainee(batch["idx"], batch["lengths"]), batch["labels"]
+                )
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                train_tokens[grouped] += batch["idx"].numel()
+            train_times[grouped].append(time.perf_counter() - started)
+
     def padded(order: list[int]) -> int:
         chunks = [order[i : i + args.batch_size] for i in range(0, len(order), args.batch_size)]
         return sum(len(chunk) * max(len(ids[row]) for row in chunk) for chunk in chunks)
@@ -124,11 +160,22 @@ def main() -> None:
         "pad_share_input_order": round(1 - real / padded(list(range(len(ids)))), 4),
         "pad_share_by_length": round(1 - real / padded(longest_first), 4),
         "max_abs_logit_diff": float((results["by_length"] - results["input_order"]).abs().max()),
+        "train_batch_size": args.train_batch_size,
+        "train_shuffled_s": round(statistics.median(train_times[False]), 4),
+        "train_grouped_s": round(statistics.median(train_times[True]), 4),
+        "train_speedup": round(
+            statistics.median(train_times[False]) / statistics.median(train_times[True]), 3
+        ),
+        "pad_share_train_shuffled": round(1 - real * args.repeats / train_tokens[False], 4),
+        "pad_share_train_grouped": round(1 - real * args.repeats / train_tokens[True], 4),
     }
     print(
         f"{len(texts)} texts, max_length {args.max_length}, batch {args.batch_size}: input order "
         f"{medians['input_order']:.3f}s ({result['pad_share_input_order']:.0%} padding), by length "
-        f"{medians['by_length']:.3f}s ({result['pad_share_by_length']:.0%} padding)"
+        f"{medians['by_length']:.3f}s ({result['pad_share_by_length']:.0%} padding); a training epoch of "
+        f"batch {args.train_batch_size}: shuffled {result['train_shuffled_s']:.2f}s "
+        f"({result['pad_share_train_shuffled']:.0%} padding), grouped by length {result['train_grouped_s']:.2f}s "
+        f"({result['pad_share_train_grouped']:.0%} padding)"
     )
     print(json.dumps(result))
 

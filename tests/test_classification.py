@@ -197,6 +197,82 @@ def test_val_batches_and_inference_batches_group_texts_of_similar_length(tmp_pat
     assert sorted(train) == sorted(lengths) and train != seen  # training order stays shuffled
 
 
+def _grouped(lengths, *, batch_size, world=1, rank=0, seed=0, epoch=0, group_batches=5):
+    from bigmodel_ops.classification.datamodule import LengthGroupedSampler
+
+    sampler = LengthGroupedSampler(
+        list(range(len(lengths))),
+        lengths=lengths,
+        batch_size=batch_size,
+        num_replicas=world,
+        rank=rank,
+        seed=seed,
+        group_batches=group_batches,
+    )
+    sampler.set_epoch(epoch)
+    return list(sampler)
+
+
+def test_length_grouped_training_batches_pad_less_cover_every_row_and_shard_like_plain_shuffling():
+    import random
+
+    rng = random.Random(0)
+    lengths = [rng.randint(3, 256) for _ in range(400)]
+    order = _grouped(lengths, batch_size=8)
+    assert sorted(order) == list(range(400))  # every row once an epoch
+    batches = [order[i : i + 8] for i in range(0, 400, 8)]
+
+    def padded(batches):  # tokens computed when each batch is padded to its longest text
+        return sum(max(lengths[r] for r in b) * len(b) for b in batches)
+
+    plain = list(range(400))
+    rng.shuffle(plain)
+    assert padded(batches) < 0.8 * padded([plain[i : i + 8] for i in range(0, 400, 8)])
+    for start in range(0, 50, 5):  # within a group of 5 batches, the batches hold disjoint length ranges
+        spans = sorted(
+            (min(lengths[r] for r in b), max(lengths[r] for r in b)) for b in batches[start : start + 5]
+        )
+        assert all(hi <= lo for (_, hi), (lo, _) in zip(spans, spans[1:], strict=False)), spans
+    # the batches of a group come in a shuffled order, not always longest first
+    firsts = [_grouped(lengths, batch_size=8, epoch=e)[:8] for e in range(6)]
+    assert any(
+        max(lengths[r] for r in b) < max(lengths[r] for r in _grouped(lengths, batch_size=8, epoch=e)[:40])
+        for e, b in enumerate(firsts)
+    )
+    # seeded by seed + epoch, the same on every call
+    assert _grouped(lengths, batch_size=8, epoch=1) == _grouped(lengths, batch_size=8, epoch=1)
+    assert _grouped(lengths, batch_size=8, epoch=1) != order != _grouped(lengths, batch_size=8, seed=1)
+    # two ranks of 4: step i's two batches are together the batch i of one process of 8
+    ranks = [_grouped(lengths, batch_size=4, world=2, rank=r) for r in range(2)]
+    for i in range(50):
+        together = ranks[0][4 * i : 4 * i + 4] + ranks[1][4 * i : 4 * i + 4]
+        assert sorted(together) == sorted(batches[i]), i
+    # an odd split on two ranks: rows repeat only to even out the ranks
+    odd = [_grouped(lengths[:9], batch_size=4, world=2, rank=r) for r in range(2)]
+    assert len(odd[0]) == len(odd[1]) == 5 and set(odd[0] + odd[1]) == set(range(9))
+
+
+def test_group_by_length_reaches_the_training_loader():
+    import numpy as np
+
+    from bigmodel_ops.classification.datamodule import ClassificationDataModule, LengthGroupedSampler
+    from bigmodel_ops.classification.inputs import TokenizedSplit
+
+    lengths = [3 + (7 * i) % 60 for i in range(64)]
+    split = TokenizedSplit(ids=[[2] + [7] * (n - 2) + [3] for n in lengths], labels=np.arange(64) % 2)
+    widths = {}
+    for grouped in (False, True):
+        data = ClassificationDataModule(
+            {"train": split, "val": split}, batch_size=8, seed=0, group_by_length=grouped
+        )
+        loader = data.train_dataloader()
+        assert isinstance(loader.sampler, LengthGroupedSampler) is grouped
+        batches = list(loader)
+        assert sorted(torch.cat([b["rows"] for b in batches]).tolist()) == list(range(64))
+        widths[grouped] = sum(int(b["idx"].numel()) for b in batches)
+    assert widths[True] < 0.8 * widths[False]
+
+
 def test_truncation_settings_the_backbone_or_the_export_cannot_follow(tmp_path: Path):
     _, paths, _ = make_project(tmp_path, n_train=8, n_eval=4)
     block = read_exported_config(paths.pretrained_model)[0].block_size

@@ -2,7 +2,8 @@
 
 :class:`ClassificationDataModule` serves already tokenised splits (tokenise once, reuse across
 trials); :func:`collate_rows` adds each example's row number, with which
-:class:`~.training.ClassifierModule` counts every validation row once under DDP.
+:class:`~.training.ClassifierModule` counts every validation row once under DDP;
+:class:`LengthGroupedSampler` batches training texts of similar length (``group_by_length``).
 """
 
 from __future__ import annotations
@@ -40,6 +41,59 @@ def collate_rows(batch: Sequence[tuple[list[int], int, int]]) -> dict[str, torch
     return out
 
 
+class LengthGroupedSampler(torch.utils.data.DistributedSampler):
+    """Training batches of texts of similar length, in a random order (``finetune.group_by_length``).
+
+    Each epoch (seeded by ``seed + epoch``, the same on every rank): a random permutation of the
+    rows is cut into groups of ``group_batches`` global batches (``batch_size x num_replicas``
+    rows each), each group is sorted longest first (ties keep their random order) and cut into
+    its global batches, and those batches are shuffled within the group. Rank r then takes the
+    positions ``r, r + W, ...`` as :class:`~torch.utils.data.DistributedSampler` does, so step i's
+    batches on W ranks are together the global batch i, as with plain shuffling. A batch is
+    padded to its longest text, so on texts of mixed lengths a grouped epoch computes fewer padding
+    tokens (the Hugging Face Trainer's ``group_by_length``, which sorts 50-batch groups the same
+    way but walks each group longest first). The order of the batches within a group is shuffled
+    so that the learning-rate schedule does not meet the long texts first in every group.
+
+    A split smaller than one group is one group. With W > 1 the last global batch is topped up
+    with rows from the start of the epoch, as DistributedSampler does (``drop_last`` is off).
+    """
+
+    def __init__(
+        self,
+        dataset: torch.utils.data.Dataset,
+        *,
+        lengths: Sequence[int],
+        batch_size: int,
+        num_replicas: int,
+        rank: int,
+        seed: int,
+        group_batches: int = 50,
+    ) -> None:
+        super().__init__(
+            dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=False
+        )
+        if len(lengths) != len(dataset):
+            raise ValueError(f"{len(lengths)} lengths for a dataset of {len(dataset)} rows")
+        self.lengths = list(lengths)
+        self.global_batch = batch_size * num_replicas
+        self.group = self.global_batch * group_batches
+
+    def __iter__(self):
+        generator = torch.Generator()
+        generator.manual_seed(self.seed + self.epoch)
+        order = torch.randperm(len(self.lengths), generator=generator).tolist()
+        grouped: list[int] = []
+        for start in range(0, len(order), self.group):
+            chunk = sorted(order[start : start + self.group], key=lambda row: -self.lengths[row])
+            batches = [chunk[i : i + self.global_batch] for i in range(0, len(chunk), self.global_batch)]
+            for index in torch.randperm(len(batches), generator=generator).tolist():
+                grouped.extend(batches[index])
+        while len(grouped) < self.total_size:  # even out the ranks (W - 1 rows at most, but for a tiny split)
+            grouped += grouped[: self.total_size - len(grouped)]
+        return iter(grouped[self.rank : self.total_size : self.num_replicas])
+
+
 class ClassificationDataModule(L.LightningDataModule):
     """Train / val loaders over already tokenised splits (tokenise once, reuse across trials).
 
@@ -57,22 +111,39 @@ class ClassificationDataModule(L.LightningDataModule):
     """
 
     def __init__(
-        self, splits: Mapping[str, TokenizedSplit], *, batch_size: int, seed: int, num_workers: int = 0
+        self,
+        splits: Mapping[str, TokenizedSplit],
+        *,
+        batch_size: int,
+        seed: int,
+        num_workers: int = 0,
+        group_by_length: bool = False,
     ) -> None:
         super().__init__()
         self.splits = splits
         self.batch_size = batch_size
         self.seed = seed
         self.num_workers = num_workers
+        self.group_by_length = group_by_length
 
     def _loader(self, split: str, *, shuffle: bool) -> torch.utils.data.DataLoader:
         trainer = self.trainer
         world = trainer.world_size if trainer is not None else 1
         rank = trainer.global_rank if trainer is not None else 0
         dataset = _SplitDataset(self.splits[split], by_length=not shuffle)
-        sampler = torch.utils.data.DistributedSampler(
-            dataset, num_replicas=world, rank=rank, shuffle=shuffle, seed=self.seed, drop_last=False
-        )
+        if shuffle and self.group_by_length:
+            sampler = LengthGroupedSampler(
+                dataset,
+                lengths=[len(ids) for ids in self.splits[split].ids],
+                batch_size=self.batch_size,
+                num_replicas=world,
+                rank=rank,
+                seed=self.seed,
+            )
+        else:
+            sampler = torch.utils.data.DistributedSampler(
+                dataset, num_replicas=world, rank=rank, shuffle=shuffle, seed=self.seed, drop_last=False
+            )
         return torch.utils.data.DataLoader(
             dataset,
             batch_size=self.batch_size,

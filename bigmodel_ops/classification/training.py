@@ -92,6 +92,7 @@ class HyperParams:
     weight_averaging: str = "none"  # none | ema | swa: validate and export the run's averaged weights
     ema_decay: float = 0.9  # ema: avg = decay * avg + (1 - decay) * weights, after each optimizer step
     swa_start: float = 0.34  # swa: the uniform mean of the weights from this fraction of the steps on
+    group_by_length: bool = False  # training batches of texts of similar length (LengthGroupedSampler)
 
     def __post_init__(self) -> None:
         # Lists (from YAML / JSON) become tuples: the dataclass stays hashable and comparable.
@@ -404,7 +405,11 @@ def fit_classifier(
         model, hparams, num_labels=fit.num_labels, n_layer=config.n_layer, class_weights=weights
     )
     data = ClassificationDataModule(
-        splits, batch_size=hparams.batch_size, seed=fit.seed, num_workers=fit.num_workers
+        splits,
+        batch_size=hparams.batch_size,
+        seed=fit.seed,
+        num_workers=fit.num_workers,
+        group_by_length=hparams.group_by_length,
     )
     distributed = (
         {"devices": 1}

@@ -34,6 +34,7 @@ SEARCHABLE: dict[str, Literal["float", "int", "categorical"]] = {
     "from_scratch": "categorical",
     "method": "categorical",
     "weight_averaging": "categorical",
+    "group_by_length": "categorical",
     "lora.rank": "int",
     "lora.alpha": "float",
     "lora.dropout": "float",
