@@ -41,6 +41,10 @@ def collate_rows(batch: Sequence[tuple[list[int], int, int]]) -> dict[str, torch
     return out
 
 
+# Batches per length-sorted group of LengthGroupedSampler.
+GROUP_BATCHES = 8
+
+
 class LengthGroupedSampler(torch.utils.data.DistributedSampler):
     """Training batches of texts of similar length, in a random order (``finetune.group_by_length``).
 
@@ -49,11 +53,15 @@ class LengthGroupedSampler(torch.utils.data.DistributedSampler):
     rows each), each group is sorted longest first (ties keep their random order) and cut into
     its global batches, and those batches are shuffled within the group. Rank r then takes the
     positions ``r, r + W, ...`` as :class:`~torch.utils.data.DistributedSampler` does, so step i's
-    batches on W ranks are together the global batch i, as with plain shuffling. A batch is
-    padded to its longest text, so on texts of mixed lengths a grouped epoch computes fewer padding
-    tokens (the Hugging Face Trainer's ``group_by_length``, which sorts 50-batch groups the same
-    way but walks each group longest first). The order of the batches within a group is shuffled
-    so that the learning-rate schedule does not meet the long texts first in every group.
+    batches on W ranks are together the global batch i, as with plain shuffling.
+
+    A batch is padded to its longest text, so on texts of mixed lengths a grouped epoch computes
+    fewer padding tokens. The Hugging Face Trainer's ``group_by_length`` sorts groups of 50
+    batches and walks each longest first; here the groups are smaller (8 batches: on IMDb at 256
+    tokens, 5% padding instead of 17%, against 1% with 50) and their batches come in a random
+    order, because each batch is then less alike: fine-tuned on 2,000 reviews, 50-batch groups
+    read 0.6 points below plain shuffling on test over six paired runs and 8-batch groups 0.3
+    above, both about 20% faster (docs/pretraining-value.md).
 
     A split smaller than one group is one group. With W > 1 the last global batch is topped up
     with rows from the start of the epoch, as DistributedSampler does (``drop_last`` is off).
@@ -68,7 +76,7 @@ class LengthGroupedSampler(torch.utils.data.DistributedSampler):
         num_replicas: int,
         rank: int,
         seed: int,
-        group_batches: int = 50,
+        group_batches: int = GROUP_BATCHES,
     ) -> None:
         super().__init__(
             dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=False

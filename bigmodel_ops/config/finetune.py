@@ -44,7 +44,7 @@ class FinetuneParams(_Strict):
     dropout: Fraction = 0.1
     # Fraction of the optimizer steps spent warming the learning rate up.
     warmup_ratio: float = Field(default=0.1, ge=0.0, lt=1.0)
-    # Batch training texts of similar length: each epoch's random order is cut into groups of 50
+    # Batch training texts of similar length: each epoch's random order is cut into groups of 8
     # batches, each group sorted by length, its batches shuffled. A batch is padded to its
     # longest text, so this computes fewer padding tokens on texts of mixed lengths (README,
     # "Fine-tuning options"); false: plain shuffling. Validation is always batched by length.
