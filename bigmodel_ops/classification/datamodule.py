@@ -58,7 +58,7 @@ class LengthGroupedSampler(torch.utils.data.DistributedSampler):
     A batch is padded to its longest text, so on texts of mixed lengths a grouped epoch computes
     fewer padding tokens. The Hugging Face Trainer's ``group_by_length`` sorts groups of 50
     batches and walks each longest first; here the groups are smaller (8 batches: on IMDb at 256
-    tokens, 5% padding instead of 17%, against 1% with 50) and their batches come in a random
+    tokens, 5-6% padding instead of 16-17%, against 1% with 50) and their batches come in a random
     order, because each batch is then less alike: fine-tuned on 2,000 reviews, 50-batch groups
     read 0.6 points below plain shuffling on test over six paired runs and 8-batch groups 0.3
     above, both about 20% faster (docs/pretraining-value.md).

@@ -92,7 +92,7 @@ class HyperParams:
     weight_averaging: str = "none"  # none | ema | swa: validate and export the run's averaged weights
     ema_decay: float = 0.9  # ema: avg = decay * avg + (1 - decay) * weights, after each optimizer step
     swa_start: float = 0.34  # swa: the uniform mean of the weights from this fraction of the steps on
-    group_by_length: bool = False  # training batches of texts of similar length (LengthGroupedSampler)
+    group_by_length: bool = True  # training batches of texts of similar length (LengthGroupedSampler)
 
     def __post_init__(self) -> None:
         # Lists (from YAML / JSON) become tuples: the dataclass stays hashable and comparable.
