@@ -72,6 +72,41 @@ def _splits(paths, params):
 # --- params -> HyperParams ---------------------------------------------------------------------
 
 
+def test_finetune_precision_overrides_the_profiles_and_bf16_fine_tunes_on_cpu(tmp_path: Path):
+    from bigmodel_ops.pipeline._finetuning import fit_config
+
+    bf16_profile = {"profiles": {"precision": "bf16-mixed"}}
+    assert (
+        fit_config(parse_params(tiny_params(**bf16_profile))).precision == "bf16-mixed"
+    )  # null: the profile's
+    kept = parse_params(tiny_params(**bf16_profile, finetune={"precision": "32-true"}))
+    assert kept.sizing.precision == "bf16-mixed" and fit_config(kept).precision == "32-true"
+    with pytest.raises(ConfigError, match=r"finetune\.precision"):
+        parse_params(tiny_params(finetune={"precision": "fp8"}))
+
+    # bf16-mixed really fine-tunes in bfloat16 on CPU; the exported weights stay float32.
+    class HeadDtype(L.Callback):
+        def __init__(self) -> None:
+            self.dtypes: set[torch.dtype] = set()
+
+        def on_train_start(self, trainer, pl_module) -> None:
+            pl_module.model.head.register_forward_hook(lambda _m, _i, out: self.dtypes.add(out.dtype))
+
+    params, paths, _ = make_project(tmp_path, n_train=16, n_eval=8, **bf16_profile)
+    for precision, dtype in (("bf16-mixed", torch.bfloat16), ("32-true", torch.float32)):
+        probe = HeadDtype()
+        module, _ = fit_classifier(
+            FitConfig(num_labels=2, seed=3, precision=precision),
+            model_dir=paths.pretrained_model,
+            splits=_splits(paths, params),
+            hparams=HyperParams(batch_size=8, max_epochs=1),
+            callbacks=[probe],
+            quiet=True,
+        )
+        assert probe.dtypes == {dtype}, precision
+        assert all(t.dtype == torch.float32 for t in module.export_model().state_dict().values())
+
+
 def test_params_defaults_keep_todays_behaviour_and_reach_hyperparams():
     params = parse_params(tiny_params())
     ft = params.finetune

@@ -12,7 +12,8 @@ from bigmodel_ops.trainer import resolve_precision
 
 
 def fit_config(params: Params) -> FitConfig:
-    """The run's fixed setup (labels, seed, hardware) of the tune and finetune stages."""
+    """The run's fixed setup (labels, seed, hardware) of the tune and finetune stages; the
+    precision is ``finetune.precision`` when set, else the active profile's."""
     sizing = params.sizing
     return FitConfig(
         num_labels=len(params.prepare.labels),
@@ -21,7 +22,7 @@ def fit_config(params: Params) -> FitConfig:
         devices=sizing.devices,
         num_nodes=sizing.num_nodes,
         strategy=sizing.strategy,
-        precision=resolve_precision(sizing.precision, sizing.accelerator),
+        precision=resolve_precision(params.finetune.precision or sizing.precision, sizing.accelerator),
         num_workers=sizing.num_workers,
     )
 
