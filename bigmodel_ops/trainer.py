@@ -15,8 +15,8 @@ cost, logged as ``cost/*`` through the MetricsCallback's sink) to every Trainer 
 MetricsCallback (pretraining, each tuning trial, fine-tuning).
 
 Lightning's console chatter that says nothing about this run (tips for Lightning's cloud products,
-which accelerators exist, a deprecation inside Lightning itself) is silenced here, by exact
-message, for every Trainer built by :func:`build_trainer`.
+which accelerators exist, the loader it loads before every fit, a deprecation inside Lightning
+itself) is silenced here, by exact message, for every Trainer built by :func:`build_trainer`.
 """
 
 from __future__ import annotations
@@ -87,6 +87,7 @@ class _LightningChatter(logging.Filter):
     PATTERN = re.compile(
         r"💡 Tip:"  # advertisements for litlogger / litmodels
         r"|[GTHI]PU available: "  # "GPU available: False, used: False", "TPU available: ..."
+        r"|Loading `train_dataloader` to estimate number of stepping batches"  # before every fit
     )
 
     def filter(self, record: logging.LogRecord) -> bool:

@@ -90,6 +90,17 @@ def test_stage_deps_match_the_code_it_imports(name: str) -> None:
     assert not unused, f"dvc.yaml stage {name!r} lists code it never imports: {unused}"
 
 
+def test_no_dep_is_an_empty_file() -> None:
+    """DVC warns "'<file>' is empty" for an empty dep on every stage that lists it."""
+    empty = {
+        dep
+        for stage in _stages().values()
+        for dep in _dep_paths(stage)
+        if (ROOT / dep).is_file() and (ROOT / dep).stat().st_size == 0
+    }
+    assert not empty, f"empty files listed as dvc.yaml deps: {sorted(empty)}"
+
+
 def test_tracking_is_never_a_dep() -> None:
     for name, stage in _stages().items():
         assert not [d for d in _dep_paths(stage) if d.startswith("bigmodel_ops/tracking")], name

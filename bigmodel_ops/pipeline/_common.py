@@ -44,11 +44,19 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bars (for CI logs)")
 
 
+# Libraries whose INFO lines say nothing a user acts on: MLflow creating its tables, skipping
+# GPU metrics on a CPU machine, validating an input example. Their warnings still show.
+_CHATTY_MLFLOW = ("mlflow.store.db.utils", "mlflow.system_metrics", "mlflow.pyfunc", "mlflow.models")
+
+
 def setup_logging(quiet: bool) -> None:
-    logging.basicConfig(
-        level=logging.WARNING if quiet else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    """The console of a command: bigmodel_ops' INFO lines (none with ``quiet``) and every library's
+    warnings; libraries' INFO lines (ONNX's optimizer passes, matplotlib's font cache, MLflow's
+    housekeeping) stay out. Lightning and Optuna print through their own handlers (see trainer.py)."""
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("bigmodel_ops").setLevel(logging.WARNING if quiet else logging.INFO)
+    for name in _CHATTY_MLFLOW:
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def guarded(command: str, action: Callable[[], int | None]) -> int:
